@@ -1,0 +1,405 @@
+"""The one pipeline configuration: a YAML file plus command-line overrides, validated by pydantic.
+
+Every field carries a description; ``python -m jobs.corpus --help`` prints them all. A bad file fails at
+start-up with :class:`ConfigurationError`, whose message names each offending field by its dotted path
+(``stages.encode_batch_size: Input should be a valid integer``).
+
+Overrides use the dotted path of a field: ``--set decode.num_frames=16`` or the generated flag
+``--decode.num_frames 16``. Values are parsed as YAML scalars (``16`` is an int, ``[a, b]`` a list,
+``null`` is None).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dycoke import ConfigError as DyCokeConfigError
+from dycoke import DyCokeConfig
+
+
+class ConfigurationError(ValueError):
+    """The configuration file or an override is invalid; the message names the field(s)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DEFAULT_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"]
+
+
+class InputConfig(_Section):
+    """Where the videos come from: exactly one of ``s3_prefix``, ``manifest`` or ``local_dir``."""
+
+    s3_prefix: str | None = Field(
+        None, description="List every object under this S3 prefix (s3://bucket/prefix/) whose name ends with one of `extensions`."
+    )
+    manifest: str | None = Field(
+        None,
+        description="A manifest file (local path or s3:// URI; .parquet, .jsonl/.json or .csv) with a `video_uri` "
+        "column and optional `video_id` and `questions` (list of strings; a JSON list or '|'-separated in CSV).",
+    )
+    local_dir: str | None = Field(None, description="A local folder, searched recursively for files with one of `extensions`.")
+    extensions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EXTENSIONS),
+        description="File name endings (case-insensitive) a listed object or file must have to count as a video.",
+    )
+    limit: int | None = Field(None, ge=1, description="Process at most this many videos (after sorting by URI); null for all.")
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one extension is needed")
+        return [e.lower() if e.startswith(".") else "." + e.lower() for e in value]
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _check_s3(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("s3://"):
+            raise ValueError(f"must start with s3://, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> InputConfig:
+        given = [n for n in ("s3_prefix", "manifest", "local_dir") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of input.s3_prefix, input.manifest, input.local_dir"
+                + (f" (got {', '.join(given)})" if given else " (none given)")
+            )
+        return self
+
+
+class OutputConfig(_Section):
+    """Where and how the Parquet output is written."""
+
+    path: str = Field(
+        description="Output root, local folder or s3://bucket/prefix. Files go to <path>/<run_id>/part-NNNNN-N.parquet; "
+        "a re-run with the same run_id replaces that folder's files."
+    )
+    min_rows_per_file: int = Field(20_000, ge=1, description="Small blocks are combined until a file holds at least this many rows (or the data ends).")
+    max_rows_per_file: int = Field(200_000, ge=1, description="A file is split once it holds this many rows.")
+    row_group_rows: int = Field(10_000, ge=1, description="Rows per Parquet row group (the unit a reader fetches).")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
+
+    @model_validator(mode="after")
+    def _order(self) -> OutputConfig:
+        if self.min_rows_per_file > self.max_rows_per_file:
+            raise ValueError("output.min_rows_per_file must be <= output.max_rows_per_file")
+        return self
+
+
+class MCQ(_Section):
+    """A multiple-choice question asked about every video; the answer's letter is parsed into `choice`."""
+
+    question: str = Field(description="The question text.")
+    options: list[str] = Field(min_length=2, max_length=26, description="The options, labelled A, B, C, ... in the prompt.")
+    id: str | None = Field(None, description="A stable task id (default mcq:<index>).")
+
+
+class TasksConfig(_Section):
+    """What is asked about each video. Each task gives one output row per video."""
+
+    caption_prompt: str | None = Field(
+        "Describe the video in detail.", description="The captioning prompt (task_id `caption`); null for no caption."
+    )
+    questions: list[str] = Field(default_factory=list, description="Standard questions asked about every video (task ids qa:0, qa:1, ...).")
+    use_manifest_questions: bool = Field(True, description="Also ask the manifest's per-video `questions` (task ids vq:0, vq:1, ...).")
+    mcq: list[MCQ] = Field(default_factory=list, description="Multiple-choice questions asked about every video.")
+    mcq_instruction: str = Field(
+        "Answer with the option's letter from the given choices directly.",
+        description="Appended to every multiple-choice prompt after the options.",
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Generation limit for caption and open questions.")
+    mcq_max_new_tokens: int = Field(8, ge=1, description="Generation limit for multiple-choice questions.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy (deterministic).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold (only with temperature > 0).")
+
+
+class ModelConfig(_Section):
+    """The video LLM (a LLaVA-OneVision checkpoint in Hugging Face layout)."""
+
+    source: str = Field(
+        description="Hub id (llava-hf/llava-onevision-qwen2-7b-ov-hf), local directory, or s3://bucket/prefix/ "
+        "copied once per node to `cache_dir`."
+    )
+    cache_dir: str = Field(
+        "~/.cache/dycoke-pipeline/models", description="Per-node cache for s3:// checkpoints (a file lock makes one copy per node)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights/activations dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when the actor has a GPU, else cpu.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel passed to transformers.")
+    trust_remote_code: bool = Field(False, description="Allow custom code shipped with the checkpoint.")
+
+
+class DecodeConfig(_Section):
+    """CPU decoding and frame sampling."""
+
+    num_frames: int = Field(32, ge=1, le=1024, description="F, frames sampled per video (uniform: linspace(0, n-1, F)).")
+    sampling: Literal["uniform", "keyframe"] = Field(
+        "uniform",
+        description="uniform: exact frames linspace(0, n-1, F) as the reference. keyframe: APPROXIMATE, each sample "
+        "snaps to the nearest keyframe (much cheaper on long-GOP video; duplicates when there are fewer keyframes than F).",
+    )
+    frame_size: int | None = Field(
+        None, ge=8, le=4096, description="Square side frames are resized to while decoding; null = the model's image size."
+    )
+    min_frames: int = Field(1, ge=1, description="Videos with fewer decodable frames than this become error rows (too_few_frames).")
+    max_video_bytes: int = Field(
+        4 * 1024**3, ge=1, description="Videos larger than this are not fetched; they become error rows (too_large)."
+    )
+    in_memory_bytes: int = Field(
+        256 * 1024**2,
+        ge=1,
+        description="Videos up to this size are decoded from memory; larger ones are spooled to a local temp file first (bounded memory).",
+    )
+    num_threads: int = Field(1, ge=0, description="Decoder threads per video (0 = ffmpeg's choice); 1 with one task per CPU is the most efficient.")
+    spool_dir: str | None = Field(None, description="Folder for spooled large videos (default: the system temp folder).")
+
+
+class DyCokeSettings(_Section):
+    """DyCoke compression (DESIGN 4); mirrors :class:`dycoke.DyCokeConfig`."""
+
+    ttm_enabled: bool = Field(True, description="Temporal token merging before the LLM.")
+    prune_ratio_k: float = Field(0.7, description="K, fraction of tokens dropped from each pruned frame, in [0, 1).")
+    ttm_mode: Literal["reference", "complete"] = Field("reference", description="reference = the paper's code exactly; complete = also prune the last window, raster order.")
+    tokens_per_frame: int | None = Field(None, ge=1, description="T, visual tokens per frame after pooling; null = from the model.")
+    dp_enabled: bool = Field(True, description="Dynamic KV-cache pruning during decoding.")
+    dp_layer: int = Field(3, description="L, layer whose attention selects the visual tokens later layers attend to (>= 1).")
+    dp_prune_ratio: float = Field(0.7, description="P, fraction of candidate visual tokens not attended at a pruning step, in [0, 1).")
+    dp_threshold: float = Field(0.9, description="Attention-vector cosine similarity at or above which a step attends to the full cache.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> DyCokeSettings:
+        try:
+            self.to_dycoke(tokens_per_frame=self.tokens_per_frame or 196)
+        except DyCokeConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+    def to_dycoke(self, tokens_per_frame: int | None = None) -> DyCokeConfig:
+        data = self.model_dump()
+        data["tokens_per_frame"] = int(tokens_per_frame or self.tokens_per_frame or 196)
+        return DyCokeConfig(**data)
+
+
+class StagesConfig(_Section):
+    """Ray Data stage layout: batch sizes, actor counts and resource requests."""
+
+    mode: Literal["auto", "fused", "split"] = Field(
+        "auto",
+        description="fused: encode+generate in one actor; split: separate encode and generate actor pools; "
+        "auto: fused when no GPU is requested or with one generate actor, else split.",
+    )
+    decode_batch_size: int = Field(4, ge=1, description="Videos per decode task batch.")
+    decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decode task.")
+    decode_memory_gb: float | None = Field(
+        2.0, gt=0, description="Memory reserved per decode task (keeps a node from running more decodes than fit); null for none."
+    )
+    decode_max_tasks: int | None = Field(None, ge=1, description="At most this many concurrent decode tasks; null = as many as the CPUs allow.")
+    encode_batch_size: int = Field(8, ge=1, description="Videos per encode actor call.")
+    encode_actors: int = Field(1, ge=1, description="Encode actors (split mode).")
+    generate_batch_size: int = Field(8, ge=1, description="Videos per generate actor call (all their tasks are generated together).")
+    generate_actors: int = Field(1, ge=1, description="Generate actors (split mode).")
+    fused_batch_size: int = Field(4, ge=1, description="Videos per fused actor call.")
+    fused_actors: int = Field(1, ge=1, description="Fused actors (fused mode).")
+    max_actors: int | None = Field(None, ge=1, description="Let each actor pool autoscale up to this many actors; null = fixed size.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encode/generate/fused actor (0 runs the model on CPU, for tiny models).")
+    actor_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model actor (preprocessing, batching).")
+    engine_max_batch_size: int = Field(16, ge=1, description="Sequences the generation engine decodes together.")
+    write_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Parquet write task.")
+
+    @property
+    def resolved_mode(self) -> Literal["fused", "split"]:
+        if self.mode != "auto":
+            return self.mode
+        return "fused" if self.gpus_per_actor == 0 or self.generate_actors == 1 else "split"
+
+
+class RayConfig(_Section):
+    """Where the pipeline runs."""
+
+    address: str | None = Field(
+        None, description="Ray cluster address (ray://host:10001 or auto); null = the job's cluster under `ray job submit`, else a local Ray."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (ignored when connecting to a cluster).")
+    progress_bars: bool = Field(True, description="Show Ray Data progress bars while running.")
+
+
+class S3Config(_Section):
+    """S3 client settings (used for listing, fetching, manifests, model copies and the Parquet sink)."""
+
+    endpoint_url: str | None = Field(
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None,
+        description="Custom S3 endpoint (MinIO, a local test server); default $AWS_ENDPOINT_URL or AWS.",
+    )
+    region: str | None = Field(
+        default_factory=lambda: os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        description="AWS region.",
+    )
+    max_attempts: int = Field(8, ge=1, le=50, description="boto3 retry attempts (adaptive retry mode).")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Connection timeout per request.")
+    read_timeout_s: float = Field(60.0, gt=0, description="Read timeout per request.")
+
+
+class PipelineConfig(_Section):
+    """The whole job."""
+
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="Names the output folder; null = a hash of input, tasks, model, decode and dycoke settings, so an identical re-run replaces its own output.",
+    )
+    input: InputConfig = Field(description="Where the videos come from.")
+    output: OutputConfig = Field(description="Where the Parquet goes.")
+    tasks: TasksConfig = Field(default_factory=TasksConfig, description="What is asked about each video.")
+    model: ModelConfig = Field(description="The video LLM.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Decoding and sampling.")
+    dycoke: DyCokeSettings = Field(default_factory=DyCokeSettings, description="Token compression.")
+    stages: StagesConfig = Field(default_factory=StagesConfig, description="Batch sizes, actors, resources.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+    s3: S3Config = Field(default_factory=S3Config, description="S3 client settings.")
+
+    @model_validator(mode="after")
+    def _some_task(self) -> PipelineConfig:
+        t = self.tasks
+        if not (t.caption_prompt or t.questions or t.mcq or (t.use_manifest_questions and self.input.manifest)):
+            raise ValueError("no tasks: set tasks.caption_prompt, tasks.questions or tasks.mcq (or use a manifest with questions)")
+        return self
+
+    def effective_run_id(self) -> str:
+        """``run_id`` or a deterministic hash of everything that changes the output rows."""
+        if self.run_id:
+            return self.run_id
+        relevant = self.model_dump(include={"input", "tasks", "model", "decode", "dycoke"})
+        relevant["model"].pop("cache_dir", None)
+        digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return f"run-{digest}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see --help for the fields)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        value = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", yaml-parsed value)``."""
+    if "=" not in item:
+        raise ConfigurationError(f"override {item!r} must look like section.field=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigurationError(f"override {item!r} has no field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys in a nested dict (creating sections as needed); returns the same dict."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigurationError(f"override {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None,
+                data: dict | None = None) -> PipelineConfig:
+    """Build the validated config from a YAML file (or ``data``) plus dotted overrides.
+
+    Raises :class:`ConfigurationError` naming every bad field.
+    """
+    source = str(path) if path else "arguments"
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigurationError(f"configuration file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(f"configuration file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigurationError(f"configuration file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    if data:
+        raw = apply_overrides(raw, _flatten(data))
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = dict(parse_override(o) for o in overrides)
+        raw = apply_overrides(raw, overrides)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigurationError(_format_errors(exc, source)) from None
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def field_docs(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, description) for every leaf field, in declaration order."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        key = prefix + name
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(field_docs(ann, key + "."))
+            continue
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        if info.is_required():
+            default = "REQUIRED"
+        elif info.default_factory is not None:
+            default = repr(info.default_factory())
+        else:
+            default = repr(info.default)
+        rows.append((key, type_name, default, info.description or ""))
+    return rows
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

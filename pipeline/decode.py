@@ -1,0 +1,358 @@
+"""Decode stage (CPU): fetch a video, sample F frames, resize while decoding, emit uint8 frames.
+
+Every failure becomes an error row (``status="error"`` with an ``error_type`` from
+:data:`pipeline.schema.ERROR_TYPES`) and the batch carries on. Memory is bounded: a file larger than
+``max_video_bytes`` is never fetched; one larger than ``in_memory_bytes`` is spooled to a temp file and
+decoded from disk; frames are resized inside the decoder (decord ``width``/``height``), so a 4K stream
+never materialises full-size RGB frames.
+
+Sampling (``decode.sampling``):
+
+* ``uniform`` (default, exact): frame indices ``linspace(0, n-1, F)`` truncated to int, as the reference.
+  Frames are read in one forward pass: decode up to each target, convert only the targets.
+* ``keyframe`` (APPROXIMATE, cheap): each uniform target snaps to its nearest keyframe, and only
+  keyframes are decoded (one seek + one intra frame each). With fewer keyframes than F, frames repeat.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import s3
+from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK
+
+log = logging.getLogger(__name__)
+
+
+class VideoError(Exception):
+    """A per-video failure with an ``error_type`` (see :data:`pipeline.schema.ERROR_TYPES`)."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Picklable decode settings (the decode section of the config plus the resolved frame size)."""
+
+    num_frames: int = 32
+    frame_size: int = 384
+    sampling: str = "uniform"
+    min_frames: int = 1
+    max_video_bytes: int = 4 * 1024**3
+    in_memory_bytes: int = 256 * 1024**2
+    num_threads: int = 1
+    spool_dir: str | None = None
+    s3: s3.S3Settings = s3.S3Settings()
+
+    @classmethod
+    def from_config(cls, decode_cfg, frame_size: int, s3_cfg) -> DecodeSettings:
+        return cls(
+            num_frames=decode_cfg.num_frames,
+            frame_size=int(decode_cfg.frame_size or frame_size),
+            sampling=decode_cfg.sampling,
+            min_frames=decode_cfg.min_frames,
+            max_video_bytes=decode_cfg.max_video_bytes,
+            in_memory_bytes=decode_cfg.in_memory_bytes,
+            num_threads=decode_cfg.num_threads,
+            spool_dir=decode_cfg.spool_dir,
+            s3=s3.S3Settings.from_config(s3_cfg),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ fetch
+
+
+@dataclass
+class Fetched:
+    """Video bytes in memory (``data``) or spooled to ``path`` (then the caller deletes it)."""
+
+    size: int
+    etag: str | None
+    data: bytes | None = None
+    path: str | None = None
+    spooled: bool = False
+
+    def source(self):
+        return io.BytesIO(self.data) if self.data is not None else self.path
+
+    def head(self, n: int = 64) -> bytes:
+        if self.data is not None:
+            return self.data[:n]
+        with open(self.path, "rb") as f:  # type: ignore[arg-type]
+            return f.read(n)
+
+    def cleanup(self) -> None:
+        if self.spooled and self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _s3_error(exc: Exception, uri: str) -> VideoError:
+    code = s3.error_code(exc)
+    if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+        return VideoError("not_found", f"{uri}: object does not exist ({code})")
+    if code in ("403", "AccessDenied", "Forbidden"):
+        return VideoError("access_denied", f"{uri}: access denied ({code})")
+    return VideoError("fetch_failed", f"{uri}: {type(exc).__name__}: {exc}")
+
+
+def fetch(uri: str, settings: DecodeSettings) -> Fetched:
+    """Get the video's bytes (or a spooled local copy); raises :class:`VideoError`."""
+    if s3.is_s3(uri):
+        bucket, key = s3.split_uri(uri)
+        try:
+            resp = s3.client(settings.s3).get_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # botocore ClientError / EndpointConnectionError / ...
+            raise _s3_error(exc, uri) from exc
+        body = resp["Body"]
+        size = int(resp["ContentLength"])
+        etag = str(resp.get("ETag", "")).strip('"') or None
+        try:
+            _check_size(uri, size, settings)  # before reading a byte of the body
+            if size <= settings.in_memory_bytes:
+                data = body.read()
+                if len(data) != size:
+                    raise VideoError("fetch_failed", f"{uri}: got {len(data)} of {size} bytes")
+                return Fetched(size=size, etag=etag, data=data)
+            fd, path = tempfile.mkstemp(suffix=Path(key).suffix, dir=settings.spool_dir)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for chunk in body.iter_chunks(8 * 1024 * 1024):
+                        f.write(chunk)
+            except BaseException:
+                os.unlink(path)
+                raise
+            return Fetched(size=size, etag=etag, path=path, spooled=True)
+        except VideoError:
+            raise
+        except Exception as exc:
+            raise _s3_error(exc, uri) from exc
+        finally:
+            body.close()
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise VideoError("not_found", f"{uri}: file does not exist") from None
+    except PermissionError as exc:
+        raise VideoError("access_denied", f"{uri}: {exc}") from exc
+    if not path.is_file():
+        raise VideoError("not_found", f"{uri}: not a regular file")
+    _check_size(uri, st.st_size, settings)
+    etag = f"{int(st.st_mtime)}-{st.st_size}"
+    if st.st_size <= settings.in_memory_bytes:
+        try:
+            return Fetched(size=st.st_size, etag=etag, data=path.read_bytes())
+        except OSError as exc:
+            raise VideoError("fetch_failed", f"{uri}: {exc}") from exc
+    return Fetched(size=st.st_size, etag=etag, path=str(path))  # decoded straight from disk
+
+
+def _check_size(uri: str, size: int, settings: DecodeSettings) -> None:
+    if size > settings.max_video_bytes:
+        raise VideoError("too_large", f"{uri}: {size} bytes exceeds decode.max_video_bytes={settings.max_video_bytes}")
+    if size == 0:
+        raise VideoError("not_a_video", f"{uri}: empty file")
+
+
+# ------------------------------------------------------------------------------------------------ decode
+
+_SIGNATURES = (
+    (4, b"ftyp"),  # MP4 / MOV / 3GP
+    (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"), (4, b"skip"),  # QuickTime without ftyp
+    (0, b"\x1a\x45\xdf\xa3"),  # Matroska / WebM
+    (0, b"RIFF"),  # AVI
+    (0, b"FLV"),
+    (0, b"OggS"),
+    (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"),  # MPEG-PS / ES
+    (0, b"\x30\x26\xb2\x75"),  # ASF / WMV
+    (0, b"\x00\x00\x00\x01"), (0, b"\x00\x00\x01"),  # raw H.264 / H.265 Annex B
+)  # fmt: skip
+
+
+def looks_like_media(head: bytes) -> bool:
+    """True when the first bytes carry a known container signature (or an MPEG-TS sync byte)."""
+    if len(head) >= 189 and head[0] == 0x47 and head[188] == 0x47:
+        return True
+    if head[:1] == b"\x47" and len(head) < 189:
+        return True
+    return any(head[off : off + len(sig)] == sig for off, sig in _SIGNATURES)
+
+
+def sample_indices(n: int, num_frames: int) -> np.ndarray:
+    """``linspace(0, n-1, F)`` truncated to int (the reference's uniform sampling); repeats when n < F."""
+    return np.linspace(0, n - 1, num_frames, dtype=int)
+
+
+def keyframe_indices(targets: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Each target snapped to its nearest keyframe index (ties go to the earlier keyframe)."""
+    keys = np.asarray(sorted(set(int(k) for k in keys)) or [0])
+    pos = np.searchsorted(keys, targets)
+    lo = keys[np.clip(pos - 1, 0, len(keys) - 1)]
+    hi = keys[np.clip(pos, 0, len(keys) - 1)]
+    return np.where(np.abs(targets - lo) <= np.abs(hi - targets), lo, hi)
+
+
+@dataclass
+class Decoded:
+    frames: np.ndarray  # [F, S, S, 3] uint8
+    timestamps: list[float]
+    duration_s: float | None
+    total_frames: int
+
+
+def _open(source, settings: DecodeSettings, uri: str, head: bytes):
+    import decord
+
+    try:
+        return decord.VideoReader(source, ctx=decord.cpu(0), width=settings.frame_size, height=settings.frame_size,
+                                  num_threads=settings.num_threads)
+    except Exception as exc:  # decord raises RuntimeError or DECORDError with ffmpeg's message
+        text = str(exc)
+        if "cannot find video stream" in text:
+            raise VideoError("no_video_stream", f"{uri}: no video stream") from exc
+        if not looks_like_media(head):
+            raise VideoError("not_a_video", f"{uri}: not a known media container (first bytes {head[:8]!r})") from exc
+        raise VideoError("corrupt_video", f"{uri}: cannot open: {_short(text)}") from exc
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_frames(vr, indices: np.ndarray) -> np.ndarray:
+    """Read ``indices`` (sorted, may repeat) in one forward pass; returns ``[len(indices), H, W, 3]``.
+
+    Between targets the decoder skips frames (decoded, never converted to RGB); each distinct
+    target is converted once.
+    """
+    uniq = np.unique(indices)
+    out: dict[int, np.ndarray] = {}
+    vr.seek(0)
+    pos = 0  # index of the frame next() returns
+    for t in uniq:
+        t = int(t)
+        if t > pos:
+            vr.skip_frames(t - pos)
+        out[t] = vr.next().asnumpy()
+        pos = t + 1
+    return np.stack([out[int(i)] for i in indices])
+
+
+def decode_video(source, settings: DecodeSettings, uri: str = "<bytes>", head: bytes = b"") -> Decoded:
+    """Open, sample and read frames; raises :class:`VideoError`."""
+    vr = _open(source, settings, uri, head or (source.getvalue()[:64] if isinstance(source, io.BytesIO) else b""))
+    n = len(vr)
+    if n < max(1, settings.min_frames):
+        raise VideoError("too_few_frames", f"{uri}: {n} frames, decode.min_frames={settings.min_frames}")
+    fps = float(vr.get_avg_fps() or 0.0)
+    targets = sample_indices(n, settings.num_frames)
+    try:
+        if settings.sampling == "keyframe":
+            keys = np.asarray(vr.get_key_indices())
+            indices = keyframe_indices(targets, keys)
+            frames_by_key = {}
+            for k in np.unique(indices):
+                vr.seek(int(k))
+                frames_by_key[int(k)] = vr.next().asnumpy()
+            frames = np.stack([frames_by_key[int(i)] for i in indices])
+        else:
+            indices = targets
+            frames = read_frames(vr, indices)
+        stamps = vr.get_frame_timestamp(indices)
+    except VideoError:
+        raise
+    except Exception as exc:  # decord errors while reading (truncated streams, broken packets)
+        raise VideoError("corrupt_video", f"{uri}: decoding failed: {_short(str(exc))}") from exc
+    if frames.shape[0] != settings.num_frames or frames.dtype != np.uint8:
+        raise VideoError("decode_failed", f"{uri}: decoder returned {frames.shape} {frames.dtype}")
+    timestamps = [round(float(s), 6) for s in np.asarray(stamps).reshape(len(indices), -1)[:, 0]]
+    duration = n / fps if fps > 0 else None
+    return Decoded(frames=np.ascontiguousarray(frames), timestamps=timestamps, duration_s=duration, total_frames=n)
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+def _rows(batch) -> list[dict]:
+    if isinstance(batch, pa.Table):
+        return batch.to_pylist()
+    if isinstance(batch, Mapping):
+        keys = list(batch)
+        n = len(batch[keys[0]]) if keys else 0
+        return [{k: batch[k][i] for k in keys} for i in range(n)]
+    return list(batch)
+
+
+class DecodeStage:
+    """``video rows -> decoded rows`` (one out per one in). Plain callable; Ray-free.
+
+    Input columns: ``video_id, video_uri, questions``. Output: :data:`pipeline.schema.DECODED_SCHEMA`
+    (adds frames as raw bytes + ``frames_shape``, timestamps, sizes, timings, status and errors).
+    """
+
+    input_columns = ("video_id", "video_uri", "questions")
+    output_columns = tuple(DECODED_SCHEMA.names)
+
+    def __init__(self, settings: DecodeSettings):
+        self.settings = settings
+
+    def decode_one(self, row: Mapping[str, Any]) -> dict:
+        uri = row["video_uri"]
+        out: dict[str, Any] = {"video_id": row["video_id"], "video_uri": uri, "questions": _list(row.get("questions"))}
+        t0 = time.perf_counter()
+        fetched: Fetched | None = None
+        try:
+            fetched = fetch(uri, self.settings)
+            out.update(video_bytes=fetched.size, video_etag=fetched.etag)
+            t1 = time.perf_counter()
+            out["fetch_s"] = t1 - t0
+            dec = decode_video(fetched.source(), self.settings, uri, fetched.head())
+            out.update(
+                frames=dec.frames.tobytes(), frames_shape=list(dec.frames.shape), num_frames=int(dec.frames.shape[0]),
+                frame_timestamps_s=dec.timestamps, duration_s=dec.duration_s, decode_s=time.perf_counter() - t1,
+                status=STATUS_OK,
+            )
+        except VideoError as exc:
+            out.update(status=STATUS_ERROR, error_type=exc.error_type, error_message=exc.message)
+            log.warning("video %s: %s: %s", row["video_id"], exc.error_type, exc.message)
+        except Exception as exc:  # noqa: BLE001 - any other failure must still become a row
+            out.update(status=STATUS_ERROR, error_type="internal", error_message=f"{type(exc).__name__}: {exc}")
+            log.exception("video %s: unexpected decode failure", row["video_id"])
+        finally:
+            if fetched is not None:
+                fetched.cleanup()
+        out.setdefault("fetch_s", time.perf_counter() - t0)
+        return out
+
+    def __call__(self, batch) -> pa.Table:
+        return pa.Table.from_pylist([self.decode_one(r) for r in _rows(batch)], schema=DECODED_SCHEMA)
+
+
+def _list(value) -> list | None:
+    if value is None:
+        return None
+    return [str(v) for v in list(value)]
+
+
+def frames_from_row(row: Mapping[str, Any]) -> np.ndarray:
+    """The ``[F, S, S, 3]`` uint8 frames of a decoded row (a view on its bytes)."""
+    shape = tuple(int(s) for s in row["frames_shape"])
+    return np.frombuffer(row["frames"], dtype=np.uint8).reshape(shape)

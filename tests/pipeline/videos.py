@@ -1,0 +1,114 @@
+"""Generate small test videos with PyAV (no ffmpeg binary needed).
+
+Every helper returns the encoded bytes; :func:`write_video` also writes them to a path. Content is a
+moving gradient plus a frame-index dependent colour so that frames differ from one another.
+"""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def frame_image(i: int, width: int, height: int) -> np.ndarray:
+    """An RGB uint8 frame whose content depends on ``i`` (moving bar over a gradient)."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    img = np.empty((height, width, 3), np.uint8)
+    img[..., 0] = ((x + 7 * i) % 256).astype(np.uint8)
+    img[..., 1] = ((y + 3 * i) % 256).astype(np.uint8)
+    img[..., 2] = (i * 37) % 256
+    bar = (i * 4) % max(width - 8, 1)
+    img[:, bar : bar + 8] = 255
+    return img
+
+
+def make_video(
+    *,
+    num_frames: int = 24,
+    width: int = 64,
+    height: int = 48,
+    fps: int | Fraction = 24,
+    codec: str = "libx264",
+    container: str = "mp4",
+    gop: int | None = None,
+    options: dict | None = None,
+) -> bytes:
+    """Encode ``num_frames`` synthetic frames; return the container bytes."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        opts = {"preset": "ultrafast"} if codec == "libx264" else {}
+        opts.update(options or {})
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+            if codec == "libx264":
+                opts.setdefault("x264-params", f"keyint={gop}:min-keyint={gop}:scenecut=0")
+        stream.options = opts
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(frame_image(i, width, height), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def make_audio_only(seconds: float = 1.0, rate: int = 8000) -> bytes:
+    """A valid media file (WAV in a Matroska container would also do) with an audio stream only."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=rate)
+        samples = int(seconds * rate)
+        t = np.arange(samples, dtype=np.float32) / rate
+        tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None, :]
+        chunk = 1024
+        for start in range(0, samples, chunk):
+            frame = av.AudioFrame.from_ndarray(tone[:, start : start + chunk].copy(), format="fltp", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def truncate(data: bytes, fraction: float = 0.4) -> bytes:
+    """The first ``fraction`` of the bytes (an upload that stopped half-way)."""
+    return data[: max(1, int(len(data) * fraction))]
+
+
+NOT_A_VIDEO = b"this is a text file that someone named clip.mp4\n" * 20
+
+
+def write_video(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def sample_set() -> dict[str, bytes]:
+    """Good videos of different lengths, sizes and frame rates plus the bad cases, keyed by file name."""
+    good = {
+        "short_24fps.mp4": make_video(num_frames=12, width=64, height=48, fps=24),
+        "medium_30fps.mp4": make_video(num_frames=45, width=96, height=64, fps=30),
+        "long_10fps.mp4": make_video(num_frames=60, width=48, height=48, fps=10, gop=30),
+        "wide_25fps.mp4": make_video(num_frames=20, width=128, height=32, fps=25),
+        "tall_15fps.mp4": make_video(num_frames=16, width=32, height=80, fps=15),
+        "odd_ntsc.mp4": make_video(num_frames=18, width=50, height=38, fps=Fraction(30000, 1001)),
+        "mpeg4_12fps.mp4": make_video(num_frames=14, width=64, height=48, fps=12, codec="mpeg4"),
+    }
+    bad = {
+        "truncated.mp4": truncate(make_video(num_frames=40, width=64, height=48, fps=24)),
+        "not_a_video.mp4": NOT_A_VIDEO,
+        "audio_only.mp4": make_audio_only(),
+    }
+    return {**good, **bad}
