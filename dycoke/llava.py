@@ -203,19 +203,24 @@ class VideoLLM:
         groups: dict[int, list[int]] = {}
         for i, v in enumerate(videos):
             groups.setdefault(int(v.shape[0]), []).append(i)
-        newline = self.model.model.image_newline.to(self.dtype)
-        for n_frames, idx in groups.items():
+        for idx in groups.values():
             pixels = torch.stack([self.preprocess(videos[i]) for i in idx])
-            feats = self.video_features(pixels)  # [b, F, T, D]
-            if config.ttm_enabled:
-                merged = temporal_merge(feats, config.prune_ratio_k, config.ttm_mode).tokens
-            else:
-                merged = feats.flatten(1, 2)
-            for j, i in enumerate(idx):
-                tokens = torch.cat([merged[j], newline[None]], dim=0)
-                out[i] = VisualTokens(tokens=tokens, num_full=n_frames * feats.shape[2],
-                                      num_kept=merged.shape[1], num_frames=n_frames)
+            for i, vis in zip(idx, self.encode_pixels(pixels, config)):
+                out[i] = vis
         return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor, config: DyCokeConfig) -> list[VisualTokens]:
+        """``[B, F, 3, S, S]`` preprocessed pixels -> one :class:`VisualTokens` per video (TTM if enabled)."""
+        n_frames = pixels.shape[1]
+        feats = self.video_features(pixels)  # [B, F, T, D]
+        if config.ttm_enabled:
+            merged = temporal_merge(feats, config.prune_ratio_k, config.ttm_mode).tokens
+        else:
+            merged = feats.flatten(1, 2)
+        newline = self.model.model.image_newline.to(self.dtype)[None]
+        return [VisualTokens(tokens=torch.cat([m, newline], dim=0), num_full=n_frames * feats.shape[2],
+                             num_kept=merged.shape[1], num_frames=n_frames) for m in merged]
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, question: str, system_prompt: str | None = None) -> list[int]:
