@@ -52,10 +52,13 @@ class DyCokeConfig:
             value = getattr(self, f.name)
             if f.type in ("bool",) and not isinstance(value, bool):
                 problems.append(f"{f.name} must be a bool, got {value!r}")
-            if f.type in ("float", "int") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 problems.append(f"{f.name} must be a number, got {value!r}")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                # 3.0 would pass a range check but break later as a layer index / tensor size.
+                problems.append(f"{f.name} must be an integer, got {value!r}")
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError("invalid DyCoke config: " + "; ".join(problems))
         if not 0.0 <= self.prune_ratio_k < 1.0:
             problems.append(f"prune_ratio_k (K) must be in [0, 1), got {self.prune_ratio_k}")
         if self.ttm_mode not in _MODES:

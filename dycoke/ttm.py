@@ -23,8 +23,10 @@ Modes:
     tokens in raster order.
 
 No frame is ever dropped: every frame contributes ``T`` or ``keep`` tokens. The frame structure
-depends only on ``F`` and the mode, so it is computed once on the host and cached; all per-token
-work is batched tensor operations (one cosine similarity, one ``topk``, one gather).
+depends only on ``F``, ``T``, ``K`` and the mode, so it is computed once on the host and cached, with
+its index tensors cached per device (a call copies nothing from the host and never blocks on the
+device); all per-token work is batched tensor operations (one cosine similarity, one ``topk``, one
+gather).
 """
 
 from __future__ import annotations
@@ -114,6 +116,38 @@ def _layout(num_frames: int, tokens_per_frame: int, keep: int, mode: str):
     return tuple(pruned), tuple(refs), tuple(whole_src), tuple(whole_dst), tuple(pruned_dst), tuple(sizes), cursor
 
 
+@dataclass(frozen=True)
+class _DeviceLayout:
+    """The index tensors of :func:`_layout`, built once per (layout, device) and never mutated."""
+
+    base_index: torch.Tensor  # [n_out] int64: whole-frame sources in place, 0 in pruned slots
+    pruned: torch.Tensor  # [P] int64 frame ids of pruned frames
+    refs: torch.Tensor  # [P] int64 their reference frames
+    offsets: torch.Tensor  # [1, P, 1] int64: f * T of each pruned frame
+    pruned_slots: torch.Tensor  # [P * keep] int64: output slots of the pruned frames' tokens
+
+
+@lru_cache(maxsize=256)
+def _device_layout(num_frames: int, tokens_per_frame: int, keep: int, mode: str, device: torch.device) -> _DeviceLayout:
+    """Device copies of the layout, cached so a call does no host-to-device copy (each such copy of a
+    pageable host buffer blocks the host until the device has caught up)."""
+    pruned, refs, whole_src, whole_dst, pruned_dst, _sizes, n_out = _layout(num_frames, tokens_per_frame, keep, mode)
+    # Plain tensors even when first called under inference_mode (they may later index autograd inputs).
+    with torch.inference_mode(False), torch.no_grad():
+        base = torch.zeros(n_out, dtype=torch.long)
+        if whole_src:
+            base[torch.tensor(whole_dst, dtype=torch.long)] = torch.tensor(whole_src, dtype=torch.long)
+        pf = torch.tensor(pruned, dtype=torch.long)
+        slots = (torch.tensor(pruned_dst, dtype=torch.long).view(-1, 1) + torch.arange(keep)).flatten()
+        return _DeviceLayout(
+            base_index=base.to(device),
+            pruned=pf.to(device),
+            refs=torch.tensor(refs, dtype=torch.long).to(device),
+            offsets=(pf * tokens_per_frame).view(1, -1, 1).to(device),
+            pruned_slots=slots.to(device),
+        )
+
+
 def temporal_merge(frames: torch.Tensor, prune_ratio: float, mode: str = "reference") -> MergeResult:
     """Drop temporally redundant visual tokens (DyCoke TTM).
 
@@ -133,23 +167,17 @@ def temporal_merge(frames: torch.Tensor, prune_ratio: float, mode: str = "refere
     x = frames.unsqueeze(0) if squeeze else frames
     b, n_frames, t, d = x.shape
     keep = keep_count(t, prune_ratio)
-    pruned, refs, whole_src, whole_dst, pruned_dst, sizes, n_out = _layout(n_frames, t, keep, mode)
-    dev = x.device
+    sizes, n_out = _layout(n_frames, t, keep, mode)[5:]
+    lay = _device_layout(n_frames, t, keep, mode, x.device)
 
-    index = torch.empty(b, n_out, dtype=torch.long, device=dev)
-    if whole_src:
-        index[:, torch.tensor(whole_dst, device=dev)] = torch.tensor(whole_src, device=dev)
-    if pruned and keep > 0:
-        pf = torch.tensor(pruned, device=dev)
-        rf = torch.tensor(refs, device=dev)
+    index = lay.base_index.expand(b, n_out).clone()
+    if lay.pruned.numel() and keep > 0:
         # [B, P, T]: per-position similarity of each pruned frame with its reference frame.
-        sim = F.cosine_similarity(x[:, pf], x[:, rf], dim=-1)
+        sim = F.cosine_similarity(x[:, lay.pruned], x[:, lay.refs], dim=-1)
         sel = sim.topk(keep, dim=-1, largest=False).indices  # ascending similarity, as the reference
         if mode == "complete":
             sel = sel.sort(dim=-1).values  # raster order
-        src = sel + (pf * t).view(1, -1, 1)
-        dst = torch.tensor(pruned_dst, device=dev).view(-1, 1) + torch.arange(keep, device=dev)
-        index[:, dst.flatten()] = src.flatten(1)
+        index[:, lay.pruned_slots] = (sel + lay.offsets).flatten(1)
     tokens = x.flatten(1, 2).gather(1, index.unsqueeze(-1).expand(b, n_out, d))
     if squeeze:
         tokens, index = tokens[0], index[0]
