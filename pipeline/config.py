@@ -171,13 +171,13 @@ class DyCokeSettings(_Section):
     """DyCoke compression (DESIGN 4); mirrors :class:`dycoke.DyCokeConfig`."""
 
     ttm_enabled: bool = Field(True, description="Temporal token merging before the LLM.")
-    prune_ratio_k: float = Field(0.7, description="K, fraction of tokens dropped from each pruned frame, in [0, 1).")
+    prune_ratio_k: float = Field(0.7, ge=0.0, lt=1.0, description="K, fraction of tokens dropped from each pruned frame, in [0, 1).")
     ttm_mode: Literal["reference", "complete"] = Field("reference", description="reference = the paper's code exactly; complete = also prune the last window, raster order.")
     tokens_per_frame: int | None = Field(None, ge=1, description="T, visual tokens per frame after pooling; null = from the model.")
     dp_enabled: bool = Field(True, description="Dynamic KV-cache pruning during decoding.")
-    dp_layer: int = Field(3, description="L, layer whose attention selects the visual tokens later layers attend to (>= 1).")
-    dp_prune_ratio: float = Field(0.7, description="P, fraction of candidate visual tokens not attended at a pruning step, in [0, 1).")
-    dp_threshold: float = Field(0.9, description="Attention-vector cosine similarity at or above which a step attends to the full cache.")
+    dp_layer: int = Field(3, ge=1, description="L, layer whose attention selects the visual tokens later layers attend to (>= 1).")
+    dp_prune_ratio: float = Field(0.7, ge=0.0, lt=1.0, description="P, fraction of candidate visual tokens not attended at a pruning step, in [0, 1).")
+    dp_threshold: float = Field(0.9, ge=-1.0, le=1.0, description="Attention-vector cosine similarity at or above which a step attends to the full cache.")
 
     @model_validator(mode="after")
     def _valid(self) -> DyCokeSettings:
@@ -390,7 +390,7 @@ def field_docs(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> lis
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(field_docs(ann, key + "."))
             continue
-        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        type_name = _type_name(ann)
         if info.is_required():
             default = "REQUIRED"
         elif info.default_factory is not None:
@@ -399,6 +399,17 @@ def field_docs(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> lis
             default = repr(info.default)
         rows.append((key, type_name, default, info.description or ""))
     return rows
+
+
+def _type_name(ann) -> str:
+    import typing
+
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return "one of " + "|".join(str(a) for a in typing.get_args(ann))
+    if origin is not None:
+        return str(ann).replace("typing.", "").replace("pipeline.config.", "")
+    return getattr(ann, "__name__", str(ann))
 
 
 def to_yaml(cfg: PipelineConfig) -> str:

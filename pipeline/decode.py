@@ -89,7 +89,7 @@ class Fetched:
     def source(self):
         return io.BytesIO(self.data) if self.data is not None else self.path
 
-    def head(self, n: int = 64) -> bytes:
+    def head(self, n: int = 4096) -> bytes:
         if self.data is not None:
             return self.data[:n]
         with open(self.path, "rb") as f:  # type: ignore[arg-type]
@@ -217,8 +217,17 @@ class Decoded:
     total_frames: int
 
 
+def looks_like_text(head: bytes) -> bool:
+    """No NUL byte in the first bytes: text, not a media file (every container header has NULs early)."""
+    return len(head) > 0 and b"\x00" not in head
+
+
 def _open(source, settings: DecodeSettings, uri: str, head: bytes):
     import decord
+
+    if looks_like_text(head):
+        # decord would echo the whole input to stderr when it fails to open it; never hand it text.
+        raise VideoError("not_a_video", f"{uri}: text, not a media file (first bytes {head[:8]!r})")
 
     try:
         return decord.VideoReader(source, ctx=decord.cpu(0), width=settings.frame_size, height=settings.frame_size,
@@ -258,7 +267,7 @@ def read_frames(vr, indices: np.ndarray) -> np.ndarray:
 
 def decode_video(source, settings: DecodeSettings, uri: str = "<bytes>", head: bytes = b"") -> Decoded:
     """Open, sample and read frames; raises :class:`VideoError`."""
-    vr = _open(source, settings, uri, head or (source.getvalue()[:64] if isinstance(source, io.BytesIO) else b""))
+    vr = _open(source, settings, uri, head or (source.getvalue()[:4096] if isinstance(source, io.BytesIO) else b""))
     n = len(vr)
     if n < max(1, settings.min_frames):
         raise VideoError("too_few_frames", f"{uri}: {n} frames, decode.min_frames={settings.min_frames}")
@@ -311,8 +320,12 @@ class DecodeStage:
     input_columns = ("video_id", "video_uri", "questions")
     output_columns = tuple(DECODED_SCHEMA.names)
 
-    def __init__(self, settings: DecodeSettings):
+    def __init__(self, settings: DecodeSettings, quiet: bool = True):
         self.settings = settings
+        if quiet:  # ffmpeg's own messages for broken files; each failure is reported in its row instead
+            import decord
+
+            decord.logging.set_level(decord.logging.QUIET)
 
     def decode_one(self, row: Mapping[str, Any]) -> dict:
         uri = row["video_uri"]

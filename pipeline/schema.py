@@ -20,15 +20,16 @@ prompt                 string                      the user text given to the mo
 answer                 string, null                generated text
 choice                 string, null                mcq only: the option letter parsed from the answer (null if none)
 visual_tokens_full     int32, null                 F x T, visual tokens before compression
-visual_tokens_prefill  int32, null                 visual tokens in the prefill (after TTM, newline included)
+visual_tokens_prefill  int32, null                 visual tokens in the prefill (after TTM; the newline is not counted)
 visual_tokens_attended float64, null               mean visual tokens attended per decode step (after DP)
 prompt_tokens          int32, null                 prefill length (text + visual)
 output_tokens          int32, null                 generated tokens
 model_id               string, null                checkpoint id
 compression            string                      exact DyCoke settings, compact key-sorted JSON
-timings                struct<fetch_s, decode_s,   seconds per video (encode_s is the video's share of its
-                       encode_s, prefill_s,        batch); prefill_s/generate_s per request, generate_s =
-                       generate_s: float64>        prefill + decode
+timings                struct<fetch_s, decode_s,   seconds. fetch_s, decode_s: this video's. encode_s: the video's
+                       encode_s, prefill_s,        share of its encode batch. prefill_s: the prefill of the engine
+                       generate_s: float64>        batch this task ran in. generate_s: the task's share of its
+                                                   generate call (so sums over rows are stage busy time)
 status                 string                      ok | error
 error_type             string, null                one of ERROR_TYPES
 error_message          string, null

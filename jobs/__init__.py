@@ -1,0 +1,1 @@
+"""Entry points: `python -m jobs.corpus --config <file>` and `python -m jobs.demo`."""

@@ -1,0 +1,52 @@
+"""Command-line parsing shared by the jobs: ``--config``, ``--set a.b=v`` and one flag per config field."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+
+from pipeline.config import ConfigurationError, PipelineConfig, field_docs, load_config, parse_override
+
+
+def build_parser(prog: str, description: str, config_required: bool = True) -> argparse.ArgumentParser:
+    epilog = ["configuration fields (YAML sections; override any with --<field> VALUE or --set <field>=VALUE,",
+              "e.g. --decode.num_frames 16 or --set model.source=s3://bucket/models/llava/):", ""]
+    for name, type_name, default, desc in field_docs(PipelineConfig):
+        epilog.append(f"  {name}  [{type_name}, default {default}]")
+        epilog += textwrap.wrap(desc, width=100, initial_indent="      ", subsequent_indent="      ")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog="\n".join(epilog), formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{prog} {'--config FILE' if config_required else '[--config FILE]'} [--set FIELD=VALUE ...] [--FIELD VALUE ...]",
+    )
+    parser.add_argument("--config", required=config_required, help="YAML configuration file.")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="Override one field by its dotted name (repeatable); VALUE is parsed as YAML.")
+    parser.add_argument("--print-config", action="store_true", help="Validate, print the resolved configuration and exit.")
+    parser.add_argument("--summary-json", metavar="PATH", help="Also write the run summary as JSON to PATH.")
+    parser.add_argument("--log-level", default="INFO", help="Python log level (default INFO).")
+    for name, _type, _default, _desc in field_docs(PipelineConfig):  # documented in the epilog
+        parser.add_argument(f"--{name}", dest=f"field__{name}", metavar="VALUE", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_config(argv: list[str] | None, prog: str, description: str, config_required: bool = True,
+                 defaults: dict | None = None) -> tuple[PipelineConfig, argparse.Namespace]:
+    """Parse arguments into a validated config; exits with status 2 and a readable message when invalid."""
+    parser = build_parser(prog, description, config_required)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict = {}
+    try:
+        for item in args.set:
+            key, value = parse_override(item)
+            overrides[key] = value
+        for key, value in vars(args).items():
+            if key.startswith("field__") and value is not None:
+                overrides[key[len("field__"):]] = parse_override(f"x={value}")[1]
+        cfg = load_config(args.config, overrides, data=defaults)
+    except ConfigurationError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg, args

@@ -1,0 +1,126 @@
+"""The Ray Data graph: the ONLY module that imports ``ray.data``.
+
+::
+
+    from_arrow(video list)                                     driver
+      -> map_batches(decode_batch)        CPU tasks              num_cpus=decode_num_cpus, memory=decode_memory_gb
+      -> map_batches(FusedStage)          actor pool             num_gpus=gpus_per_actor       (fused mode)
+         or map_batches(EncodeStage) -> map_batches(GenerateStage)   two actor pools           (split mode)
+      -> write_parquet(<output>/<run_id>/, deterministic names, OVERWRITE, sized files)
+
+Decode tasks reserve CPUs and memory; model actors reserve their GPUs plus ``actor_num_cpus``; so
+Ray's scheduler (and Ray Data's resource manager, which backpressures decode when the actors fall
+behind) keeps decode from starving the GPU stages and vice versa.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pyarrow as pa
+import ray.data
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from ray.data.datasource import FilenameProvider
+
+from pipeline.decode import DecodeSettings, DecodeStage
+from pipeline.sink import SinkTarget, filename_for_task, parquet_write_options
+from pipeline.stages import EncodeStage, FusedStage, GenerateSettings, GenerateStage, ModelSettings
+
+log = logging.getLogger(__name__)
+
+MAX_SOURCE_BLOCKS = 20_000
+DECODE_MAX_RETRIES = 3
+
+
+def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
+    """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks)."""
+    return DecodeStage(settings)(batch)
+
+
+class RunFilenames(FilenameProvider):
+    """``part-<task:05d>-<i>.parquet``: deterministic per run (no write UUID in the name)."""
+
+    def __init__(self):
+        super().__init__(file_format="parquet")
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return filename_for_task(task_index)
+
+
+def _source_blocks(videos: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    n = videos.num_rows
+    rows_per_block = max(rows_per_block, math.ceil(n / MAX_SOURCE_BLOCKS))
+    return [videos.slice(i, rows_per_block) for i in range(0, n, rows_per_block)] or [videos]
+
+
+def _actors(n: int, max_actors: int | None) -> ActorPoolStrategy:
+    if max_actors and max_actors > n:
+        return ActorPoolStrategy(min_size=n, max_size=max_actors)
+    return ActorPoolStrategy(size=n)
+
+
+def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings: ModelSettings,
+          gen_settings: GenerateSettings) -> ray.data.Dataset:
+    """The lazy Dataset from the video list to output rows (nothing runs until it is consumed)."""
+    st = cfg.stages
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+    ctx.enable_operator_progress_bars = cfg.ray.progress_bars
+
+    ds = ray.data.from_arrow(_source_blocks(videos, st.decode_batch_size))
+    # max_retries (a crashed decode worker is retried) also makes the decode remote args differ from the
+    # actors', so Ray Data never fuses decode into a model actor (it fuses ops with identical args).
+    decode_args: dict = {"num_cpus": st.decode_num_cpus, "max_retries": DECODE_MAX_RETRIES}
+    if st.decode_memory_gb:
+        decode_args["memory"] = int(st.decode_memory_gb * 1024**3)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"settings": decode_settings},
+        batch_size=st.decode_batch_size,
+        batch_format="pyarrow",
+        compute=TaskPoolStrategy(size=st.decode_max_tasks),
+        **decode_args,
+    )
+    model_args = {"num_gpus": st.gpus_per_actor, "num_cpus": st.actor_num_cpus, "batch_format": "pyarrow"}
+    if st.resolved_mode == "fused":
+        ds = ds.map_batches(
+            FusedStage,
+            fn_constructor_kwargs={"model": model_settings, "settings": gen_settings},
+            batch_size=st.fused_batch_size,
+            compute=_actors(st.fused_actors, st.max_actors),
+            **model_args,
+        )
+    else:
+        ds = ds.map_batches(
+            EncodeStage,
+            fn_constructor_kwargs={"model": model_settings, "dycoke_settings": gen_settings.dycoke},
+            batch_size=st.encode_batch_size,
+            compute=_actors(st.encode_actors, st.max_actors),
+            **model_args,
+        )
+        ds = ds.map_batches(
+            GenerateStage,
+            fn_constructor_kwargs={"model": model_settings, "settings": gen_settings},
+            batch_size=st.generate_batch_size,
+            compute=_actors(st.generate_actors, st.max_actors),
+            **model_args,
+        )
+    return ds
+
+
+def write(ds: ray.data.Dataset, cfg, target: SinkTarget) -> None:
+    """Execute the graph and write Parquet to ``target`` (replacing the run folder's previous files)."""
+    from ray.data import SaveMode
+
+    out = cfg.output
+    ds.write_parquet(
+        target.path,
+        filesystem=target.filesystem,
+        filename_provider=RunFilenames(),
+        mode=SaveMode.OVERWRITE,
+        min_rows_per_file=out.min_rows_per_file,
+        max_rows_per_file=out.max_rows_per_file,
+        ray_remote_args={"num_cpus": cfg.stages.write_num_cpus},
+        **parquet_write_options(out),
+    )

@@ -1,0 +1,293 @@
+"""Model stages: encode (vision tower + TTM), generate (the DyCoke engine), and both fused.
+
+Plain callables, Ray-free: heavy setup (loading the checkpoint) in ``__init__``, ``__call__(batch)``
+returns a ``pyarrow.Table``. Batches may be a ``pyarrow.Table``, a dict of columns or a list of row
+dicts. Failures are isolated per video (a failing batch is retried video by video) and become rows
+with ``status="error"``; nothing here raises for bad data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import s3
+from pipeline.decode import _rows, frames_from_row
+from pipeline.schema import (
+    ENCODED_SCHEMA,
+    OUTPUT_SCHEMA,
+    STATUS_ERROR,
+    STATUS_OK,
+    error_output_row,
+    output_row,
+    rows_to_table,
+)
+from pipeline.tasks import NO_TASK, Task, parse_choice, video_tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How an actor loads the model (picklable)."""
+
+    source: str
+    cache_dir: str = "~/.cache/dycoke-pipeline/models"
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    num_threads: int | None = None  # torch CPU threads (None: leave as is)
+    s3: s3.S3Settings = s3.S3Settings()
+
+    @classmethod
+    def from_config(cls, cfg) -> ModelSettings:
+        m = cfg.model
+        threads = None if cfg.stages.gpus_per_actor > 0 else max(1, int(cfg.stages.actor_num_cpus))
+        return cls(m.source, m.cache_dir, m.dtype, m.device, m.attn_implementation, m.trust_remote_code, threads,
+                   s3.S3Settings.from_config(cfg.s3))
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What the generate stage asks and how (picklable)."""
+
+    run_id: str
+    tasks: Any  # pipeline.config.TasksConfig (a pydantic model, picklable)
+    dycoke: Any  # pipeline.config.DyCokeSettings
+    engine_max_batch_size: int = 16
+    extra: dict = field(default_factory=dict)
+
+
+def load_llm(settings: ModelSettings):
+    """Load the checkpoint (copying an s3:// prefix to the node cache first)."""
+    import torch
+
+    from dycoke.llava import VideoLLM
+
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = settings.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    path = s3.ensure_local_model(settings.source, settings.cache_dir, settings.s3)
+    t0 = time.perf_counter()
+    llm = VideoLLM.load(path, dtype=dtype, device=device, attn_implementation=settings.attn_implementation,
+                        trust_remote_code=settings.trust_remote_code)
+    log.info("loaded %s on %s (%s) in %.1fs", settings.source, device, dtype, time.perf_counter() - t0)
+    return llm
+
+
+# ------------------------------------------------------------------------------------------------ transport
+
+
+def pack_visual(vis) -> bytes:
+    """:class:`dycoke.llava.VisualTokens` -> ``.npz`` bytes (no pickle)."""
+    d = vis.to_numpy_dict()
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in d.items()})
+    return buf.getvalue()
+
+
+def unpack_visual(blob: bytes, device="cpu"):
+    from dycoke.llava import VisualTokens
+
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        d = {k: z[k] for k in z.files}
+    d["dtype"] = str(d["dtype"])
+    for k in ("num_full", "num_kept", "num_frames"):
+        d[k] = int(d[k])
+    return VisualTokens.from_numpy_dict(d, device)
+
+
+# ------------------------------------------------------------------------------------------------ encode
+
+
+class EncodeStage:
+    """``decoded rows -> encoded rows``: preprocessing, vision tower, projector, pooling, TTM.
+
+    Input: :data:`pipeline.schema.DECODED_SCHEMA`. Output: :data:`pipeline.schema.ENCODED_SCHEMA` (the
+    frames are dropped; ``visual`` holds the compressed tokens, far smaller than the frames).
+    """
+
+    input_columns = ("video_id", "frames", "frames_shape", "status")
+    output_columns = tuple(ENCODED_SCHEMA.names)
+
+    def __init__(self, model: ModelSettings, dycoke_settings, llm=None):
+        self.model_settings = model
+        self.llm = llm if llm is not None else load_llm(model)
+        self.dycoke = dycoke_settings.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
+
+    def _encode(self, frames: list[np.ndarray]) -> list:
+        import torch
+
+        return self.llm.encode([torch.from_numpy(np.array(f, copy=True)) for f in frames], self.dycoke)
+
+    def encode_rows(self, rows: list[dict]) -> list[dict]:
+        out = []
+        ok_idx = [i for i, r in enumerate(rows) if r.get("status") == STATUS_OK]
+        visuals: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        t0 = time.perf_counter()
+        if ok_idx:
+            try:
+                for i, v in zip(ok_idx, self._encode([frames_from_row(rows[i]) for i in ok_idx])):
+                    visuals[i] = v
+            except Exception as exc:  # noqa: BLE001 - isolate the failing video(s) below
+                log.warning("encode of a batch of %d failed (%s); retrying one by one", len(ok_idx), exc)
+                for i in ok_idx:
+                    try:
+                        visuals[i] = self._encode([frames_from_row(rows[i])])[0]
+                    except Exception as exc1:  # noqa: BLE001 - becomes an error row
+                        errors[i] = f"{type(exc1).__name__}: {exc1}"
+                        log.warning("encode failed for %s: %s", rows[i]["video_id"], exc1)
+        share = (time.perf_counter() - t0) / max(1, len(ok_idx))
+        for i, r in enumerate(rows):
+            row = {k: r.get(k) for k in ENCODED_SCHEMA.names if k in r}
+            row["model_id"] = self.model_settings.source
+            if i in visuals:
+                v = visuals[i]
+                row.update(visual=pack_visual(v), visual_tokens_full=int(v.num_full), visual_tokens_prefill=int(v.num_kept),
+                           encode_s=share)
+            elif i in errors:
+                row.update(status=STATUS_ERROR, error_type="encode_failed", error_message=errors[i], encode_s=share)
+            out.append(row)
+        return out
+
+    def __call__(self, batch) -> pa.Table:
+        return pa.Table.from_pylist(self.encode_rows(_rows(batch)), schema=ENCODED_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+class GenerateStage:
+    """``encoded rows -> output rows``: every task of every video, generated in one engine call.
+
+    Output: :data:`pipeline.schema.OUTPUT_SCHEMA`, one row per (video, task); error videos give one
+    error row per task; MCQ answers are parsed into ``choice``.
+    """
+
+    input_columns = ("video_id", "video_uri", "questions", "visual", "status")
+    output_columns = tuple(OUTPUT_SCHEMA.names)
+
+    def __init__(self, model: ModelSettings, settings: GenerateSettings, llm=None):
+        from dycoke.engine import Engine
+
+        self.model_settings = model
+        self.settings = settings
+        self.llm = llm if llm is not None else load_llm(model)
+        self.dycoke = settings.dycoke.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
+        self.compression = self.dycoke.to_json()
+        self.engine = Engine(self.llm, self.dycoke, max_batch_size=settings.engine_max_batch_size)
+
+    def _requests(self, video: Mapping[str, Any], tasks: Sequence[Task]):
+        from dycoke.engine import GenerationSettings, Request
+
+        t = self.settings.tasks
+        visual = unpack_visual(video["visual"], device=self.llm.device)
+        return [
+            Request(request_id=f"{video['video_id']}:{task.task_id}", visual=visual, question=task.prompt,
+                    settings=GenerationSettings(max_new_tokens=task.max_new_tokens, temperature=t.temperature, top_p=t.top_p))
+            for task in tasks
+        ]
+
+    def _generate(self, items: list[tuple[dict, Task, Any]]) -> list:
+        return self.engine.generate([req for _, _, req in items])
+
+    def generate_rows(self, rows: list[dict]) -> list[dict]:
+        run_id, comp = self.settings.run_id, self.compression
+        out: list[dict] = []
+        items: list[tuple[dict, Task, Any]] = []
+        for video in rows:
+            tasks = video_tasks(self.settings.tasks, video.get("questions"))
+            if not tasks:
+                out.append(error_output_row(video, NO_TASK, run_id=run_id, compression=comp, error_type="no_tasks",
+                                            error_message="no task applies to this video"))
+                continue
+            if video.get("status") != STATUS_OK:
+                out += [error_output_row(video, t, run_id=run_id, compression=comp, error_type=video.get("error_type") or "internal",
+                                         error_message=video.get("error_message") or "unknown error") for t in tasks]
+                continue
+            try:
+                reqs = self._requests(video, tasks)
+            except Exception as exc:  # noqa: BLE001 - a damaged visual blob becomes error rows
+                out += [error_output_row(video, t, run_id=run_id, compression=comp, error_type="internal",
+                                         error_message=f"cannot read visual tokens: {exc}") for t in tasks]
+                continue
+            items += [(video, t, r) for t, r in zip(tasks, reqs)]
+        if not items:
+            return out
+        t0 = time.perf_counter()
+        results: list | None
+        try:
+            results = self._generate(items)
+        except Exception as exc:  # noqa: BLE001 - retry per video to isolate the failure
+            log.warning("generate for %d requests failed (%s); retrying video by video", len(items), exc)
+            results = None
+        if results is None:
+            results = []
+            by_video: dict[str, list[int]] = {}
+            for k, (video, _, _) in enumerate(items):
+                by_video.setdefault(video["video_id"], []).append(k)
+            slots: list = [None] * len(items)
+            for ks in by_video.values():
+                try:
+                    for k, res in zip(ks, self._generate([items[k] for k in ks])):
+                        slots[k] = res
+                except Exception as exc:  # noqa: BLE001 - becomes error rows
+                    for k in ks:
+                        slots[k] = exc
+            results = slots
+        share = (time.perf_counter() - t0) / len(items)
+        for (video, task, _), res in zip(items, results):
+            if isinstance(res, Exception):
+                out.append(error_output_row(video, task, run_id=run_id, compression=comp, error_type="generate_failed",
+                                            error_message=f"{type(res).__name__}: {res}"))
+                continue
+            if res.finish_reason == "error" or res.error:
+                out.append(error_output_row(video, task, run_id=run_id, compression=comp, error_type="generate_failed",
+                                            error_message=res.error or "generation failed"))
+                continue
+            out.append(output_row(
+                video, task, run_id=run_id, compression=comp,
+                answer=res.text, choice=parse_choice(res.text, task.options) if task.is_mcq else None,
+                visual_tokens_prefill=int(res.visual_tokens), visual_tokens_attended=float(res.visual_tokens_attended),
+                prompt_tokens=int(res.prompt_tokens), output_tokens=int(res.output_tokens),
+                timings={"prefill_s": float(res.prefill_s), "generate_s": share},
+            ))
+        return out
+
+    def __call__(self, batch) -> pa.Table:
+        return rows_to_table(self.generate_rows(_rows(batch)))
+
+
+class FusedStage:
+    """``decoded rows -> output rows``: encode and generate in one actor sharing one loaded model."""
+
+    input_columns = EncodeStage.input_columns
+    output_columns = GenerateStage.output_columns
+
+    def __init__(self, model: ModelSettings, settings: GenerateSettings, llm=None):
+        llm = llm if llm is not None else load_llm(model)
+        self.encode = EncodeStage(model, settings.dycoke, llm=llm)
+        self.generate = GenerateStage(model, settings, llm=llm)
+
+    def __call__(self, batch) -> pa.Table:
+        return rows_to_table(self.generate.generate_rows(self.encode.encode_rows(_rows(batch))))
+
+
+def describe(stage) -> str:
+    """One line naming a stage's declared input and output columns (for logs and docs)."""
+    return json.dumps({"stage": type(stage).__name__, "in": list(stage.input_columns), "out": list(stage.output_columns)})
