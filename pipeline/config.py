@@ -203,8 +203,9 @@ class StagesConfig(_Section):
     )
     decode_batch_size: int = Field(4, ge=1, description="Videos per decode task batch.")
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decode task.")
-    decode_memory_gb: float | None = Field(
-        2.0, gt=0, description="Memory reserved per decode task (keeps a node from running more decodes than fit); null for none."
+    decode_memory_gb: float = Field(
+        2.0, gt=0, description="Memory reserved per decode task (keeps a node from running more decodes than fit, "
+        "and keeps decode tasks out of the model actors)."
     )
     decode_max_tasks: int | None = Field(None, ge=1, description="At most this many concurrent decode tasks; null = as many as the CPUs allow.")
     encode_batch_size: int = Field(8, ge=1, description="Videos per encode actor call.")
@@ -217,7 +218,6 @@ class StagesConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encode/generate/fused actor (0 runs the model on CPU, for tiny models).")
     actor_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model actor (preprocessing, batching).")
     engine_max_batch_size: int = Field(16, ge=1, description="Sequences the generation engine decodes together.")
-    write_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Parquet write task.")
 
     @property
     def resolved_mode(self) -> Literal["fused", "split"]:

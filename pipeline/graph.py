@@ -30,7 +30,6 @@ from pipeline.stages import EncodeStage, FusedStage, GenerateSettings, GenerateS
 log = logging.getLogger(__name__)
 
 MAX_SOURCE_BLOCKS = 20_000
-DECODE_MAX_RETRIES = 3
 
 
 def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
@@ -69,18 +68,17 @@ def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings
     ctx.enable_operator_progress_bars = cfg.ray.progress_bars
 
     ds = ray.data.from_arrow(_source_blocks(videos, st.decode_batch_size))
-    # max_retries (a crashed decode worker is retried) also makes the decode remote args differ from the
-    # actors', so Ray Data never fuses decode into a model actor (it fuses ops with identical args).
-    decode_args: dict = {"num_cpus": st.decode_num_cpus, "max_retries": DECODE_MAX_RETRIES}
-    if st.decode_memory_gb:
-        decode_args["memory"] = int(st.decode_memory_gb * 1024**3)
+    # The memory request bounds concurrent decodes per node, and it also makes the decode task's resource
+    # request differ from the model actors', so Ray Data never fuses decode into a model actor (it fuses a
+    # task op into the next actor op when their remote args are identical).
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"settings": decode_settings},
         batch_size=st.decode_batch_size,
         batch_format="pyarrow",
         compute=TaskPoolStrategy(size=st.decode_max_tasks),
-        **decode_args,
+        num_cpus=st.decode_num_cpus,
+        memory=int(st.decode_memory_gb * 1024**3),
     )
     model_args = {"num_gpus": st.gpus_per_actor, "num_cpus": st.actor_num_cpus, "batch_format": "pyarrow"}
     if st.resolved_mode == "fused":
@@ -121,6 +119,5 @@ def write(ds: ray.data.Dataset, cfg, target: SinkTarget) -> None:
         mode=SaveMode.OVERWRITE,
         min_rows_per_file=out.min_rows_per_file,
         max_rows_per_file=out.max_rows_per_file,
-        ray_remote_args={"num_cpus": cfg.stages.write_num_cpus},
         **parquet_write_options(out),
     )

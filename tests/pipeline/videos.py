@@ -105,6 +105,7 @@ def sample_set() -> dict[str, bytes]:
         "tall_15fps.mp4": make_video(num_frames=16, width=32, height=80, fps=15),
         "odd_ntsc.mp4": make_video(num_frames=18, width=50, height=38, fps=Fraction(30000, 1001)),
         "mpeg4_12fps.mp4": make_video(num_frames=14, width=64, height=48, fps=12, codec="mpeg4"),
+        "large_50fps.mp4": make_video(num_frames=30, width=160, height=120, fps=50),
     }
     bad = {
         "truncated.mp4": truncate(make_video(num_frames=40, width=64, height=48, fps=24)),
