@@ -59,11 +59,11 @@ def _chunked(rows_iter, chunk: int = CHUNK_ROWS) -> Iterator[pa.Table]:
 # ------------------------------------------------------------------------------------------------ S3
 
 
-def iter_s3_uris(prefix_uri: str, extensions: list[str], settings: s3.S3Settings) -> Iterator[str]:
+def iter_s3_uris(prefix_uri: str, extensions: list[str], settings: s3.S3Settings, page_size: int = 1000) -> Iterator[str]:
     """Every ``s3://`` URI under the prefix with a matching extension, in key order (paginated)."""
     bucket, prefix = s3.split_uri(prefix_uri)
     paginator = s3.client(settings).get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}):
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
         for obj in page.get("Contents", []):
             key = obj["Key"]
             if not key.endswith("/") and _has_ext(key, extensions):

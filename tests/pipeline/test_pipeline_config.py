@@ -1,0 +1,91 @@
+"""Configuration: validation messages name the field; overrides; defaults; documentation."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import (
+    ConfigurationError,
+    PipelineConfig,
+    field_docs,
+    load_config,
+    parse_override,
+)
+
+BASE = {"input": {"local_dir": "videos"}, "output": {"path": "out"}, "model": {"source": "some/model"}}
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_minimal_file_and_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, "input: {local_dir: v}\noutput: {path: o}\nmodel: {source: m}\n"))
+    assert cfg.decode.num_frames == 32 and cfg.tasks.caption_prompt and cfg.stages.resolved_mode == "fused"
+    assert cfg.dycoke.to_dycoke(196).frame_keep == 58
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    path = _write(tmp_path, "input: {local_dir: v}\noutput: {path: o}\nmodel: {source: m}\ndecode: {num_frames: many}\n")
+    with pytest.raises(ConfigurationError) as exc:
+        load_config(path)
+    assert "decode.num_frames" in str(exc.value) and "integer" in str(exc.value) and "many" in str(exc.value)
+
+
+def test_unknown_field_names_the_field(tmp_path):
+    path = _write(tmp_path, "input: {local_dir: v}\noutput: {path: o}\nmodel: {source: m, revison: main}\n")
+    with pytest.raises(ConfigurationError, match=r"model\.revison: unknown field"):
+        load_config(path)
+
+
+def test_missing_input(tmp_path):
+    with pytest.raises(ConfigurationError) as exc:
+        load_config(_write(tmp_path, "output: {path: o}\nmodel: {source: m}\n"))
+    assert "input: required field is missing" in str(exc.value)
+    with pytest.raises(ConfigurationError, match="exactly one of input.s3_prefix, input.manifest, input.local_dir"):
+        load_config(data={**BASE, "input": {}})
+    with pytest.raises(ConfigurationError, match="got s3_prefix, local_dir"):
+        load_config(data={**BASE, "input": {"local_dir": "v", "s3_prefix": "s3://b/p/"}})
+
+
+def test_other_validation(tmp_path):
+    with pytest.raises(ConfigurationError, match="input.s3_prefix.*must start with s3://"):
+        load_config(data={**BASE, "input": {"s3_prefix": "bucket/p"}})
+    with pytest.raises(ConfigurationError, match="dycoke.prune_ratio_k"):
+        load_config(data={**BASE, "dycoke": {"prune_ratio_k": 1.5}})
+    with pytest.raises(ConfigurationError, match="no tasks"):
+        load_config(data={**BASE, "tasks": {"caption_prompt": None}})
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigurationError, match="not valid YAML"):
+        load_config(_write(tmp_path, "input: [unclosed\n"))
+    with pytest.raises(ConfigurationError, match=r"tasks\.mcq\.0\.options"):
+        load_config(data={**BASE, "tasks": {"mcq": [{"question": "q", "options": ["only one"]}]}})
+
+
+def test_overrides(tmp_path):
+    path = _write(tmp_path, "input: {local_dir: v}\noutput: {path: o}\nmodel: {source: m}\n")
+    cfg = load_config(path, ["decode.num_frames=8", "tasks.questions=[a, b]", "stages.mode=split", "run_id=nightly-1"])
+    assert cfg.decode.num_frames == 8 and cfg.tasks.questions == ["a", "b"] and cfg.stages.mode == "split"
+    assert cfg.run_id == "nightly-1" and cfg.effective_run_id() == "nightly-1"
+    assert parse_override("model.source=s3://b/m/") == ("model.source", "s3://b/m/")
+    with pytest.raises(ConfigurationError, match="section.field=value"):
+        load_config(path, ["decode.num_frames"])
+    with pytest.raises(ConfigurationError, match="stages.gpus_per_actor"):
+        load_config(path, ["stages.gpus_per_actor=-1"])
+
+
+def test_run_id_is_deterministic():
+    a = load_config(data=BASE)
+    b = load_config(data={**BASE, "stages": {"fused_actors": 4}, "ray": {"address": "auto"}})
+    c = load_config(data={**BASE, "decode": {"num_frames": 16}})
+    assert a.effective_run_id() == b.effective_run_id() != c.effective_run_id()
+
+
+def test_every_field_is_documented():
+    docs = field_docs(PipelineConfig)
+    assert len(docs) > 40
+    for name, _type, _default, desc in docs:
+        assert desc, f"{name} has no description"
