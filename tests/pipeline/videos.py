@@ -1,7 +1,7 @@
 """Generate small test videos with PyAV (no ffmpeg binary needed).
 
-Every helper returns the encoded bytes; :func:`write_video` also writes them to a path. Content is a
-moving gradient plus a frame-index dependent colour so that frames differ from one another.
+Every helper returns the encoded bytes; :func:`write_video` also writes them to a path. The encoder
+itself lives in :mod:`pipeline.samples` (shared with the demo and the benchmark).
 """
 
 from __future__ import annotations
@@ -13,51 +13,9 @@ from pathlib import Path
 import av
 import numpy as np
 
+from pipeline.samples import frame_image, make_video
 
-def frame_image(i: int, width: int, height: int) -> np.ndarray:
-    """An RGB uint8 frame whose content depends on ``i`` (moving bar over a gradient)."""
-    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
-    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
-    img = np.empty((height, width, 3), np.uint8)
-    img[..., 0] = ((x + 7 * i) % 256).astype(np.uint8)
-    img[..., 1] = ((y + 3 * i) % 256).astype(np.uint8)
-    img[..., 2] = (i * 37) % 256
-    bar = (i * 4) % max(width - 8, 1)
-    img[:, bar : bar + 8] = 255
-    return img
-
-
-def make_video(
-    *,
-    num_frames: int = 24,
-    width: int = 64,
-    height: int = 48,
-    fps: int | Fraction = 24,
-    codec: str = "libx264",
-    container: str = "mp4",
-    gop: int | None = None,
-    options: dict | None = None,
-) -> bytes:
-    """Encode ``num_frames`` synthetic frames; return the container bytes."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        opts = {"preset": "ultrafast"} if codec == "libx264" else {}
-        opts.update(options or {})
-        if gop is not None:
-            stream.codec_context.gop_size = gop
-            if codec == "libx264":
-                opts.setdefault("x264-params", f"keyint={gop}:min-keyint={gop}:scenecut=0")
-        stream.options = opts
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(frame_image(i, width, height), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
+__all__ = ["frame_image", "make_video", "make_audio_only", "truncate", "NOT_A_VIDEO", "write_video", "sample_set"]
 
 
 def make_audio_only(seconds: float = 1.0, rate: int = 8000) -> bytes:

@@ -1,0 +1,59 @@
+"""The job entry points: --help, start-up validation, --print-config, and `make demo` run twice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs import corpus
+from pipeline.config import PipelineConfig, field_docs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as exc:
+        corpus.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name, *_ in field_docs(PipelineConfig):
+        assert f"  {name}  [" in out, name
+
+
+def test_bad_config_fails_at_start_up_naming_the_field(tmp_path, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("input: {local_dir: v}\noutput: {path: o}\nmodel: {source: m}\nstages: {fused_actors: two}\n")
+    with pytest.raises(SystemExit) as exc:
+        corpus.main(["--config", str(cfg)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "stages.fused_actors" in err and "valid integer" in err
+
+
+def test_print_config_applies_overrides(tmp_path, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("input: {local_dir: v}\noutput: {path: o}\nmodel: {source: m}\n")
+    assert corpus.main(["--config", str(cfg), "--decode.num_frames", "16", "--set", "stages.mode=split",
+                        "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["decode"]["num_frames"] == 16 and printed["stages"]["mode"] == "split"
+
+
+@pytest.mark.slow
+def test_demo_runs_twice(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "jobs.demo"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "videos         5   ok 4   error 1" in proc.stdout, proc.stdout
+        assert "meaningless" in proc.stdout and "s3_prefix: s3://" in proc.stdout
+    files = sorted((tmp_path / "demo_output" / "parquet" / "demo").glob("*.parquet"))
+    assert [f.name for f in files] == ["part-00000-0.parquet"]  # replaced, not duplicated
+    assert pq.read_table(files[0]).num_rows == 15
