@@ -9,7 +9,8 @@ never materialises full-size RGB frames.
 Sampling (``decode.sampling``):
 
 * ``uniform`` (default, exact): frame indices ``linspace(0, n-1, F)`` truncated to int, as the reference.
-  Frames are read in one forward pass: decode up to each target, convert only the targets.
+  Every frame up to the last target is decoded (inherent for exact frames in long-GOP video); the gain
+  over a plain ``get_batch`` at native size is the decode-time resize (see bench/bench_decode.py).
 * ``keyframe`` (APPROXIMATE, cheap): each uniform target snaps to its nearest keyframe, and only
   keyframes are decoded (one seek + one intra frame each). With fewer keyframes than F, frames repeat.
 """
@@ -246,25 +247,6 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_frames(vr, indices: np.ndarray) -> np.ndarray:
-    """Read ``indices`` (sorted, may repeat) in one forward pass; returns ``[len(indices), H, W, 3]``.
-
-    Between targets the decoder skips frames (decoded, never converted to RGB); each distinct
-    target is converted once.
-    """
-    uniq = np.unique(indices)
-    out: dict[int, np.ndarray] = {}
-    vr.seek(0)
-    pos = 0  # index of the frame next() returns
-    for t in uniq:
-        t = int(t)
-        if t > pos:
-            vr.skip_frames(t - pos)
-        out[t] = vr.next().asnumpy()
-        pos = t + 1
-    return np.stack([out[int(i)] for i in indices])
-
-
 def decode_video(source, settings: DecodeSettings, uri: str = "<bytes>", head: bytes = b"") -> Decoded:
     """Open, sample and read frames; raises :class:`VideoError`."""
     vr = _open(source, settings, uri, head or (source.getvalue()[:4096] if isinstance(source, io.BytesIO) else b""))
@@ -284,7 +266,9 @@ def decode_video(source, settings: DecodeSettings, uri: str = "<bytes>", head: b
             frames = np.stack([frames_by_key[int(i)] for i in indices])
         else:
             indices = targets
-            frames = read_frames(vr, indices)
+            # decord decodes forward within a GOP and seeks only across keyframes; frames are already
+            # resized by the decoder, so only F small RGB frames are ever materialised.
+            frames = vr.get_batch(indices).asnumpy()
         stamps = vr.get_frame_timestamp(indices)
     except VideoError:
         raise

@@ -16,7 +16,6 @@ from pipeline.decode import (
     frames_from_row,
     keyframe_indices,
     looks_like_media,
-    read_frames,
     sample_indices,
 )
 from pipeline.schema import DECODED_SCHEMA
@@ -111,14 +110,6 @@ def test_4k_stream_is_resized_while_decoding():
     data = make_video(num_frames=3, width=3840, height=2160, fps=30)
     dec = decode_video(io.BytesIO(data), _settings(num_frames=2, frame_size=64))
     assert dec.frames.shape == (2, 64, 64, 3)
-
-
-def test_forward_pass_reader_equals_get_batch(sample_videos):
-    import decord
-
-    vr = decord.VideoReader(io.BytesIO(sample_videos["long_10fps.mp4"]), width=S, height=S, num_threads=1)
-    idx = sample_indices(len(vr), 16)
-    assert np.array_equal(read_frames(vr, idx), vr.get_batch(idx).asnumpy())
 
 
 def test_keyframe_mode_is_approximate_but_valid(video_dir):
