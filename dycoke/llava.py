@@ -120,6 +120,48 @@ def preprocess_frames(frames: torch.Tensor, spec: PixelSpec, dtype: torch.dtype 
     return ((x * spec.rescale - mean) / std).to(dtype)
 
 
+def bilinear_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """``[n_out, n_in]`` float64 matrix of 1-D bilinear resampling, ``align_corners=False``, no antialias.
+
+    Row ``i`` samples source coordinate ``(i + 0.5) * n_in / n_out - 0.5`` (clamped at 0), the rule of
+    ``torch.nn.functional.interpolate(mode="bilinear")``.
+    """
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    scale = n_in / n_out
+    for i in range(n_out):
+        src = max((i + 0.5) * scale - 0.5, 0.0)
+        i0 = min(int(src), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        frac = src - i0
+        w[i, i0] += 1.0 - frac
+        w[i, i1] += frac
+    return w
+
+
+class BilinearPooling:
+    """Per-instance replacement of ``LlavaOnevisionModel.apply_pooling`` (adapted, same math).
+
+    The model pools each frame's ``g x g`` patch grid to ``ceil(g/2) x ceil(g/2)`` with bilinear
+    ``interpolate`` on a ``[frames, D, g, g]`` tensor, whose GPU kernel is slow for wide D (about 11 ms
+    of 75 ms per 32-frame video on an H100). Bilinear resampling is linear, so it is one matmul with
+    the fixed ``[ceil(g/2)^2, g^2]`` Kronecker product of the 1-D weights:
+    ``[frames, g*g, D] -> [frames, ceil(g/2)^2, D]``. Equal to the original up to float rounding.
+    """
+
+    def __init__(self, grid: int):
+        out = math.ceil(grid / 2)
+        w = bilinear_weights(grid, out)
+        self.grid = grid
+        self.matrix64 = torch.kron(w, w)  # [out*out, grid*grid]
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, image_features: torch.Tensor) -> torch.Tensor:
+        key = (image_features.device, image_features.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.matrix64.to(device=image_features.device, dtype=image_features.dtype)
+        return torch.matmul(self._cache[key], image_features)
+
+
 class VideoLLM:
     """A loaded LLaVA-OneVision checkpoint: model, tokenizer, chat template and pixel spec."""
 
@@ -134,6 +176,8 @@ class VideoLLM:
         self.tokens_per_frame = math.ceil(grid / 2) ** 2
         self.hidden_size = cfg.text_config.hidden_size
         self.max_context = int(getattr(cfg.text_config, "max_position_embeddings", 32768))
+        # Adapted per instance (see BilinearPooling): the model's get_video_features calls self.apply_pooling.
+        model.model.apply_pooling = BilinearPooling(grid)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -76,13 +76,35 @@ def test_compression_off_matches_hf_generate(ckpt, llm, videos):
 
 
 def test_features_equal_model_video_features(llm, videos):
+    """Our [B, F, T, D] features equal the unmodified model's get_video_features (pooling adapter removed)."""
     v = videos[0]
     pixels = llm.preprocess(v)[None]
     ours = llm.video_features(pixels)
-    out = llm.model.model.get_video_features(pixels)
+    inner = llm.model.model
+    adapter = inner.__dict__.pop("apply_pooling")
+    try:
+        out = inner.get_video_features(pixels)
+    finally:
+        inner.apply_pooling = adapter
     theirs = out.pooler_output if hasattr(out, "pooler_output") else out
     theirs = theirs.reshape(1, -1, theirs.shape[-1])[:, : v.shape[0] * llm.tokens_per_frame]
-    torch.testing.assert_close(ours.flatten(1, 2), theirs, rtol=0, atol=0)
+    assert ours.shape == (1, v.shape[0], llm.tokens_per_frame, llm.hidden_size)
+    torch.testing.assert_close(ours.flatten(1, 2), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bilinear_pooling_adapter_equals_interpolate(llm):
+    inner = llm.model.model
+    grid = inner.config.vision_config.image_size // inner.config.vision_config.patch_size
+    x = torch.randn(6, grid * grid, 24)
+    original = type(inner).apply_pooling(inner, x)
+    torch.testing.assert_close(inner.apply_pooling(x), original, rtol=1e-5, atol=1e-6)
+    for n_in in (27, 8, 5):  # the real 27x27 grid, even and odd sizes
+        y = torch.randn(3, 7, n_in, n_in, dtype=torch.float64)
+        ref = F.interpolate(y, size=(-(-n_in // 2),) * 2, mode="bilinear", align_corners=False)
+        from dycoke.llava import BilinearPooling
+
+        pooled = BilinearPooling(n_in)(y.permute(0, 2, 3, 1).reshape(3, n_in * n_in, 7))
+        torch.testing.assert_close(pooled, ref.permute(0, 2, 3, 1).reshape(3, -1, 7))
 
 
 def test_ttm_only_matches_generate_on_same_embeddings(ckpt, llm, videos):
