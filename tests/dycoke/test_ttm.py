@@ -474,3 +474,57 @@ def test_cuda_matches_cpu(mode: str) -> None:
     dev = temporal_merge(frames.cuda(), 0.7, mode)
     assert bench._tie_equivalent(frames, cpu.index, dev.index.cpu(), mode, 1e-5)
     assert torch.equal(dev.tokens.cpu(), frames.flatten(1, 2)[torch.arange(2)[:, None], dev.index.cpu()])
+
+
+# --------------------------------------------------------------------------------------------------
+# Internals the fast path relies on
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 32, 196, 64), (1, 7, 13, 5), (3, 12, 20, 33)])
+@pytest.mark.parametrize("mode", ["reference", "complete"])
+def test_similarities_bitwise_equal_cosine_similarity(dtype: torch.dtype, shape: tuple, mode: str) -> None:
+    """The strided, normalise-once similarity is bit for bit F.cosine_similarity on gathered frames."""
+    from dycoke.ttm import _layout, _similarities
+
+    x = _rand(*shape, seed=sum(shape), dtype=dtype)
+    x[0, 0, 0] = 0.0  # a zero token exercises the eps clamp
+    runs, pruned = _layout(shape[1], shape[2], 1, mode)[:2]
+    plan = frame_plan(shape[1], mode)
+    refs = [plan[f] for f in pruned]
+    want = F.cosine_similarity(x[:, list(pruned)], x[:, refs], dim=-1)
+    got = _similarities(x, runs)
+    assert got.dtype == want.dtype
+    # fp16 cannot hold eps=1e-8, so a zero token gives NaN in both (as F.cosine_similarity does)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.isnan(), want.isnan())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 5)), max_size=15, unique_by=lambda p: p[0]))
+def test_progressions_cover_every_pruned_frame(pairs: list[tuple[int, int]]) -> None:
+    from dycoke.ttm import _progressions
+
+    pairs = [(f + d, d) for f, d in sorted(pairs)]  # frame f + d pruned against f
+    pruned = [f for f, _ in pairs]
+    if len(set(pruned)) != len(pruned):
+        return
+    refs = [f - d for f, d in pairs]
+    runs = _progressions(pruned, refs)
+    covered = [(first + j * step, delta) for first, step, count, delta in runs for j in range(count)]
+    assert sorted(covered) == sorted(pairs)
+    assert all(step >= 1 and count >= 1 for _, step, count, _ in runs)
+
+
+@pytest.mark.parametrize("n_frames,mode,n_runs", [(32, "reference", 2), (32, "complete", 2), (4, "reference", 1), (1, "reference", 0)])
+def test_runs_of_the_standard_plans(n_frames: int, mode: str, n_runs: int) -> None:
+    from dycoke.ttm import _layout
+
+    assert len(_layout(n_frames, 196, 58, mode)[0]) == n_runs
+
+
+def test_empty_batch() -> None:
+    res = temporal_merge(torch.zeros(0, 8, 10, 4), 0.5)
+    assert res.tokens.shape == (0, output_length(8, 10, 0.5), 4)
+    assert res.index.shape == (0, output_length(8, 10, 0.5))
