@@ -270,6 +270,13 @@ class PipelineConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 client settings.")
 
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_one_folder(cls, v: str | None) -> str | None:
+        if v is not None and set(v) <= {"."}:
+            raise ValueError("run_id may not be '.' or '..' (it names one folder under output.path)")
+        return v
+
     @model_validator(mode="after")
     def _some_task(self) -> PipelineConfig:
         t = self.tasks

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Mapping
@@ -113,8 +114,26 @@ def _s3_error(exc: Exception, uri: str) -> VideoError:
     return VideoError("fetch_failed", f"{uri}: {type(exc).__name__}: {exc}")
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
+def check_uri(uri) -> None:
+    """Raise ``invalid_uri`` for a URI that names no object: ``s3://`` without bucket or key, ``s3:/x``,
+    another scheme (``http://``, ``ftp://``), an empty string or a NUL byte."""
+    if not isinstance(uri, str) or not uri.strip() or "\x00" in uri:
+        raise VideoError("invalid_uri", f"{uri!r}: empty or not a string")
+    if s3.is_s3(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket or not key or key.endswith("/"):
+            raise VideoError("invalid_uri", f"{uri}: an s3:// URI needs a bucket and an object key")
+        return
+    if _SCHEME.match(uri) and not uri.startswith("file://"):
+        raise VideoError("invalid_uri", f"{uri}: unsupported scheme (use s3://, file:// or a path)")
+
+
 def fetch(uri: str, settings: DecodeSettings) -> Fetched:
     """Get the video's bytes (or a spooled local copy); raises :class:`VideoError`."""
+    check_uri(uri)
     if s3.is_s3(uri):
         bucket, key = s3.split_uri(uri)
         try:
@@ -242,8 +261,12 @@ def _open(source, settings: DecodeSettings, uri: str, head: bytes):
         raise VideoError("corrupt_video", f"{uri}: cannot open: {_short(text)}") from exc
 
 
+# decord prefixes its messages with a time and its own build's source path: "[00:28:40] /src/x.cc:61: "
+_DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ")
+
+
 def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
+    text = " ".join(_DECORD_PREFIX.sub("", text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

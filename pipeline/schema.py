@@ -94,7 +94,8 @@ TASK_TYPES = ("caption", "qa", "mcq")
 
 #: error_type values and what they mean.
 ERROR_TYPES = {
-    "not_found": "the object or file does not exist",
+    "invalid_uri": "the video_uri is malformed (no bucket or key, or a scheme other than s3:// and file://)",
+    "not_found": "the object or file does not exist (also: deleted between listing and download)",
     "access_denied": "the object exists but may not be read",
     "fetch_failed": "the bytes could not be fetched (network, throttling after all retries)",
     "too_large": "the file is larger than decode.max_video_bytes",
@@ -104,7 +105,8 @@ ERROR_TYPES = {
     "too_few_frames": "fewer decodable frames than decode.min_frames",
     "decode_failed": "the decoder failed on sampled frames",
     "encode_failed": "the vision encoder failed on this video",
-    "generate_failed": "generation failed for this task (e.g. the prompt is longer than the model context)",
+    "prompt_too_long": "the prompt (text + visual tokens + max_new_tokens) is longer than the model context",
+    "generate_failed": "generation failed for this task",
     "no_tasks": "no task applies to this video",
     "internal": "an unexpected error in the pipeline",
 }

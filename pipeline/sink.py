@@ -32,6 +32,10 @@ class SinkTarget:
 
 
 def run_uri(output_path: str, run_id: str) -> str:
+    """``<output_path>/<run_id>``; ``run_id`` must be one plain folder name, so a run never writes
+    (or, with OVERWRITE, clears) anything outside the configured output prefix."""
+    if not run_id or "/" in run_id or "\\" in run_id or set(run_id) <= {"."}:
+        raise ValueError(f"run_id {run_id!r} must be one folder name (no '/', not '.' or '..')")
     return output_path.rstrip("/") + "/" + run_id
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,7 +162,10 @@ def manifest_source(uri: str, settings: s3.S3Settings, base_dir: str | None = No
         video_uri = r.get("video_uri")
         if not video_uri or not isinstance(video_uri, str):
             raise SourceError(f"manifest {uri} row {n}: missing video_uri")
-        if not s3.is_s3(video_uri) and base_dir and not os.path.isabs(video_uri):
+        # relative paths are resolved against the manifest's folder; anything with a scheme ("s3:/x",
+        # "http://") is kept as written, so the decode stage reports it as invalid_uri for this row only
+        if (not s3.is_s3(video_uri) and base_dir and not os.path.isabs(video_uri)
+                and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", video_uri)):
             video_uri = str(Path(base_dir) / video_uri)
         vid = r.get("video_id")
         vid = str(vid) if vid not in (None, "") else video_id_for(video_uri)

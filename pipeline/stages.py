@@ -257,8 +257,9 @@ class GenerateStage:
                                             error_message=f"{type(res).__name__}: {res}"))
                 continue
             if res.finish_reason == "error" or res.error:
-                out.append(error_output_row(video, task, run_id=run_id, compression=comp, error_type="generate_failed",
-                                            error_message=res.error or "generation failed"))
+                message = res.error or "generation failed"
+                out.append(error_output_row(video, task, run_id=run_id, compression=comp,
+                                            error_type=generate_error_type(message), error_message=message))
                 continue
             out.append(output_row(
                 video, task, run_id=run_id, compression=comp,
@@ -271,6 +272,11 @@ class GenerateStage:
 
     def __call__(self, batch) -> pa.Table:
         return rows_to_table(self.generate_rows(_rows(batch)))
+
+
+def generate_error_type(message: str) -> str:
+    """``prompt_too_long`` when the engine refused a request for exceeding the context, else ``generate_failed``."""
+    return "prompt_too_long" if "context" in message.lower() else "generate_failed"
 
 
 class FusedStage:

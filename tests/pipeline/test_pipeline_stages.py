@@ -96,7 +96,7 @@ def test_prompt_too_long_is_an_error_row(tiny_model, llm, decoded):
     ms = ModelSettings(source=tiny_model)
     gs = _gen_settings(max_new_tokens=100_000, questions=[], mcq=[])
     rows = FusedStage(ms, gs, llm=llm)(decoded.slice(1, 1)).to_pylist()
-    assert len(rows) == 1 and rows[0]["status"] == "error" and rows[0]["error_type"] == "generate_failed"
+    assert len(rows) == 1 and rows[0]["status"] == "error" and rows[0]["error_type"] == "prompt_too_long"
     assert "context" in rows[0]["error_message"]
 
 

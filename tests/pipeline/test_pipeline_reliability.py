@@ -1,0 +1,222 @@
+"""Reliability: every bad input gives an ok row or an error row with a precise error_type (decode stage as a
+plain callable, no Ray), and the security guarantees (docs/reliability.md lists what each test shows)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from pipeline import sink
+from pipeline.config import ConfigurationError, load_config
+from pipeline.decode import DecodeSettings, DecodeStage, decode_video, frames_from_row
+from pipeline.schema import ERROR_TYPES
+from tests.pipeline.badinputs import LONG_SECONDS, VFR_PTS, bad_input_set, make_muxed
+from tests.pipeline.videos import write_video
+
+F, S = 8, 32
+
+
+@pytest.fixture(scope="module")
+def bad_inputs():
+    return bad_input_set()
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory, bad_inputs):
+    root = tmp_path_factory.mktemp("bad inputs")  # a space in the folder too
+    for name, (data, _) in bad_inputs.items():
+        write_video(root / name, data)
+    return root
+
+
+def _decode(path, **kw) -> dict:
+    settings = DecodeSettings(**{"num_frames": F, "frame_size": S, **kw})
+    return DecodeStage(settings).decode_one({"video_id": "v", "video_uri": str(path), "questions": None})
+
+
+def test_every_bad_input_gives_the_expected_row(bad_dir, bad_inputs):
+    got = {}
+    for name in bad_inputs:
+        row = _decode(bad_dir / name)
+        got[name] = row["status"] if row["status"] == "ok" else row["error_type"]
+        if row["status"] == "ok":
+            assert frames_from_row(row).shape == (F, S, S, 3) and row["num_frames"] == F
+            assert len(row["frame_timestamps_s"]) == F and row["frame_timestamps_s"] == sorted(row["frame_timestamps_s"])
+        else:
+            assert row["error_type"] in ERROR_TYPES and row.get("frames") is None
+            assert row["error_message"] and "/github/" not in row["error_message"]  # decord's build paths stripped
+    assert got == {name: expected for name, (_, expected) in bad_inputs.items()}
+
+
+@pytest.mark.parametrize("n, stamps", [(1, [0] * 8), (3, [0, 0, 0, 0, 1, 1, 1, 2]), (5, [0, 0, 1, 1, 2, 2, 3, 4])])
+def test_fewer_frames_than_requested_repeat_frames(bad_dir, n, stamps):
+    """F is kept (TTM windows and batch shapes stay uniform); linspace repeats frames and the timestamps say so."""
+    name = {1: "one_frame.mp4", 3: "three_frames.mp4", 5: "five_frames.mp4"}[n]
+    row = _decode(bad_dir / name)
+    assert row["status"] == "ok" and row["num_frames"] == F
+    assert row["frame_timestamps_s"] == pytest.approx([s / 24 for s in stamps], abs=1e-4)
+    frames = frames_from_row(row)
+    assert len({frames[i].tobytes() for i in range(F)}) == n  # exactly n distinct frames
+
+
+def test_long_video_samples_across_its_whole_length(bad_dir):
+    row = _decode(bad_dir / "long_10min_32px.mp4")
+    assert row["duration_s"] == pytest.approx(LONG_SECONDS)
+    assert row["frame_timestamps_s"][0] == 0 and row["frame_timestamps_s"][-1] == pytest.approx(LONG_SECONDS - 1)
+
+
+def test_4k_frames_are_resized_inside_the_decoder(bad_dir):
+    row = _decode(bad_dir / "uhd_4k.mp4", frame_size=64)
+    # 8 frames of 3840x2160 RGB would be 199 MB; the row carries 8 x 64 x 64 x 3 bytes
+    assert row["status"] == "ok" and len(row["frames"]) == F * 64 * 64 * 3
+
+
+def test_variable_frame_rate_keeps_real_timestamps(bad_dir):
+    stamps = _decode(bad_dir / "vfr.mp4")["frame_timestamps_s"]
+    assert set(stamps) <= {p / 1000 for p in VFR_PTS}  # presentation times, not index / fps
+    assert stamps[-1] == pytest.approx(VFR_PTS[-1] / 1000)
+
+
+def test_rotation_metadata_is_applied():
+    """decord honours the display matrix: the frames come out upright (as a player shows them)."""
+    plain = decode_video(io.BytesIO(make_muxed(num_frames=4, width=64, height=32)), DecodeSettings(num_frames=2, frame_size=S))
+    rot = decode_video(io.BytesIO(make_muxed(num_frames=4, width=64, height=32, rotation=90)), DecodeSettings(num_frames=2, frame_size=S))
+    a, b = plain.frames.astype(float), rot.frames.astype(float)
+    as_is = np.abs(a - b).mean()
+    turned = min(np.abs(np.rot90(a, k, axes=(1, 2)) - b).mean() for k in (1, 3))
+    assert turned < as_is / 3, (turned, as_is)
+
+
+def test_unicode_and_spaces_in_names(bad_dir):
+    row = _decode(bad_dir / "spaces and ünïcödé 视频.mp4")
+    assert row["status"] == "ok" and row["video_uri"].endswith("视频.mp4")
+
+
+@pytest.mark.parametrize("uri", ["s3://", "s3://bucket", "s3://bucket/", "s3:/bucket/v.mp4", "ftp://host/v.mp4",
+                                 "http://host/v.mp4", "", "a\x00b.mp4"])
+def test_malformed_uri_is_invalid_uri(uri):
+    row = _decode(uri)
+    assert row["status"] == "error" and row["error_type"] == "invalid_uri", row["error_message"]
+
+
+def test_manifest_keeps_scheme_uris_as_written(tmp_path):
+    from pipeline.s3 import S3Settings
+    from pipeline.sources import manifest_source
+
+    (tmp_path / "m.jsonl").write_text('{"video_uri": "s3:/b/v.mp4"}\n{"video_uri": "rel/v.mp4"}\n')
+    uris = [r["video_uri"] for t in manifest_source(str(tmp_path / "m.jsonl"), S3Settings()) for r in t.to_pylist()]
+    assert uris == ["s3:/b/v.mp4", str(tmp_path / "rel/v.mp4")]
+
+
+# ------------------------------------------------------------------------------------------------ S3
+
+
+@pytest.fixture()
+def mocked_s3(monkeypatch):
+    moto = pytest.importorskip("moto")
+    import boto3
+
+    from pipeline import s3
+    from tests.pipeline.s3server import fake_aws_env
+
+    with fake_aws_env(), moto.mock_aws():
+        s3.client.cache_clear()
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="bkt")
+        yield client
+    s3.client.cache_clear()
+
+
+def test_object_deleted_between_listing_and_download(mocked_s3, bad_inputs):
+    from pipeline.s3 import S3Settings
+    from pipeline.sources import iter_s3_uris
+
+    for name in ("one_frame.mp4", "five_frames.mp4"):
+        mocked_s3.put_object(Bucket="bkt", Key=f"v/{name}", Body=bad_inputs[name][0])
+    uris = list(iter_s3_uris("s3://bkt/v/", [".mp4"], S3Settings()))
+    mocked_s3.delete_object(Bucket="bkt", Key="v/one_frame.mp4")
+    rows = [_decode(u) for u in uris]
+    assert [(r["status"], r.get("error_type")) for r in rows] == [("ok", None), ("error", "not_found")]
+
+
+def test_access_denied(monkeypatch):
+    """moto does not enforce bucket policies without its IAM mode; the AccessDenied answer S3 gives is stubbed."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from pipeline import s3
+
+    client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    stub = Stubber(client)
+    stub.add_client_error("get_object", service_error_code="AccessDenied", service_message="Access Denied", http_status_code=403)
+    stub.activate()
+    monkeypatch.setattr(s3, "client", lambda settings=None: client)
+    row = _decode("s3://private/v.mp4")
+    assert row["error_type"] == "access_denied" and "s3://private/v.mp4" in row["error_message"]
+
+
+# ------------------------------------------------------------------------------------------------ prompt too long
+
+
+def test_engine_context_error_becomes_prompt_too_long():
+    from pipeline.stages import generate_error_type
+
+    msg = "prompt of 9000 tokens + 6 new tokens exceeds the model context of 8192"
+    assert generate_error_type(msg) == "prompt_too_long" and "prompt_too_long" in ERROR_TYPES
+    assert generate_error_type("CUDA out of memory") == "generate_failed"
+
+
+# ------------------------------------------------------------------------------------------------ security
+
+_BASE = {"input": {"local_dir": "."}, "output": {"path": "out"}, "model": {"source": "m"}}
+
+
+def test_trust_remote_code_off_by_default_and_passed_through(monkeypatch):
+    from pipeline import stages
+
+    cfg = load_config(data=_BASE)
+    assert cfg.model.trust_remote_code is False
+    seen = {}
+
+    class FakeLLM:
+        @staticmethod
+        def load(path, **kw):
+            seen.update(kw)
+            return object()
+
+    import dycoke.llava
+
+    monkeypatch.setattr(dycoke.llava, "VideoLLM", FakeLLM)
+    stages.load_llm(stages.ModelSettings.from_config(cfg))
+    assert seen["trust_remote_code"] is False
+    on = load_config(data={**_BASE, "model": {"source": "m", "trust_remote_code": True}})
+    stages.load_llm(stages.ModelSettings.from_config(on))
+    assert seen["trust_remote_code"] is True
+
+
+@pytest.mark.parametrize("run_id", ["..", ".", "../x", "a/../../b", "/abs"])
+def test_run_id_cannot_leave_the_output_prefix(run_id):
+    with pytest.raises(ConfigurationError, match="run_id"):
+        load_config(data={**_BASE, "run_id": run_id})
+    with pytest.raises(ValueError, match="one folder name"):
+        sink.run_uri("s3://b/out", run_id)
+
+
+def test_sink_target_stays_under_output_path(tmp_path):
+    target = sink.resolve(str(tmp_path / "out"), "run-1", None)
+    assert target.path == str(tmp_path / "out" / "run-1")
+
+
+def test_config_cannot_execute_code(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "job.yaml"
+    bad.write_text(f"run_id: !!python/object/apply:os.system ['touch {marker}']\n"
+                   "input: {local_dir: .}\noutput: {path: out}\nmodel: {source: m}\n")
+    with pytest.raises(ConfigurationError, match="not valid YAML") as info:
+        load_config(bad)
+    assert "python/object" in str(info.value)
+    assert not marker.exists()
+    with pytest.raises(ConfigurationError):
+        load_config(data=_BASE, overrides=["run_id=!!python/object/apply:os.getcwd []"])
