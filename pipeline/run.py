@@ -70,8 +70,6 @@ def model_image_size(cfg: PipelineConfig) -> int:
 
 def run(cfg: PipelineConfig) -> RunResult:
     """Execute the job described by ``cfg``; returns the summary of what was written."""
-    from pipeline import graph
-
     run_id = cfg.effective_run_id()
     s3_settings = s3.S3Settings.from_config(cfg.s3)
     frame_size = model_image_size(cfg)
@@ -83,6 +81,20 @@ def run(cfg: PipelineConfig) -> RunResult:
         where = cfg.input.s3_prefix or cfg.input.manifest or cfg.input.local_dir
         raise SourceError(f"no videos found in {where} (extensions {cfg.input.extensions})")
     target = sink.resolve(cfg.output.path, run_id, s3_settings)
+    return execute(cfg, videos, target, run_id, frame_size=frame_size, t0=t0)
+
+
+def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *, frame_size: int | None = None,
+            t0: float | None = None) -> RunResult:
+    """Process exactly the rows of ``videos`` (:data:`pipeline.schema.VIDEO_SCHEMA`) into ``target``.
+
+    Used by :func:`run` and by jobs that pick their own video list and folder (nightly, evaluation).
+    """
+    from pipeline import graph
+
+    t0 = time.perf_counter() if t0 is None else t0
+    frame_size = frame_size or model_image_size(cfg)
+    init_ray(cfg)
     log.info("run %s: %d videos -> %s (%s mode, %d frames at %dpx)", run_id, videos.num_rows, target.uri,
              cfg.stages.resolved_mode, cfg.decode.num_frames, frame_size)
 
