@@ -15,10 +15,11 @@ FAKE_ENV = {
 
 
 @contextlib.contextmanager
-def fake_aws_env():
-    """Set fake credentials (inherited by Ray workers started afterwards); restore on exit."""
-    old = {k: os.environ.get(k) for k in FAKE_ENV}
-    os.environ.update(FAKE_ENV)
+def fake_aws_env(values: dict[str, str] | None = None):
+    """Set fake credentials (default FAKE_ENV; inherited by Ray workers started afterwards); restore on exit."""
+    values = FAKE_ENV if values is None else values
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:

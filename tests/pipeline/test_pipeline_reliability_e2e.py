@@ -8,9 +8,7 @@ produces are the ones quoted in docs/reliability.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pipeline.run as run_module
 from pipeline.config import load_config
 from pipeline.tasks import video_tasks
 from tests.pipeline.badinputs import bad_input_set
-from tests.pipeline.s3server import boto_client, moto_server, upload_dir
+from tests.pipeline.s3server import boto_client, fake_aws_env, moto_server, upload_dir
 
 pytestmark = pytest.mark.slow
 
@@ -43,26 +41,12 @@ EXTRA = {
 }
 
 
-@contextlib.contextmanager
-def _env(values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_model):
     import ray
 
     cases = bad_input_set()
-    with _env(ENV), moto_server() as endpoint:
+    with fake_aws_env(ENV), moto_server() as endpoint:
         s3 = boto_client(endpoint)
         s3.create_bucket(Bucket=BUCKET)
         for name, (data, _) in cases.items():
