@@ -165,6 +165,19 @@ class DecodeConfig(_Section):
     )
     num_threads: int = Field(1, ge=0, description="Decoder threads per video (0 = ffmpeg's choice); 1 with one task per CPU is the most efficient.")
     spool_dir: str | None = Field(None, description="Folder for spooled large videos (default: the system temp folder).")
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Per-video limit on fetch + decode, in seconds; a video over it becomes an error row (decode_timeout) "
+        "and its decoder process is killed. Enforced only with isolation: process.",
+    )
+    isolation: Literal["process", "none"] = Field(
+        "process",
+        description="process: fetch + decode each video in a long-lived decoder subprocess per decode worker, so a hang "
+        "(decode.timeout_s) or a crash (segfault in ffmpeg) becomes an error row (decode_timeout, decoder_crashed) and the "
+        "run carries on; frames come back through a pipe (~1 ms per MB of frames, ~13 ms for 32 frames at 384x384). none: in the task's own process, "
+        "NOT protected: a hanging video stalls its task forever and a crashing one kills the worker.",
+    )
 
 
 class DyCokeSettings(_Section):

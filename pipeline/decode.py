@@ -13,10 +13,19 @@ Sampling (``decode.sampling``):
   over a plain ``get_batch`` at native size is the decode-time resize (see bench/bench_decode.py).
 * ``keyframe`` (APPROXIMATE, cheap): each uniform target snaps to its nearest keyframe, and only
   keyframes are decoded (one seek + one intra frame each). With fewer keyframes than F, frames repeat.
+
+Isolation (``decode.isolation``): with ``process`` (the config default) :class:`DecodeStage` hands each
+video to a long-lived decoder subprocess (:mod:`pipeline.decode_worker`), so a video that hangs the
+decoder becomes a ``decode_timeout`` row after ``decode.timeout_s`` and one that crashes it (segfault)
+a ``decoder_crashed`` row. ``none`` decodes in the calling process, unprotected. A
+:class:`DecodeSettings` built directly (tests, benchmarks, library use) defaults to ``none``, so that
+in-process mocks (moto's ``mock_aws``, botocore ``Stubber``, monkeypatched clients) keep working;
+:meth:`DecodeSettings.from_config`, which the pipeline uses, takes the config's value.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import os
@@ -26,7 +35,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +68,13 @@ class DecodeSettings:
     num_threads: int = 1
     spool_dir: str | None = None
     s3: s3.S3Settings = s3.S3Settings()
+    timeout_s: float = 300.0
+    #: "process": decode in a decoder subprocess (hang/crash -> error row); "none": in-process, unprotected.
+    #: The dataclass default is "none" (see the module docstring); the pipeline config's default is "process".
+    isolation: Literal["process", "none"] = "none"
+    #: ``module:function`` with :func:`decode_video`'s signature. A test hook (a decoder that really crashes or
+    #: hangs); deliberately not a config field, so a configuration file cannot choose code to run.
+    decoder: str = "pipeline.decode:decode_video"
 
     @classmethod
     def from_config(cls, decode_cfg, frame_size: int, s3_cfg) -> DecodeSettings:
@@ -72,6 +88,8 @@ class DecodeSettings:
             num_threads=decode_cfg.num_threads,
             spool_dir=decode_cfg.spool_dir,
             s3=s3.S3Settings.from_config(s3_cfg),
+            timeout_s=float(decode_cfg.timeout_s),
+            isolation=decode_cfg.isolation,
         )
 
 
@@ -317,11 +335,23 @@ def _rows(batch) -> list[dict]:
     return list(batch)
 
 
+def resolve_decoder(path: str):
+    """``"module:function"`` -> the function (:attr:`DecodeSettings.decoder`)."""
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"decoder must look like 'module:function', got {path!r}")
+    return getattr(importlib.import_module(module), name)
+
+
 class DecodeStage:
     """``video rows -> decoded rows`` (one out per one in). Plain callable; Ray-free.
 
     Input columns: ``video_id, video_uri, questions``. Output: :data:`pipeline.schema.DECODED_SCHEMA`
     (adds frames as raw bytes + ``frames_shape``, timestamps, sizes, timings, status and errors).
+
+    With ``settings.isolation == "process"`` every video goes through this process's shared decoder
+    subprocess for these settings (:func:`pipeline.decode_worker.shared_decoder`, started on first use and
+    reused by later stages and batches); :meth:`decode_in_process` is the unprotected in-process path.
     """
 
     input_columns = ("video_id", "video_uri", "questions")
@@ -329,12 +359,25 @@ class DecodeStage:
 
     def __init__(self, settings: DecodeSettings, quiet: bool = True):
         self.settings = settings
-        if quiet:  # ffmpeg's own messages for broken files; each failure is reported in its row instead
+        self._decode = resolve_decoder(settings.decoder) if settings.isolation == "none" else None
+        if quiet and settings.isolation == "none":
+            # ffmpeg's own messages for broken files; each failure is reported in its row instead
             import decord
 
             decord.logging.set_level(decord.logging.QUIET)
 
     def decode_one(self, row: Mapping[str, Any]) -> dict:
+        """Fetch and decode one video; always returns a row (an error row for any failure)."""
+        if self.settings.isolation == "process":
+            from pipeline.decode_worker import shared_decoder
+
+            return shared_decoder(self.settings).decode_one(row)
+        return self.decode_in_process(row)
+
+    def decode_in_process(self, row: Mapping[str, Any]) -> dict:
+        """:meth:`decode_one` in this process: no timeout, and a decoder crash takes the process down."""
+        if self._decode is None:
+            self._decode = resolve_decoder(self.settings.decoder)
         uri = row["video_uri"]
         out: dict[str, Any] = {"video_id": row["video_id"], "video_uri": uri, "questions": _list(row.get("questions"))}
         t0 = time.perf_counter()
@@ -344,7 +387,7 @@ class DecodeStage:
             out.update(video_bytes=fetched.size, video_etag=fetched.etag)
             t1 = time.perf_counter()
             out["fetch_s"] = t1 - t0
-            dec = decode_video(fetched.source(), self.settings, uri, fetched.head())
+            dec = self._decode(fetched.source(), self.settings, uri, fetched.head())
             out.update(
                 frames=dec.frames.tobytes(), frames_shape=list(dec.frames.shape), num_frames=int(dec.frames.shape[0]),
                 frame_timestamps_s=dec.timestamps, duration_s=dec.duration_s, decode_s=time.perf_counter() - t1,

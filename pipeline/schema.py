@@ -104,6 +104,8 @@ ERROR_TYPES = {
     "no_video_stream": "a media file without a video stream (audio only)",
     "too_few_frames": "fewer decodable frames than decode.min_frames",
     "decode_failed": "the decoder failed on sampled frames",
+    "decode_timeout": "fetch + decode took longer than decode.timeout_s; the decoder process was killed (isolation: process)",
+    "decoder_crashed": "the decoder process died on this video (a signal such as SIGSEGV, or an exit code; isolation: process)",
     "encode_failed": "the vision encoder failed on this video",
     "prompt_too_long": "the prompt (text + visual tokens + max_new_tokens) is longer than the model context",
     "generate_failed": "generation failed for this task",
