@@ -82,8 +82,15 @@ class OutputConfig(_Section):
     """Where and how the Parquet output is written."""
 
     path: str = Field(
-        description="Output root, local folder or s3://bucket/prefix. Files go to <path>/<run_id>/part-NNNNN-N.parquet; "
-        "a re-run with the same run_id replaces that folder's files."
+        description="Output root, local folder or s3://bucket/prefix. Files go to <path>/<run_id>/part-*.parquet; "
+        "a re-run with the same run_id resumes or replaces that folder (see on_existing)."
+    )
+    on_existing: Literal["resume", "overwrite"] = Field(
+        "resume",
+        description="When <path>/<run_id>/ already holds rows. resume: keep every video whose rows are all there "
+        "(a run killed half way, or a finished one), delete unreadable files and the rows of incomplete videos, "
+        "and process only the remaining videos (nothing at all when the run is complete). overwrite: clear the "
+        "folder and process every video again.",
     )
     min_rows_per_file: int = Field(20_000, ge=1, description="Small blocks are combined until a file holds at least this many rows (or the data ends).")
     max_rows_per_file: int = Field(200_000, ge=1, description="A file is split once it holds this many rows.")
@@ -271,7 +278,7 @@ class PipelineConfig(_Section):
     run_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9._-]{1,128}$",
-        description="Names the output folder; null = a hash of input, tasks, model, decode and dycoke settings, so an identical re-run replaces its own output.",
+        description="Names the output folder; null = a hash of input, tasks, model, decode and dycoke settings, so an identical re-run finds its own folder (and resumes it, see output.on_existing).",
     )
     input: InputConfig = Field(description="Where the videos come from.")
     output: OutputConfig = Field(description="Where the Parquet goes.")

@@ -38,13 +38,19 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
 
 
 class RunFilenames(FilenameProvider):
-    """``part-<task:05d>-<i>.parquet``: deterministic per run (no write UUID in the name)."""
+    """File names of one write (:func:`pipeline.sink.filename_for_task`).
 
-    def __init__(self):
+    Attempt 0: ``part-<task:05d>-<i>.parquet``, deterministic per run. Attempt >= 1 (resuming):
+    ``part-<attempt:03d>-<task:05d>-<write uuid>-<i>.parquet``, never an earlier attempt's name, and
+    the same for every retry of one write task (so a retried task overwrites its own file).
+    """
+
+    def __init__(self, attempt: int = 0):
         super().__init__(file_format="parquet")
+        self.attempt = attempt
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return filename_for_task(task_index)
+        return filename_for_task(task_index, self.attempt, write_uuid)
 
 
 def _source_blocks(videos: pa.Table, rows_per_block: int) -> list[pa.Table]:
@@ -107,16 +113,21 @@ def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings
     return ds
 
 
-def write(ds: ray.data.Dataset, cfg, target: SinkTarget) -> None:
-    """Execute the graph and write Parquet to ``target`` (replacing the run folder's previous files)."""
+def write(ds: ray.data.Dataset, cfg, target: SinkTarget, attempt: int = 0) -> None:
+    """Execute the graph and write Parquet to ``target``.
+
+    ``attempt=0``: replace the run folder's previous files (``SaveMode.OVERWRITE``). ``attempt >= 1``
+    (resuming, see :func:`pipeline.sink.plan_resume`): add files named for this attempt next to the
+    folder's files (``SaveMode.APPEND``).
+    """
     from ray.data import SaveMode
 
     out = cfg.output
     ds.write_parquet(
         target.path,
         filesystem=target.filesystem,
-        filename_provider=RunFilenames(),
-        mode=SaveMode.OVERWRITE,
+        filename_provider=RunFilenames(attempt),
+        mode=SaveMode.OVERWRITE if attempt == 0 else SaveMode.APPEND,
         min_rows_per_file=out.min_rows_per_file,
         max_rows_per_file=out.max_rows_per_file,
         **parquet_write_options(out),

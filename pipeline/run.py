@@ -14,6 +14,7 @@ from pipeline.decode import DecodeSettings
 from pipeline.sources import SourceError, list_videos
 from pipeline.stages import GenerateSettings, ModelSettings
 from pipeline.summary import SUMMARY_COLUMNS, Summary, summarize
+from pipeline.tasks import NO_TASK, video_tasks
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,31 @@ def model_image_size(cfg: PipelineConfig) -> int:
         ) from exc
 
 
+def expected_task_ids(tasks_cfg, videos) -> list[list[str]]:
+    """The ``task_id`` of every output row each video of ``videos`` gets (:data:`VIDEO_SCHEMA` rows).
+
+    As the generate stage does it: one row per task of :func:`pipeline.tasks.video_tasks` (error rows
+    too, when the video failed earlier), or a single ``NO_TASK`` error row when no task applies. The
+    questions go through the same ``str`` conversion as in the decode stage.
+    """
+    out = []
+    for questions in videos.column("questions").to_pylist():
+        questions = None if questions is None else [str(q) for q in questions]
+        out.append([t.task_id for t in video_tasks(tasks_cfg, questions)] or [NO_TASK.task_id])
+    return out
+
+
 def run(cfg: PipelineConfig) -> RunResult:
-    """Execute the job described by ``cfg``; returns the summary of what was written."""
+    """Execute the job described by ``cfg``; returns the summary of what is in its run folder.
+
+    With ``output.on_existing == "resume"`` (the default) a run folder that already holds rows is
+    resumed: complete videos are kept and only the others are processed (:func:`pipeline.sink.plan_resume`);
+    when every video is complete nothing runs (Ray is not even started). ``"overwrite"`` clears the
+    folder and processes every video.
+    """
     run_id = cfg.effective_run_id()
     s3_settings = s3.S3Settings.from_config(cfg.s3)
     frame_size = model_image_size(cfg)
-    init_ray(cfg)
 
     t0 = time.perf_counter()
     videos = list_videos(cfg.input, s3_settings)
@@ -81,13 +101,35 @@ def run(cfg: PipelineConfig) -> RunResult:
         where = cfg.input.s3_prefix or cfg.input.manifest or cfg.input.local_dir
         raise SourceError(f"no videos found in {where} (extensions {cfg.input.extensions})")
     target = sink.resolve(cfg.output.path, run_id, s3_settings)
-    return execute(cfg, videos, target, run_id, frame_size=frame_size, t0=t0)
+    attempt = 0
+    todo = videos
+    if cfg.output.on_existing == "resume":
+        plan = sink.plan_resume(target, videos, expected_task_ids(cfg.tasks, videos),
+                                sink.parquet_write_options(cfg.output))
+        if plan.resuming:
+            log.info("resuming run %s: %d of %d videos already complete, %d to do (attempt %d; %d rows kept, "
+                     "%d rows of incomplete videos removed, %d unreadable files deleted)", run_id, plan.done,
+                     plan.total, plan.todo.num_rows, plan.attempt, plan.rows_kept, plan.rows_removed,
+                     len(plan.deleted))
+            attempt, todo = plan.attempt, plan.todo
+            if todo.num_rows == 0:
+                log.info("run %s is complete: nothing to do", run_id)
+                return RunResult(summary=_summary(target, run_id, time.perf_counter() - t0), target=target)
+    init_ray(cfg)
+    return execute(cfg, todo, target, run_id, frame_size=frame_size, t0=t0, attempt=attempt)
+
+
+def _summary(target: sink.SinkTarget, run_id: str, wall_s: float) -> Summary:
+    written = sink.read_run(target, columns=SUMMARY_COLUMNS)
+    return summarize(written, run_id=run_id, output_uri=target.uri, wall_s=wall_s, files=len(sink.list_files(target)))
 
 
 def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *, frame_size: int | None = None,
-            t0: float | None = None) -> RunResult:
+            t0: float | None = None, attempt: int = 0) -> RunResult:
     """Process exactly the rows of ``videos`` (:data:`pipeline.schema.VIDEO_SCHEMA`) into ``target``.
 
+    ``attempt=0`` replaces the folder's files; ``attempt >= 1`` adds this attempt's files to it (a
+    resumed run, see :func:`pipeline.sink.plan_resume`). The summary covers the whole folder.
     Used by :func:`run` and by jobs that pick their own video list and folder (nightly, evaluation).
     """
     from pipeline import graph
@@ -106,12 +148,12 @@ def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *
         GenerateSettings(run_id=run_id, tasks=cfg.tasks, dycoke=cfg.dycoke,
                          engine_max_batch_size=cfg.stages.engine_max_batch_size),
     )
-    graph.write(ds, cfg, target)
+    graph.write(ds, cfg, target, attempt=attempt)
     wall = time.perf_counter() - t0
 
     written = sink.read_run(target, columns=SUMMARY_COLUMNS)
     summary = summarize(written, run_id=run_id, output_uri=target.uri, wall_s=wall, files=len(sink.list_files(target)))
-    missing = videos.num_rows - summary.videos
+    missing = len(set(videos.column("video_id").to_pylist()) - set(written.column("video_id").to_pylist()))
     if missing:
         log.error("%d input videos have no output row", missing)
     return RunResult(summary=summary, target=target)

@@ -47,13 +47,22 @@ def test_print_config_applies_overrides(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_runs_twice(tmp_path):
+    """Run again, the demo finds its run complete (nothing redone, nothing added); overwrite redoes it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, "-m", "jobs.demo"], cwd=tmp_path, env=env, capture_output=True,
+    out = tmp_path / "demo_output" / "parquet" / "demo"
+    stamps = []
+    for args in ([], [], ["--set", "output.on_existing=overwrite"]):
+        proc = subprocess.run([sys.executable, "-m", "jobs.demo", *args], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "videos         5   ok 4   error 1" in proc.stdout, proc.stdout
         assert "meaningless" in proc.stdout and "s3_prefix: s3://" in proc.stdout
-    files = sorted((tmp_path / "demo_output" / "parquet" / "demo").glob("*.parquet"))
-    assert [f.name for f in files] == ["part-00000-0.parquet"]  # replaced, not duplicated
-    assert pq.read_table(files[0]).num_rows == 15
+        files = sorted(out.glob("*.parquet"))
+        assert [f.name for f in files] == ["part-00000-0.parquet"]  # never duplicated
+        table = pq.read_table(files[0])
+        assert table.num_rows == 15
+        stamps.append(max(table.column("processed_at").to_pylist()))
+        if len(stamps) == 2:
+            assert "resuming run demo: 5 of 5 videos already complete, 0 to do" in proc.stderr, proc.stderr[-3000:]
+            assert "started a local Ray" not in proc.stderr
+    assert stamps[1] == stamps[0] < stamps[2]  # kept as it was, then redone

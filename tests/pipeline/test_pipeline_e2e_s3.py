@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs
 
+from pipeline import sink
 from pipeline.config import load_config
 from pipeline.run import run
 from pipeline.schema import OUTPUT_SCHEMA
@@ -124,12 +125,39 @@ def test_manifest_to_s3_parquet(s3_ray, tmp_path):
     assert result.summary.videos == 12 and result.summary.videos_error == len(BAD)
     assert result.summary.rows == len(rows)
 
-    # a re-run with the same config replaces the files instead of adding duplicates
+    # a re-run with the same config finds its run complete: nothing is processed, no file is added
     result2 = run(cfg)
     files2, tables2 = _read_back(endpoint, result2.target.uri)
     assert result2.target.uri == result.target.uri
     assert files2 == files
-    assert sum(t.num_rows for t in tables2) == len(rows)
+    assert sum(t.num_rows for t in tables2) == len(rows) == result2.summary.rows
+    assert result2.summary.videos == 12
+
+    # one video left with only some of its rows (as if the run had died while writing it): the re-run
+    # rewrites that file without the video's other rows, then redoes only that video, appending files
+    # named for attempt 1 (on S3: pyarrow's S3 filesystem, Ray Data APPEND)
+    host = endpoint.split("://", 1)[1]
+    s3fs = fs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1")
+    victim = tables[0].column("video_id")[0].as_py()
+    pq.write_table(tables[0].slice(1), files[0], filesystem=s3fs)
+    result3 = run(cfg)
+    files3, tables3 = _read_back(endpoint, result3.target.uri)
+    new_files = sorted(set(files3) - set(files))
+    assert files[0] not in files3 and set(files[1:]) <= set(files3)
+    assert new_files and all(sink.attempt_of(f) == 1 for f in new_files)
+    redone = {r["video_id"] for f, t in zip(files3, tables3) if f in new_files and "rewrite" not in f for r in t.to_pylist()}
+    assert redone == {victim}
+    keys3 = Counter((r["video_id"], r["task_id"]) for t in tables3 for r in t.to_pylist())
+    assert keys3 == keys and result3.summary.rows == len(rows)
+
+    # output.on_existing=overwrite redoes everything: the folder is replaced, not added to
+    first_done = max(r["processed_at"] for t in tables3 for r in t.to_pylist())
+    result4 = run(_cfg(endpoint, tmp_path, output={"on_existing": "overwrite"}))
+    files4, tables4 = _read_back(endpoint, result4.target.uri)
+    assert result4.target.uri == result.target.uri and all(sink.attempt_of(f) == 0 for f in files4)
+    rows4 = [r for t in tables4 for r in t.to_pylist()]
+    assert Counter((r["video_id"], r["task_id"]) for r in rows4) == keys
+    assert min(r["processed_at"] for r in rows4) > first_done
 
 
 def test_s3_prefix_split_mode(s3_ray, tmp_path):

@@ -1,0 +1,381 @@
+"""Resuming a run folder: the planning on hand-made Parquet files, and a driver SIGKILLed mid-run then re-run.
+
+Exactly once: after a resume the run folder holds one row per (video, task) of the input, every video
+present. The kill test (marked ``slow``) runs ``python -m jobs.corpus`` in its own session with a local
+Ray, kills the whole session once some files are written, checks nothing of it survives, and re-runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import s3, sink
+from pipeline.config import TasksConfig, load_config
+from pipeline.schema import OUTPUT_SCHEMA, VIDEO_SCHEMA, output_row, rows_to_table
+from pipeline.tasks import Task
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS = ["caption", "qa:0"]
+
+
+def _videos(names: list[str], questions: dict[str, list[str]] | None = None) -> pa.Table:
+    questions = questions or {}
+    return pa.Table.from_pylist([{"video_id": n, "video_uri": f"/v/{n}.mp4", "questions": questions.get(n)} for n in names],
+                                schema=VIDEO_SCHEMA)
+
+
+def _rows(pairs: list[tuple[str, str]], uri: str | None = None) -> pa.Table:
+    rows = []
+    for vid, task in pairs:
+        video = {"video_id": vid, "video_uri": uri or f"/v/{vid}.mp4", "status": "ok"}
+        rows.append(output_row(video, Task(task, "qa", "?", 4), run_id="r", compression="{}", answer=f"{vid} {task}"))
+    return rows_to_table(rows)
+
+
+def _both(*vids: str) -> list[tuple[str, str]]:
+    return [(v, t) for v in vids for t in TASKS]
+
+
+def _write(folder: Path, name: str, table: pa.Table) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / name)
+    return folder / name
+
+
+def _keys(target: sink.SinkTarget) -> Counter:
+    t = sink.read_run(target, columns=["video_id", "task_id"])
+    return Counter(zip(t.column("video_id").to_pylist(), t.column("task_id").to_pylist()))
+
+
+def _target(tmp_path: Path) -> sink.SinkTarget:
+    return sink.resolve(str(tmp_path / "out"), "r", s3.S3Settings())
+
+
+def test_file_names_and_attempts():
+    assert sink.filename_for_task(7) == "part-00007-{i}.parquet"
+    assert sink.filename_for_task(7, 2, "ab12") == "part-002-00007-ab12-{i}.parquet"
+    with pytest.raises(ValueError):
+        sink.filename_for_task(7, 1)
+    assert sink.attempt_of("/x/part-00007-0.parquet") == 0
+    assert sink.attempt_of("/x/part-00123-11.parquet") == 0
+    assert sink.attempt_of("s3://b/x/" + sink.filename_for_task(7, 2, "ab12").format(i=3)) == 2
+    assert sink.attempt_of("part-1000-00007-ab12-0.parquet") == 1000
+    assert sink.attempt_of("part-004-rewrite-00000.parquet") == 4
+
+
+def test_expected_task_ids_match_the_generate_stage():
+    from pipeline.run import expected_task_ids
+
+    videos = _videos(["a", "b", "c"], {"a": ["Why?", "", "How?"], "c": []})
+    tasks = TasksConfig(questions=["q"], use_manifest_questions=True)
+    assert expected_task_ids(tasks, videos) == [["caption", "qa:0", "vq:0", "vq:2"], ["caption", "qa:0"], ["caption", "qa:0"]]
+    # no task applies: the generate stage writes one NO_TASK error row ("none")
+    none = TasksConfig(caption_prompt=None, use_manifest_questions=True)
+    assert expected_task_ids(none, videos) == [["vq:0", "vq:2"], ["none"], ["none"]]
+    assert expected_task_ids(none.model_copy(update={"use_manifest_questions": False}), videos) == [["none"]] * 3
+
+
+def test_plan_keeps_complete_videos_deletes_truncated_rewrites_partial(tmp_path):
+    target = _target(tmp_path)
+    folder = Path(target.path)
+    _write(folder, "part-00000-0.parquet", _rows(_both("a", "b")))                    # complete: untouched
+    _write(folder, "part-00001-0.parquet", _rows(_both("c") + [("d", "caption")]))  # d partial: rewritten
+    whole = _write(folder, "part-00002-0.parquet", _rows([("d", "qa:0"), ("f", "caption")]))
+    whole.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])                # killed mid-write
+    _write(folder, "part-00003-0.parquet", _rows([("e", "caption")]))                # only partial rows: deleted
+    (folder / "part-00004-0.parquet").write_bytes(b"")                                # created, nothing written yet
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    videos = _videos(["a", "b", "c", "d", "e", "f", "g"])
+    plan = sink.plan_resume(target, videos, [TASKS] * 7, sink.parquet_write_options(load_config(data=_minimal()).output))
+
+    assert plan.resuming and (plan.total, plan.done, plan.attempt) == (7, 3, 1)
+    assert plan.todo.column("video_id").to_pylist() == ["d", "e", "f", "g"]
+    assert plan.todo.schema.equals(VIDEO_SCHEMA)
+    assert sorted(Path(p).name for p in plan.deleted) == ["part-00002-0.parquet", "part-00004-0.parquet"]
+    assert [Path(p).name for p in plan.dropped] == ["part-00003-0.parquet"]
+    assert {Path(k).name: Path(v).name for k, v in plan.rewritten.items()} == {"part-00001-0.parquet": "part-001-rewrite-00000.parquet"}
+    assert (plan.rows_kept, plan.rows_removed) == (6, 2)
+
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["part-00000-0.parquet", "part-001-rewrite-00000.parquet"]
+    assert (folder / "part-00000-0.parquet").stat().st_mtime_ns == before["part-00000-0.parquet"]
+    assert _keys(target) == Counter(_both("a", "b", "c"))
+    rewritten = pq.read_table(folder / "part-001-rewrite-00000.parquet")
+    assert rewritten.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    assert rewritten.column("answer").to_pylist() == ["c caption", "c qa:0"]  # every column kept
+
+    # planning again changes nothing; the next attempt number follows the highest one in the folder
+    again = sink.plan_resume(target, videos, [TASKS] * 7)
+    assert (again.done, again.attempt, again.rows_kept, again.rows_removed) == (3, 2, 6, 0)
+    assert not (again.deleted or again.dropped or again.rewritten)
+    _write(folder, sink.filename_for_task(0, 7, "f00d").format(i=0), _rows(_both("d")))
+    third = sink.plan_resume(target, videos, [TASKS] * 7)
+    assert (third.done, third.attempt) == (4, 8)
+    assert third.todo.column("video_id").to_pylist() == ["e", "f", "g"]
+
+
+def test_plan_redoes_duplicated_wrong_uri_and_extra_task_rows_keeps_unlisted(tmp_path):
+    target = _target(tmp_path)
+    folder = Path(target.path)
+    _write(folder, "part-00000-0.parquet", _rows(_both("a", "b", "c") + _both("x")))
+    _write(folder, "part-00001-0.parquet", _rows([("a", "caption")]))                 # a duplicated
+    _write(folder, "part-00002-0.parquet", _rows(_both("d"), uri="/elsewhere/d.mp4")) # d: another file now
+    _write(folder, "part-00003-0.parquet", _rows([("c", "qa:1")]))                    # c: a task not asked
+    videos = _videos(["a", "b", "c", "d"])
+    plan = sink.plan_resume(target, videos, [TASKS] * 4)
+    assert plan.done == 1 and plan.todo.column("video_id").to_pylist() == ["a", "c", "d"]
+    assert plan.unlisted_videos == 1 and plan.attempt == 1
+    assert _keys(target) == Counter(_both("b", "x"))  # x is not in the input: left alone
+
+
+def test_plan_of_an_empty_or_unreadable_folder_is_a_fresh_run(tmp_path):
+    target = _target(tmp_path)
+    videos = _videos(["a", "b"])
+    plan = sink.plan_resume(target, videos, [TASKS] * 2)  # the folder does not exist
+    assert not plan.resuming and plan.attempt == 0 and plan.todo.num_rows == 2 and plan.done == 0
+    (Path(target.path)).mkdir(parents=True)
+    (Path(target.path) / "part-002-00000-ab-0.parquet").write_bytes(b"PAR1 truncated")
+    plan = sink.plan_resume(target, videos, [TASKS] * 2)
+    assert not plan.resuming and plan.attempt == 0 and len(plan.deleted) == 1  # nothing kept: write afresh
+
+
+def _minimal(**output) -> dict:
+    return {"input": {"local_dir": "v"}, "output": {"path": "o", **output}, "model": {"source": "m"},
+            "tasks": {"questions": ["Why?"]}}
+
+
+def test_config_on_existing():
+    assert load_config(data=_minimal()).output.on_existing == "resume"
+    cfg = load_config(data=_minimal(), overrides=["output.on_existing=overwrite"])
+    assert cfg.output.on_existing == "overwrite"
+    assert cfg.effective_run_id() == load_config(data=_minimal()).effective_run_id()  # same folder either way
+    from pipeline.config import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="output.on_existing"):
+        load_config(data=_minimal(on_existing="append"))
+
+
+def test_rerun_of_a_complete_folder_needs_no_ray(tmp_path, monkeypatch):
+    from pipeline import run as run_module
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for n in ("a", "b"):
+        (videos / f"{n}.mp4").write_bytes(b"listed only")
+    cfg = load_config(data={**_minimal(), "input": {"local_dir": str(videos)}, "output": {"path": str(tmp_path / "out")},
+                            "decode": {"frame_size": 32}})
+    target = sink.resolve(cfg.output.path, cfg.effective_run_id(), s3.S3Settings())
+    listed = run_module.list_videos(cfg.input, s3.S3Settings())
+    rows = [(vid, t) for vid in listed.column("video_id").to_pylist() for t in TASKS]
+    table = _rows(rows)
+    uris = dict(zip(listed.column("video_id").to_pylist(), listed.column("video_uri").to_pylist()))
+    table = table.set_column(table.schema.get_field_index("video_uri"), "video_uri",
+                             pa.array([uris[v] for v, _ in rows], pa.string()))
+    _write(Path(target.path), "part-00000-0.parquet", table)
+
+    def no_ray(_cfg):
+        raise AssertionError("Ray started for a complete run")
+
+    monkeypatch.setattr(run_module, "init_ray", no_ray)
+    result = run_module.run(cfg)
+    assert (result.summary.videos, result.summary.rows, result.summary.files) == (2, 4, 1)
+    assert result.target == target
+
+    # overwrite: the folder is redone (here: the graph would run, so Ray is needed)
+    with pytest.raises(AssertionError, match="Ray started"):
+        run_module.run(cfg.model_copy(update={"output": cfg.output.model_copy(update={"on_existing": "overwrite"})}))
+
+
+# ------------------------------------------------------------------------------------------------ kill + resume
+
+N_VIDEOS = 36
+KILL_AFTER_ROWS = 12  # of 72: kill once about a sixth of the rows are in readable files (3 of the ~18 files)
+RESUMING = re.compile(r"resuming run (\S+): (\d+) of (\d+) videos already complete, (\d+) to do \(attempt (\d+); "
+                      r"(\d+) rows kept, (\d+) rows of incomplete videos removed, (\d+) unreadable files deleted\)")
+
+
+def _job(videos: Path, out: Path, model: str, ray_tmp: str) -> dict:
+    return {
+        "input": {"local_dir": str(videos)},
+        "output": {"path": str(out), "min_rows_per_file": 4, "max_rows_per_file": 6, "row_group_rows": 4},
+        "model": {"source": model, "dtype": "float32", "device": "cpu"},
+        "decode": {"num_frames": 4},
+        "tasks": {"caption_prompt": "Describe.", "max_new_tokens": 3, "mcq_max_new_tokens": 2,
+                  "mcq": [{"question": "Shown?", "options": ["bars", "cats"]}]},
+        "stages": {"mode": "fused", "decode_num_cpus": 0.5, "actor_num_cpus": 1, "decode_memory_gb": 0.25,
+                   "fused_batch_size": 2, "decode_batch_size": 2, "decode_max_tasks": 1},
+        "ray": {"num_cpus": 2, "progress_bars": False},
+    }
+
+
+def _session_procs(sid: int, marker: str) -> list:
+    """Live processes of the job's session, or whose command line names its Ray temp folder."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid == os.getpid():
+                continue
+            if os.getsid(p.pid) == sid or marker in " ".join(p.info["cmdline"] or []):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def _kill_session(sid: int, marker: str, timeout: float = 20.0) -> list[int]:
+    """SIGKILL the process group, then every leftover of the session by pid; returns the leftovers' pids."""
+    import psutil
+
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    leftovers: list[int] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        procs = _session_procs(sid, marker)
+        if not procs:
+            return leftovers
+        for p in procs:
+            leftovers.append(p.pid)
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"processes of the killed job survive: {[(p.pid, p.info['cmdline']) for p in _session_procs(sid, marker)]}")
+
+
+def _run_to_end(cmd: list[str], cwd: Path, env: dict, ray_tmp: str, timeout: float) -> tuple[int, str, str]:
+    """Run ``cmd`` in its own session to its end; then make sure nothing of that session is left running."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        _kill_session(proc.pid, ray_tmp)
+        proc.wait(timeout=30)
+    return proc.returncode, stdout, stderr
+
+
+def _readable_rows(folder: Path) -> int:
+    return _scan(folder)[0]
+
+
+def _scan(folder: Path) -> tuple[int, int]:
+    """(rows in readable files, files that cannot be read) of the run folder(s) under ``folder``."""
+    rows = bad = 0
+    for f in folder.glob("*/*.parquet"):
+        try:
+            rows += pq.ParquetFile(f).metadata.num_rows
+        except Exception:  # noqa: BLE001 - a file being written, or truncated by the kill
+            bad += 1
+    return rows, bad
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_model):
+    import tempfile
+
+    import yaml
+
+    from pipeline.samples import make_video
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    for i in range(N_VIDEOS):
+        (videos / f"clip{i:03d}.mp4").write_bytes(make_video(num_frames=6 + i % 5, width=32, height=32, fps=8))
+    ray_tmp = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_job(videos, out, tiny_model, ray_tmp)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "RAY_ADDRESS": "",
+           "RAY_TMPDIR": ray_tmp}
+    cmd = [sys.executable, "-m", "jobs.corpus", "--config", str(job), "--summary-json", str(tmp_path / "summary.json")]
+    total_rows = N_VIDEOS * 2
+    t_start = time.perf_counter()
+
+    # 1. run until some output is on disk, then SIGKILL the driver's whole session (driver + its local Ray)
+    log1 = (tmp_path / "run1.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and _readable_rows(out) < KILL_AFTER_ROWS:
+            time.sleep(0.05)
+        finished_first = proc.poll() is not None
+        rows_at_kill = _readable_rows(out)
+        leftovers = _kill_session(proc.pid, ray_tmp)
+    finally:
+        if proc.poll() is None:
+            _kill_session(proc.pid, ray_tmp)
+        proc.wait(timeout=30)
+        log1.close()
+    run1 = (tmp_path / "run1.log").read_text()
+    t_killed = time.perf_counter()
+    assert not finished_first, "the first run ended before it was killed:\n" + run1[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < rows_at_kill < total_rows, (rows_at_kill, run1[-3000:])
+    assert not _session_procs(proc.pid, ray_tmp)
+    print(f"\nkilled after {t_killed - t_start:.1f}s with {rows_at_kill} readable rows; leftovers killed by pid: {leftovers}")
+    files_at_kill = sorted(p.name for p in out.glob("*/*.parquet"))
+    rows_after_kill, unreadable_after_kill = _scan(out)
+
+    # 2. the same command again: resumes, writes the rest under new names
+    rc2, out2, err2 = _run_to_end(cmd, tmp_path, env, ray_tmp, timeout=150)
+    log2 = out2 + err2
+    assert rc2 == 0, log2[-4000:]
+    t_end = time.perf_counter()
+    m = RESUMING.search(log2)
+    assert m, log2[-4000:]
+    done, total, todo, attempt, kept, removed, deleted = (int(g) for g in m.groups()[1:])
+    assert total == N_VIDEOS and 0 < done < total and done + todo == total, m.group(0)
+    assert attempt == 1 and kept == 2 * done and deleted == unreadable_after_kill
+    assert kept + removed == rows_after_kill, (m.group(0), rows_after_kill)
+
+    # exactly one row per (video, task), every video present
+    run_dirs = [d for d in out.iterdir() if d.is_dir()]
+    assert len(run_dirs) == 1
+    table = pq.read_table(run_dirs[0], columns=["video_uri", "task_id", "status"])
+    keys = Counter(zip(table.column("video_uri").to_pylist(), table.column("task_id").to_pylist()))
+    expected = {(str(p.resolve()), t) for p in videos.glob("*.mp4") for t in ("caption", "mcq:0")}
+    assert set(keys) == expected and max(keys.values()) == 1 and table.num_rows == total_rows
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["videos"] == N_VIDEOS and summary["rows"] == total_rows
+    names = sorted(p.name for p in run_dirs[0].glob("*.parquet"))
+    assert any(sink.attempt_of(n) == 1 for n in names)  # the resumed attempt's files
+    assert all(sink.attempt_of(n) <= 1 for n in names)
+
+    # 3. once complete, a re-run does nothing (no new file, same rows)
+    rc3, out3, err3 = _run_to_end(cmd, tmp_path, env, ray_tmp, timeout=60)
+    assert rc3 == 0, (out3 + err3)[-3000:]
+    assert f"{N_VIDEOS} of {N_VIDEOS} videos already complete, 0 to do" in err3
+    assert sorted(p.name for p in run_dirs[0].glob("*.parquet")) == names
+
+    print("RESUME_FIGURES " + json.dumps({
+        "videos": N_VIDEOS, "rows_expected": total_rows, "rows_readable_at_kill": rows_at_kill,
+        "files_at_kill": len(files_at_kill), "readable_rows_after_kill": rows_after_kill,
+        "unreadable_files_after_kill": unreadable_after_kill, "leftover_processes_killed_by_pid": len(set(leftovers)),
+        "videos_done_before_rerun": done, "rows_kept": kept, "rows_of_incomplete_videos_removed": removed,
+        "videos_redone": todo, "rows_after": table.num_rows,
+        "rows_lost": len(expected - set(keys)), "rows_duplicated": sum(n - 1 for n in keys.values()),
+        "first_run_s": round(t_killed - t_start, 1), "rerun_s": round(t_end - t_killed, 1),
+        "complete_rerun_s": round(time.perf_counter() - t_end, 1),
+        "files_after": len(names),
+    }))
