@@ -289,11 +289,20 @@ def _scan(folder: Path) -> tuple[int, int]:
     return rows, bad
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_model):
+@pytest.fixture
+def ray_tmp():
+    """A short temp folder for the jobs' Ray sessions (socket paths must fit in 107 bytes); removed after."""
+    import shutil
     import tempfile
 
+    path = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_model, ray_tmp):
     import yaml
 
     from pipeline.samples import make_video
@@ -302,7 +311,6 @@ def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_mo
     videos.mkdir()
     for i in range(N_VIDEOS):
         (videos / f"clip{i:03d}.mp4").write_bytes(make_video(num_frames=6 + i % 5, width=32, height=32, fps=8))
-    ray_tmp = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(_job(videos, out, tiny_model, ray_tmp)))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "RAY_ADDRESS": "",
