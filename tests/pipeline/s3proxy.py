@@ -56,7 +56,7 @@ class FaultProxy:
                     proxy.requests[key] += 1
                     if fault is not None:
                         proxy.injected[key] += 1
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 if fault is not None and fault[0] == "stall":
                     proxy._stop.wait(float(fault[1]))
                     self.close_connection = True
@@ -71,7 +71,10 @@ class FaultProxy:
                     self.wfile.write(data)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("connection", "transfer-encoding", "expect", "content-length")}
+                if body or self.command in ("PUT", "POST"):
+                    headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
@@ -79,11 +82,27 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD answer has no body but carries the object's length
+                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _body(self) -> bytes:
+                """The request body, plain or chunked (clients upload with chunked encoding too)."""
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                            pass
+                        return b"".join(parts)
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
 
             do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
 

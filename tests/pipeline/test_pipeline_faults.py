@@ -1,0 +1,161 @@
+"""Faults during a run on a real local Ray: processes killed mid-run, S3 throttling everywhere.
+
+* A model actor (the GPU stage; a CPU stand-in here) and a decode task worker are SIGKILLed while the run
+  is going: Ray Data restarts the actor and retries the lost work; every (video, task) row is written
+  exactly once.
+* S3 answers 503 SlowDown to the first request of every listing page, every video download and every
+  output write: listing (boto3), reads (boto3) and writes (pyarrow's S3 filesystem) retry; nothing lost.
+
+The figures are printed as ``FAULT_FIGURES`` JSON lines (``pytest -s``) and quoted in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline.run as run_module
+from pipeline import s3 as s3_module
+from pipeline import sink
+from pipeline.config import load_config
+from pipeline.samples import make_video
+from tests.pipeline.proctree import ProcessWatcher
+from tests.pipeline.s3proxy import FaultProxy
+from tests.pipeline.s3server import boto_client, fake_aws_env, moto_server
+
+pytestmark = pytest.mark.slow
+
+NUM_VIDEOS = 24
+QUESTIONS = ["What moves?"]
+TASKS_PER_VIDEO = 2  # caption + one question
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    with fake_aws_env():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def videos() -> dict[str, bytes]:
+    return {f"clip_{i:02d}.mp4": make_video(num_frames=8 + i % 9, width=48 + 8 * (i % 3), height=48, fps=12)
+            for i in range(NUM_VIDEOS)}
+
+
+def _config(input_section: dict, output_path: str, model: str, **extra) -> object:
+    data = {
+        "input": input_section,
+        "output": {"path": output_path, "min_rows_per_file": 8, "max_rows_per_file": 16},
+        "model": {"source": model, "dtype": "float32", "device": "cpu"},
+        "decode": {"num_frames": 8},
+        "tasks": {"questions": QUESTIONS, "max_new_tokens": 12},
+        "stages": {"mode": "fused", "decode_num_cpus": 0.5, "actor_num_cpus": 0.5, "decode_memory_gb": 0.25,
+                   "fused_batch_size": 2, "decode_batch_size": 2},
+        "ray": {"progress_bars": False},
+    }
+    data.update(extra)
+    return load_config(data=data)
+
+
+def _check_exactly_once(table, expected_names: set[str]) -> None:
+    """One row per (video, task), for every video (named by the file name at the end of its URI)."""
+    keys = Counter(zip(table.column("video_id").to_pylist(), table.column("task_id").to_pylist(), strict=True))
+    duplicated = {k: n for k, n in keys.items() if n != 1}
+    assert not duplicated, f"rows written more than once: {duplicated}"
+    per_video = Counter(v for v, _ in keys)
+    assert set(per_video.values()) == {TASKS_PER_VIDEO}
+    names = {uri.rsplit("/", 1)[-1] for uri in table.column("video_uri").to_pylist()}
+    assert names == expected_names, f"videos without rows: {sorted(expected_names - names)}"
+    assert len(per_video) == len(expected_names)
+
+
+def test_killed_actor_and_decode_worker_lose_nothing(local_ray, videos, tiny_model, tmp_path):
+    video_dir = tmp_path / "videos"
+    video_dir.mkdir()
+    for name, data in videos.items():
+        (video_dir / name).write_bytes(data)
+    cfg = _config({"local_dir": str(video_dir)}, str(tmp_path / "out"), tiny_model)
+
+    with ProcessWatcher(interval=0.05) as watcher:
+        # the model actor dies the moment it is seen working on a batch (model loaded, batches in flight);
+        # so does a decode worker running a decode task
+        watcher.kill_when("MapWorker(MapBatches(FusedStage)).submit", delay=0.0)
+        watcher.kill_when("ray::MapBatches(decode_batch)", delay=0.0)
+        t0 = time.monotonic()
+        result = run_module.run(cfg)
+        t_end = time.monotonic()
+
+    assert len(watcher.killed) == 2, f"expected two kills during the run, got {watcher.killed}"
+    assert all(t0 < t < t_end for _, _, t in watcher.killed)
+    actor_pids = watcher.pids_with("MapWorker(MapBatches(FusedStage))")
+    assert len(actor_pids) >= 2, "the killed actor was not restarted"
+
+    table = sink.read_run(result.target)
+    _check_exactly_once(table, set(videos))
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    print("FAULT_FIGURES", json.dumps({
+        "test": "killed_actor_and_decode_worker", "videos": NUM_VIDEOS, "rows": table.num_rows,
+        "processes_killed": [t.strip() for _, t, _ in watcher.killed], "actor_processes": len(actor_pids),
+        "rows_lost": NUM_VIDEOS * TASKS_PER_VIDEO - table.num_rows, "wall_s": round(t_end - t0, 1)}))
+
+
+def _s3_fault_rule(method: str, path: str, query: str, n: int):
+    """503 SlowDown on the first try of: the listing, every third video's GET, each output PUT/POST.
+
+    (boto3's adaptive retry mode also slows the client down after throttling, so throttling every video
+    makes the run several times slower without testing anything more.)"""
+    if method == "GET" and "list-type=2" in query and path == "/faults" and n < 2:
+        return ("status", 503)
+    if method == "GET" and path.startswith("/faults/videos/clip_") and n == 0 and int(path[-6:-4]) % 3 == 0:
+        return ("status", 503)
+    if method in ("PUT", "POST") and path.startswith("/faults/out/") and n == 0:
+        return ("status", 503)
+    return None
+
+
+def test_s3_throttling_on_list_read_and_write_loses_nothing(local_ray, videos, tiny_model):
+    with moto_server() as endpoint:
+        client = boto_client(endpoint)
+        client.create_bucket(Bucket="faults")
+        for name, data in videos.items():
+            client.put_object(Bucket="faults", Key=f"videos/{name}", Body=data)
+        with FaultProxy(endpoint, _s3_fault_rule) as proxy:
+            s3_module.client.cache_clear()
+            try:
+                cfg = _config({"s3_prefix": "s3://faults/videos/"}, "s3://faults/out",
+                              tiny_model, s3={"endpoint_url": proxy.url, "max_attempts": 5})
+                result = run_module.run(cfg)
+            finally:
+                s3_module.client.cache_clear()
+
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="faults", Prefix="out/").get("Contents", [])]
+        files = [k for k in keys if k.endswith(".parquet")]
+        assert files
+        import io
+
+        import pyarrow as pa
+
+        table = pa.concat_tables([pq.read_table(io.BytesIO(client.get_object(Bucket="faults", Key=k)["Body"].read()))
+                                  for k in files])
+    listing = sum(v for (m, p), v in proxy.injected.items() if m == "GET" and p == "/faults")
+    reads = sum(v for (m, p), v in proxy.injected.items() if m == "GET" and p.startswith("/faults/videos/"))
+    writes = proxy.faults("PUT") + proxy.faults("POST")
+    assert listing >= 2 and reads == NUM_VIDEOS // 3 and writes >= 1
+    assert table.num_rows == NUM_VIDEOS * TASKS_PER_VIDEO
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert result.summary.videos == NUM_VIDEOS
+    _check_exactly_once(table, set(videos))
+    print("FAULT_FIGURES", json.dumps({
+        "test": "s3_throttling", "videos": NUM_VIDEOS, "rows": table.num_rows, "files": len(files),
+        "injected_503": {"listing": listing, "video_reads": reads, "writes": writes},
+        "rows_lost": NUM_VIDEOS * TASKS_PER_VIDEO - table.num_rows}))
