@@ -1,6 +1,7 @@
 """`make demo`: the whole pipeline on generated clips with a tiny random-weight model, on a local Ray.
 
-Writes everything under ./demo_output (safe to run twice: the run replaces its own output).
+Writes everything under ./demo_output. Safe to run twice: a re-run resumes its own run (here: nothing left
+to do); ``--set output.on_existing=overwrite`` redoes it.
 """
 
 from __future__ import annotations

@@ -162,6 +162,8 @@ def evaluate(cfg, settings: list[str] | None = None) -> pa.Table:
             dycoke = cfg.dycoke.model_copy(update=PRESETS[name])
             run_cfg = cfg.model_copy(update={
                 "run_id": f"{base_id}-{name}", "tasks": tasks, "dycoke": dycoke,
+                # every setting is measured afresh (a resumed folder would report no work and no throughput)
+                "output": cfg.output.model_copy(update={"on_existing": "overwrite"}),
                 "input": cfg.input.model_copy(update={"manifest": str(manifest)})})
             result = run(run_cfg)
             rows = sink.read_run(result.target, columns=["video_id", "task_id", "answer", "status",

@@ -6,7 +6,8 @@
       -> map_batches(decode_batch)        CPU tasks              num_cpus=decode_num_cpus, memory=decode_memory_gb
       -> map_batches(FusedStage)          actor pool             num_gpus=gpus_per_actor       (fused mode)
          or map_batches(EncodeStage) -> map_batches(GenerateStage)   two actor pools           (split mode)
-      -> write_parquet(<output>/<run_id>/, deterministic names, OVERWRITE, sized files)
+      -> write_parquet(<output>/<run_id>/, deterministic names, sized files; OVERWRITE for a fresh run,
+                       APPEND with new attempt names when a killed run is resumed)
 
 Decode tasks reserve CPUs and memory; model actors reserve their GPUs plus ``actor_num_cpus``; so
 Ray's scheduler (and Ray Data's resource manager, which backpressures decode when the actors fall

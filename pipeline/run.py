@@ -114,14 +114,15 @@ def run(cfg: PipelineConfig) -> RunResult:
             attempt, todo = plan.attempt, plan.todo
             if todo.num_rows == 0:
                 log.info("run %s is complete: nothing to do", run_id)
-                return RunResult(summary=_summary(target, run_id, time.perf_counter() - t0), target=target)
+                return RunResult(summary=_summary(target, run_id, time.perf_counter() - t0, 0), target=target)
     init_ray(cfg)
     return execute(cfg, todo, target, run_id, frame_size=frame_size, t0=t0, attempt=attempt)
 
 
-def _summary(target: sink.SinkTarget, run_id: str, wall_s: float) -> Summary:
-    written = sink.read_run(target, columns=SUMMARY_COLUMNS)
-    return summarize(written, run_id=run_id, output_uri=target.uri, wall_s=wall_s, files=len(sink.list_files(target)))
+def _summary(target: sink.SinkTarget, run_id: str, wall_s: float, videos_this_run: int, written=None) -> Summary:
+    written = sink.read_run(target, columns=SUMMARY_COLUMNS) if written is None else written
+    return summarize(written, run_id=run_id, output_uri=target.uri, wall_s=wall_s, files=len(sink.list_files(target)),
+                     videos_this_run=videos_this_run)
 
 
 def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *, frame_size: int | None = None,
@@ -152,7 +153,7 @@ def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *
     wall = time.perf_counter() - t0
 
     written = sink.read_run(target, columns=SUMMARY_COLUMNS)
-    summary = summarize(written, run_id=run_id, output_uri=target.uri, wall_s=wall, files=len(sink.list_files(target)))
+    summary = _summary(target, run_id, wall, videos.num_rows, written)
     missing = len(set(videos.column("video_id").to_pylist()) - set(written.column("video_id").to_pylist()))
     if missing:
         log.error("%d input videos have no output row", missing)

@@ -41,6 +41,13 @@ class Summary:
     visual_tokens_attended_mean: float | None = None
     output_tokens: int = 0
     stages: list[StageFigures] = field(default_factory=list)
+    videos_this_run: int | None = None  # processed by this run (a resumed run skips complete ones); None = all
+
+    @property
+    def videos_per_s(self) -> float:
+        """End-to-end throughput of this run: the videos it processed over its wall time."""
+        done = self.videos if self.videos_this_run is None else self.videos_this_run
+        return done / self.wall_s if self.wall_s else 0.0
 
     @property
     def compression_ratio(self) -> float | None:
@@ -72,7 +79,10 @@ class Summary:
         if self.visual_tokens_attended_mean is not None:
             lines.append(f"mean visual tokens attended per decode step (after DP): {self.visual_tokens_attended_mean:.1f}")
         lines.append(f"generated tokens: {self.output_tokens:,}")
-        lines.append(f"wall time {self.wall_s:.1f}s   end to end {self.videos / self.wall_s if self.wall_s else 0:.2f} videos/s")
+        if self.videos_this_run is not None and self.videos_this_run < self.videos:
+            lines.append(f"resumed: {self.videos - self.videos_this_run} videos were already complete, "
+                         f"{self.videos_this_run} processed by this run")
+        lines.append(f"wall time {self.wall_s:.1f}s   end to end {self.videos_per_s:.2f} videos/s")
         lines.append(f"{'stage':<10}{'items':>8}  {'busy s':>9}  {'per worker':>16}")
         for s in self.stages:
             lines.append(f"{s.name:<10}{s.items:>8}  {s.busy_s:>9.2f}  {s.per_worker_s:>9.2f} {s.unit}/s")
@@ -83,8 +93,10 @@ def _sum(values) -> float:
     return float(sum(v for v in values if v is not None))
 
 
-def summarize(table: pa.Table, *, run_id: str, output_uri: str, wall_s: float, files: int) -> Summary:
-    """Aggregate the written rows (columns :data:`SUMMARY_COLUMNS`)."""
+def summarize(table: pa.Table, *, run_id: str, output_uri: str, wall_s: float, files: int,
+              videos_this_run: int | None = None) -> Summary:
+    """Aggregate the written rows (columns :data:`SUMMARY_COLUMNS`); ``videos_this_run``: how many of the
+    videos this run processed (the rest were complete before it), for the throughput figure."""
     rows = table.to_pylist()
     videos: dict[str, dict] = {}
     for r in rows:
@@ -121,4 +133,5 @@ def summarize(table: pa.Table, *, run_id: str, output_uri: str, wall_s: float, f
         visual_tokens_attended_mean=(sum(attended) / len(attended)) if attended else None,
         output_tokens=int(_sum(r["output_tokens"] for r in rows)),
         stages=stages,
+        videos_this_run=videos_this_run,
     )

@@ -46,6 +46,16 @@ def test_read_run_and_summary(tmp_path):
     assert "ok 1   error 1" in text and "2.06x fewer" in text and len(text.splitlines()) < 25
     assert s.to_dict()["compression_ratio"] > 2
     assert sink.read_run(target).schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    assert s.videos_per_s == 1.0 and "1.00 videos/s" in text and "resumed" not in text
+
+
+def test_resumed_summary_counts_only_this_runs_videos(tmp_path):
+    """A resumed run's throughput is the videos it processed over its own wall time."""
+    table = rows_to_table(_rows()).select(SUMMARY_COLUMNS)
+    s = summarize(table, run_id="r", output_uri="o", wall_s=2.0, files=1, videos_this_run=1)
+    assert s.videos == 2 and s.videos_per_s == 0.5
+    assert "resumed: 1 videos were already complete, 1 processed by this run" in s.render()
+    assert summarize(table, run_id="r", output_uri="o", wall_s=2.0, files=1, videos_this_run=0).videos_per_s == 0.0
 
 
 def test_model_cache_copies_once(tmp_path, monkeypatch):
