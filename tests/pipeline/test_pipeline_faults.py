@@ -3,6 +3,8 @@
 * A model actor (the GPU stage; a CPU stand-in here) and a decode task worker are SIGKILLed while the run
   is going: Ray Data restarts the actor and retries the lost work; every (video, task) row is written
   exactly once.
+* A decoder that segfaults, aborts or hangs on one video: that video becomes a ``decoder_crashed`` /
+  ``decode_timeout`` row (the decode subprocess is killed and restarted), the rest of the run is ok.
 * S3 answers 503 SlowDown to the first request of every listing page, every video download and every
   output write: listing (boto3), reads (boto3) and writes (pyarrow's S3 filesystem) retry; nothing lost.
 
@@ -15,6 +17,7 @@ import json
 import time
 from collections import Counter
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -159,3 +162,47 @@ def test_s3_throttling_on_list_read_and_write_loses_nothing(local_ray, videos, t
         "test": "s3_throttling", "videos": NUM_VIDEOS, "rows": table.num_rows, "files": len(files),
         "injected_503": {"listing": listing, "video_reads": reads, "writes": writes},
         "rows_lost": NUM_VIDEOS * TASKS_PER_VIDEO - table.num_rows}))
+
+
+def test_crashing_and_hanging_decoder_in_a_ray_run(local_ray, videos, tiny_model, tmp_path, monkeypatch):
+    """A decoder that segfaults, aborts or hangs on one video each: three error rows, the rest of the run ok."""
+    import dataclasses
+
+    from pipeline.decode import DecodeSettings
+    from tests.pipeline import faulty_decoder
+
+    video_dir = tmp_path / "videos"
+    video_dir.mkdir()
+    for name, data in videos.items():
+        (video_dir / name).write_bytes(data)
+    faulty = {"clip_SEGFAULT.mp4": "decoder_crashed", "clip_ABORT.mp4": "decoder_crashed", "clip_HANG.mp4": "decode_timeout"}
+    for name in faulty:
+        (video_dir / name).write_bytes(videos["clip_00.mp4"])
+
+    real = DecodeSettings.from_config
+
+    def with_faulty_decoder(*args, **kwargs):  # settings are built on the driver and shipped to the decode tasks
+        return dataclasses.replace(real(*args, **kwargs), decoder=faulty_decoder.PATH)
+
+    monkeypatch.setattr(run_module.DecodeSettings, "from_config", with_faulty_decoder)
+    cfg = _config({"local_dir": str(video_dir)}, str(tmp_path / "out"), tiny_model,
+                  decode={"num_frames": 8, "timeout_s": 5, "isolation": "process"})
+    t0 = time.monotonic()
+    result = run_module.run(cfg)
+    wall = time.monotonic() - t0
+
+    table = sink.read_run(result.target)
+    _check_exactly_once(table, set(videos) | set(faulty))
+    by_name = {}
+    for r in table.select(["video_uri", "status", "error_type", "error_message"]).to_pylist():
+        by_name.setdefault(r["video_uri"].rsplit("/", 1)[-1], set()).add((r["status"], r["error_type"]))
+    for name, error_type in faulty.items():
+        assert by_name.pop(name) == {("error", error_type)}, name
+    assert set().union(*by_name.values()) == {("ok", None)}
+    messages = set(table.filter(pc.equal(table.column("status"), "error")).column("error_message").to_pylist())
+    assert any("SIGSEGV" in m for m in messages) and any("SIGABRT" in m for m in messages)
+    assert any("decode.timeout_s=5" in m for m in messages)
+    print("FAULT_FIGURES", json.dumps({
+        "test": "crashing_and_hanging_decoder", "videos": len(videos) + len(faulty), "rows": table.num_rows,
+        "faults_injected": {"segfault": 1, "abort": 1, "hang": 1}, "error_rows": 2 * len(faulty),
+        "rows_lost": (len(videos) + len(faulty)) * TASKS_PER_VIDEO - table.num_rows, "wall_s": round(wall, 1)}))
