@@ -17,10 +17,10 @@ import numpy as np
 from pipeline.samples import frame_image, make_video
 from tests.pipeline.videos import NOT_A_VIDEO, make_audio_only, truncate
 
-#: the "long video": 10 minutes at 1 fps and 32x32 (600 frames). A real long video is hours at 30 fps
-#: and full HD; what this case exercises (sampling F frames out of many, seeking across GOPs) does not
-#: depend on resolution, and 600 frames keep it under a second to encode.
-LONG_SECONDS, LONG_FPS, LONG_SIDE = 600, 1, 32
+#: the "long video": one hour at 2 fps and 32x32 (7200 frames, 1.5 MB, ~2 s to encode). Low resolution
+#: and frame rate keep it cheap; what it exercises (sampling F frames out of thousands across 120 GOPs,
+#: an hour of timestamps) does not depend on either.
+LONG_SECONDS, LONG_FPS, LONG_SIDE = 3600, 2, 32
 
 
 def make_muxed(*, num_frames: int = 24, width: int = 64, height: int = 48, fps: int | Fraction = 24,
@@ -101,7 +101,7 @@ def bad_input_set() -> dict[str, tuple[bytes, str]]:
         "three_frames.mp4": (make_video(num_frames=3), "ok"),
         "five_frames.mp4": (make_video(num_frames=5), "ok"),
         "odd_13_frames.mp4": (make_video(num_frames=13, width=34, height=26, fps=7), "ok"),
-        "long_10min_32px.mp4": (make_video(num_frames=LONG_SECONDS * LONG_FPS, width=LONG_SIDE, height=LONG_SIDE,
+        "long_1h_32px.mp4": (make_video(num_frames=LONG_SECONDS * LONG_FPS, width=LONG_SIDE, height=LONG_SIDE,
                                            fps=LONG_FPS, gop=60), "ok"),
         "uhd_4k.mp4": (make_video(num_frames=3, width=3840, height=2160, fps=30), "ok"),
         "vfr.mp4": (make_muxed(num_frames=len(VFR_PTS), pts=VFR_PTS, time_base=VFR_TIME_BASE), "ok"),
