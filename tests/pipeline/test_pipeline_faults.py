@@ -1,7 +1,7 @@
 """Faults during a run on a real local Ray: processes killed mid-run, S3 throttling everywhere.
 
-* A model actor (the GPU stage; a CPU stand-in here) and a decode task worker are SIGKILLed while the run
-  is going: Ray Data restarts the actor and retries the lost work; every (video, task) row is written
+* The model actors (the GPU stages; CPU stand-ins here: the fused actor, or the encode and the generate
+  actor in split mode) and a decode task worker are SIGKILLed while the run is going: Ray Data restarts the actor and retries the lost work; every (video, task) row is written
   exactly once.
 * A decoder that segfaults, aborts or hangs on one video: that video becomes a ``decoder_crashed`` /
   ``decode_timeout`` row (the decode subprocess is killed and restarted), the rest of the run is ok.
@@ -82,33 +82,40 @@ def _check_exactly_once(table, expected_names: set[str]) -> None:
     assert len(per_video) == len(expected_names)
 
 
-def test_killed_actor_and_decode_worker_lose_nothing(local_ray, videos, tiny_model, tmp_path):
+@pytest.mark.parametrize("mode, actors", [
+    ("fused", ["FusedStage"]),
+    ("split", ["EncodeStage", "GenerateStage"]),  # vision actors -> LLM actors, as on GPUs
+])
+def test_killed_actors_and_decode_worker_lose_nothing(local_ray, videos, tiny_model, tmp_path, mode, actors):
     video_dir = tmp_path / "videos"
     video_dir.mkdir()
     for name, data in videos.items():
         (video_dir / name).write_bytes(data)
     cfg = _config({"local_dir": str(video_dir)}, str(tmp_path / "out"), tiny_model)
+    stages = {"mode": mode, "actor_num_cpus": 0.25, "encode_batch_size": 2, "generate_batch_size": 2}
+    cfg = cfg.model_copy(update={"stages": cfg.stages.model_copy(update=stages)})
 
     with ProcessWatcher(interval=0.05) as watcher:
-        # the model actor dies the moment it is seen working on a batch (model loaded, batches in flight);
-        # so does a decode worker running a decode task
-        watcher.kill_when("MapWorker(MapBatches(FusedStage)).submit", delay=0.0)
+        # each model actor dies the moment it is seen working on a batch (model loaded, batches in flight);
+        # so does a worker running a decode task
+        for actor in actors:
+            watcher.kill_when(f"MapWorker(MapBatches({actor})).submit", delay=0.0)
         watcher.kill_when("ray::MapBatches(decode_batch)", delay=0.0)
         t0 = time.monotonic()
         result = run_module.run(cfg)
         t_end = time.monotonic()
 
-    assert len(watcher.killed) == 2, f"expected two kills during the run, got {watcher.killed}"
+    assert len(watcher.killed) == len(actors) + 1, f"expected {len(actors) + 1} kills during the run, got {watcher.killed}"
     assert all(t0 < t < t_end for _, _, t in watcher.killed)
-    actor_pids = watcher.pids_with("MapWorker(MapBatches(FusedStage))")
-    assert len(actor_pids) >= 2, "the killed actor was not restarted"
+    for actor in actors:
+        assert len(watcher.pids_with(f"MapWorker(MapBatches({actor}))")) >= 2, f"the killed {actor} was not restarted"
 
     table = sink.read_run(result.target)
     _check_exactly_once(table, set(videos))
     assert set(table.column("status").to_pylist()) == {"ok"}
     print("FAULT_FIGURES", json.dumps({
-        "test": "killed_actor_and_decode_worker", "videos": NUM_VIDEOS, "rows": table.num_rows,
-        "processes_killed": [t.strip() for _, t, _ in watcher.killed], "actor_processes": len(actor_pids),
+        "test": f"killed_actors_and_decode_worker[{mode}]", "videos": NUM_VIDEOS, "rows": table.num_rows,
+        "processes_killed": [t.strip() for _, t, _ in watcher.killed],
         "rows_lost": NUM_VIDEOS * TASKS_PER_VIDEO - table.num_rows, "wall_s": round(t_end - t0, 1)}))
 
 
