@@ -60,15 +60,25 @@ def _chunked(rows_iter, chunk: int = CHUNK_ROWS) -> Iterator[pa.Table]:
 # ------------------------------------------------------------------------------------------------ S3
 
 
+_ACCESS_DENIED = ("403", "AccessDenied", "Forbidden")
+
+
 def iter_s3_uris(prefix_uri: str, extensions: list[str], settings: s3.S3Settings, page_size: int = 1000) -> Iterator[str]:
     """Every ``s3://`` URI under the prefix with a matching extension, in key order (paginated)."""
     bucket, prefix = s3.split_uri(prefix_uri)
     paginator = s3.client(settings).get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            if not key.endswith("/") and _has_ext(key, extensions):
-                yield f"s3://{bucket}/{key}"
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if not key.endswith("/") and _has_ext(key, extensions):
+                    yield f"s3://{bucket}/{key}"
+    except Exception as exc:  # botocore ClientError; anything but a 403 propagates as it is
+        code = s3.error_code(exc)
+        if code not in _ACCESS_DENIED:
+            raise
+        raise SourceError(f"input.s3_prefix {prefix_uri}: access denied listing bucket {bucket!r} ({code}): "
+                          "the credentials may not list it (s3:ListBucket)") from exc
 
 
 def s3_source(prefix_uri: str, extensions: list[str], settings: s3.S3Settings) -> Iterator[pa.Table]:

@@ -142,19 +142,53 @@ def test_object_deleted_between_listing_and_download(mocked_s3, bad_inputs):
 
 
 def test_access_denied(monkeypatch):
-    """moto does not enforce bucket policies without its IAM mode; the AccessDenied answer S3 gives is stubbed."""
-    import boto3
-    from botocore.stub import Stubber
-
+    """A real 403: moto's server with IAM enforcement on (separate process, tests/pipeline/s3auth.py); the
+    restricted user may read one video and list its bucket, nothing else. Its credentials come from the
+    environment, as in a real run."""
+    pytest.importorskip("moto")
     from pipeline import s3
+    from pipeline.config import InputConfig
+    from pipeline.decode_worker import close_shared
+    from pipeline.sources import SourceError, list_videos
+    from tests.pipeline.s3auth import BUCKET, FORBIDDEN_KEY, READABLE_KEY, UNLISTABLE_BUCKET, iam_enforcing_s3
+    from tests.pipeline.s3server import fake_aws_env
 
-    client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
-    stub = Stubber(client)
-    stub.add_client_error("get_object", service_error_code="AccessDenied", service_message="Access Denied", http_status_code=403)
-    stub.activate()
-    monkeypatch.setattr(s3, "client", lambda settings=None: client)
-    row = _decode("s3://private/v.mp4")
-    assert row["error_type"] == "access_denied" and "s3://private/v.mp4" in row["error_message"]
+    readable, forbidden = f"s3://{BUCKET}/{READABLE_KEY}", f"s3://{BUCKET}/{FORBIDDEN_KEY}"
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)  # an IAM user's key has none; moto rejects one (InvalidToken)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+    def decode(uri, endpoint, isolation):
+        settings = DecodeSettings(num_frames=4, frame_size=32, isolation=isolation, s3=s3.S3Settings(endpoint_url=endpoint))
+        return DecodeStage(settings).decode_one({"video_id": "v", "video_uri": uri, "questions": None})
+
+    with iam_enforcing_s3() as (endpoint, key_id, secret):
+        creds = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_EC2_METADATA_DISABLED": "true"}
+        s3.client.cache_clear()
+        try:
+            with fake_aws_env(creds):
+                # the config default: the decoder subprocess inherits the environment's credentials
+                ok, denied = (decode(u, endpoint, "process") for u in (readable, forbidden))
+                assert ok["status"] == "ok" and frames_from_row(ok).shape == (4, 32, 32, 3)
+                assert denied["status"] == "error" and denied["error_type"] == "access_denied"
+                assert forbidden in denied["error_message"] and "AccessDenied" in denied["error_message"]
+                assert secret not in denied["error_message"]
+                # listing: the user may list BUCKET (the forbidden object is listed, then denied on read), not the other
+                listed = list_videos(InputConfig(s3_prefix=f"s3://{BUCKET}/videos/"), s3.S3Settings(endpoint_url=endpoint))
+                assert listed.column("video_uri").to_pylist() == [forbidden, readable]
+                with pytest.raises(SourceError, match=rf"s3://{UNLISTABLE_BUCKET}/videos/: access denied listing") as info:
+                    list_videos(InputConfig(s3_prefix=f"s3://{UNLISTABLE_BUCKET}/videos/"), s3.S3Settings(endpoint_url=endpoint))
+                assert secret not in str(info.value)
+            # the signature really is checked: the same key id with a wrong secret reads nothing
+            s3.client.cache_clear()
+            with fake_aws_env({**creds, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}):
+                wrong = decode(readable, endpoint, "none")
+            assert wrong["status"] == "error" and wrong["error_type"] == "fetch_failed"
+            assert "SignatureDoesNotMatch" in wrong["error_message"] and readable in wrong["error_message"]
+            assert "not-the-secret" not in wrong["error_message"] and secret not in wrong["error_message"]
+        finally:
+            s3.client.cache_clear()
+            close_shared()  # no decoder subprocess keeps the restricted credentials
 
 
 # ------------------------------------------------------------------------------------------------ prompt too long
