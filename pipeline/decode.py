@@ -123,12 +123,19 @@ class Fetched:
                 pass
 
 
+_CREDENTIAL_ERRORS = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken",
+                      "TokenRefreshRequired")
+
+
 def _s3_error(exc: Exception, uri: str) -> VideoError:
     code = s3.error_code(exc)
     if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
         return VideoError("not_found", f"{uri}: object does not exist ({code})")
     if code in ("403", "AccessDenied", "Forbidden"):
         return VideoError("access_denied", f"{uri}: access denied ({code})")
+    if code in _CREDENTIAL_ERRORS:  # the credentials themselves are wrong: no object can be read with them
+        return VideoError("access_denied", f"{uri}: S3 rejected the credentials ({code}); check the AWS "
+                          "credentials of the decode workers")
     return VideoError("fetch_failed", f"{uri}: {type(exc).__name__}: {exc}")
 
 

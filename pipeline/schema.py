@@ -96,7 +96,7 @@ TASK_TYPES = ("caption", "qa", "mcq")
 ERROR_TYPES = {
     "invalid_uri": "the video_uri is malformed (no bucket or key, or a scheme other than s3:// and file://)",
     "not_found": "the object or file does not exist (also: deleted between listing and download)",
-    "access_denied": "the object exists but may not be read",
+    "access_denied": "the object may not be read with these credentials (denied, or the credentials were rejected)",
     "fetch_failed": "the bytes could not be fetched (network, throttling after all retries)",
     "too_large": "the file is larger than decode.max_video_bytes",
     "not_a_video": "the bytes are not a known media container",

@@ -183,7 +183,7 @@ def test_access_denied(monkeypatch):
             s3.client.cache_clear()
             with fake_aws_env({**creds, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}):
                 wrong = decode(readable, endpoint, "none")
-            assert wrong["status"] == "error" and wrong["error_type"] == "fetch_failed"
+            assert wrong["status"] == "error" and wrong["error_type"] == "access_denied"
             assert "SignatureDoesNotMatch" in wrong["error_message"] and readable in wrong["error_message"]
             assert "not-the-secret" not in wrong["error_message"] and secret not in wrong["error_message"]
         finally:
