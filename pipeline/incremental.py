@@ -87,23 +87,27 @@ def run_folder(date: str, run_id: str) -> str:
     return f"date={date}/run={run_id}"
 
 
-def _all_files(root: Root) -> list[fs.FileInfo]:
+def _all_infos(root: Root) -> list[fs.FileInfo]:
     try:
         infos = root.filesystem.get_file_info(fs.FileSelector(root.path, recursive=True, allow_not_found=True))
     except FileNotFoundError:
         return []
-    return [i for i in infos if i.type == fs.FileType.File]
+    return [i for i in infos if i.type in (fs.FileType.File, fs.FileType.Directory)]
 
 
 def _run_dirs(root: Root) -> dict[str, list[fs.FileInfo]]:
-    """Every ``date=*/run=*`` folder (relative path) -> its files."""
+    """Every ``date=*/run=*`` folder (relative path) -> its files (``[]`` for an empty folder: the write
+    creates the folder, on S3 an empty ``run=.../`` marker object, before its first Parquet file)."""
     out: dict[str, list[fs.FileInfo]] = {}
     prefix = root.path.rstrip("/") + "/"
-    for info in _all_files(root):
+    for info in _all_infos(root):
         rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.path
-        parts = rel.split("/")
-        if len(parts) == 3 and parts[0].startswith("date=") and parts[1].startswith("run="):
-            out.setdefault(f"{parts[0]}/{parts[1]}", []).append(info)
+        parts = rel.rstrip("/").split("/")
+        if len(parts) < 2 or not parts[0].startswith("date=") or not parts[1].startswith("run="):
+            continue
+        files = out.setdefault(f"{parts[0]}/{parts[1]}", [])
+        if len(parts) == 3 and info.type == fs.FileType.File:
+            files.append(info)
     return out
 
 
