@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline.cli import parse_config
+from pipeline.cli import parse_config, reported_errors
 from pipeline.config import to_yaml
 from pipeline.run import run
 
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    result = run(cfg)
+    with reported_errors("python -m jobs.corpus"):
+        result = run(cfg)
     print(result.summary.render())
     if args.summary_json:
         with open(args.summary_json, "w") as f:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import parse_config
+from pipeline.cli import parse_config, reported_errors
 from pipeline.config import to_yaml
 from pipeline.demo import REAL_RUN_HINT, demo_data, prepare
 from pipeline.run import run
@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg))
         return 0
     prepare()
-    result = run(cfg)
+    with reported_errors("python -m jobs.demo"):
+        result = run(cfg)
     print()
     print(result.summary.render())
     rows = read_run(result.target, columns=["video_uri", "task_id", "status", "error_type", "choice", "answer"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import parse_config
+from pipeline.cli import parse_config, reported_errors
 from pipeline.config import to_yaml
 from pipeline.evaluate import PRESETS, evaluate, render
 
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    table = evaluate(cfg, settings)
+    with reported_errors("python -m jobs.evaluate"):
+        table = evaluate(cfg, settings)
     print(render(table))
     print(f"\ntable: {cfg.output.path.rstrip('/')}/accuracy.parquet")
     return 0

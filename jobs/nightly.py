@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline.cli import parse_config
+from pipeline.cli import parse_config, reported_errors
 from pipeline.config import to_yaml
 from pipeline.incremental import run_nightly
 
@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    result = run_nightly(cfg)
+    with reported_errors("python -m jobs.nightly"):
+        result = run_nightly(cfg)
     print(result.render())
     if args.summary_json and result.summary is not None:
         with open(args.summary_json, "w") as f:

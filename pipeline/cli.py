@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import textwrap
 
 from pipeline.config import ConfigurationError, PipelineConfig, field_docs, load_config, parse_override
+
+EXIT_CONFIG = 2  #: invalid configuration (also argparse's usage errors)
+EXIT_NO_INPUT = 3  #: the input cannot be read (listing denied, manifest missing) or names no videos
+EXIT_LOCKED = 75  #: another run holds the output's lock (EX_TEMPFAIL: try again later)
 
 
 def build_parser(prog: str, description: str, config_required: bool = True) -> argparse.ArgumentParser:
@@ -50,3 +55,23 @@ def parse_config(argv: list[str] | None, prog: str, description: str, config_req
         print(f"{prog}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return cfg, args
+
+
+@contextlib.contextmanager
+def reported_errors(prog: str):
+    """Turn the errors a user can act on into one line on stderr and an exit status (no traceback):
+    configuration (2), input that cannot be listed or has no videos (3), output locked by another run or lock lost (75)."""
+    from pipeline.lock import LockHeld, LockLost
+    from pipeline.sources import SourceError
+
+    try:
+        yield
+    except ConfigurationError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    except SourceError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_NO_INPUT) from None
+    except (LockHeld, LockLost) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_LOCKED) from None

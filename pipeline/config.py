@@ -92,6 +92,18 @@ class OutputConfig(_Section):
         "and process only the remaining videos (nothing at all when the run is complete). overwrite: clear the "
         "folder and process every video again.",
     )
+    lock: bool = Field(
+        True,
+        description="Hold a lock object (<path>/_locks/<run_id>.json; nightly: _locks/nightly.json) while the run "
+        "plans and writes, so two runs never write the same output at once; a second run fails at start with the "
+        "holder's host, pid and start time.",
+    )
+    lock_stale_s: float = Field(
+        900.0,
+        ge=5.0,
+        description="A lock whose heartbeat (every lock_stale_s/4 seconds) is older than this belongs to a dead run "
+        "and is taken over; a holder on the same host whose process is gone is taken over at once.",
+    )
     min_rows_per_file: int = Field(20_000, ge=1, description="Small blocks are combined until a file holds at least this many rows (or the data ends).")
     max_rows_per_file: int = Field(200_000, ge=1, description="A file is split once it holds this many rows.")
     row_group_rows: int = Field(10_000, ge=1, description="Rows per Parquet row group (the unit a reader fetches).")

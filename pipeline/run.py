@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pipeline import s3, sink
 from pipeline.config import ConfigurationError, PipelineConfig
 from pipeline.decode import DecodeSettings
+from pipeline.lock import RunLock
 from pipeline.sources import SourceError, list_videos
 from pipeline.stages import GenerateSettings, ModelSettings
 from pipeline.summary import SUMMARY_COLUMNS, Summary, summarize
@@ -101,22 +103,31 @@ def run(cfg: PipelineConfig) -> RunResult:
         where = cfg.input.s3_prefix or cfg.input.manifest or cfg.input.local_dir
         raise SourceError(f"no videos found in {where} (extensions {cfg.input.extensions})")
     target = sink.resolve(cfg.output.path, run_id, s3_settings)
-    attempt = 0
-    todo = videos
-    if cfg.output.on_existing == "resume":
-        plan = sink.plan_resume(target, videos, expected_task_ids(cfg.tasks, videos),
-                                sink.parquet_write_options(cfg.output))
-        if plan.resuming:
-            log.info("resuming run %s: %d of %d videos already complete, %d to do (attempt %d; %d rows kept, "
-                     "%d rows of incomplete videos removed, %d unreadable files deleted)", run_id, plan.done,
-                     plan.total, plan.todo.num_rows, plan.attempt, plan.rows_kept, plan.rows_removed,
-                     len(plan.deleted))
-            attempt, todo = plan.attempt, plan.todo
-            if todo.num_rows == 0:
-                log.info("run %s is complete: nothing to do", run_id)
-                return RunResult(summary=_summary(target, run_id, time.perf_counter() - t0, 0), target=target)
-    init_ray(cfg)
-    return execute(cfg, todo, target, run_id, frame_size=frame_size, t0=t0, attempt=attempt)
+    with output_lock(cfg, run_id, s3_settings):
+        attempt = 0
+        todo = videos
+        if cfg.output.on_existing == "resume":
+            plan = sink.plan_resume(target, videos, expected_task_ids(cfg.tasks, videos),
+                                    sink.parquet_write_options(cfg.output))
+            if plan.resuming:
+                log.info("resuming run %s: %d of %d videos already complete, %d to do (attempt %d; %d rows kept, "
+                         "%d rows of incomplete videos removed, %d unreadable files deleted)", run_id, plan.done,
+                         plan.total, plan.todo.num_rows, plan.attempt, plan.rows_kept, plan.rows_removed,
+                         len(plan.deleted))
+                attempt, todo = plan.attempt, plan.todo
+                if todo.num_rows == 0:
+                    log.info("run %s is complete: nothing to do", run_id)
+                    return RunResult(summary=_summary(target, run_id, time.perf_counter() - t0, 0), target=target)
+        init_ray(cfg)
+        return execute(cfg, todo, target, run_id, frame_size=frame_size, t0=t0, attempt=attempt)
+
+
+def output_lock(cfg: PipelineConfig, name: str, s3_settings: s3.S3Settings):
+    """The run lock ``<output.path>/_locks/<name>.json`` (:mod:`pipeline.lock`), or a no-op when
+    ``output.lock`` is off. Raises :class:`pipeline.lock.LockHeld` on entry when another run holds it."""
+    if not cfg.output.lock:
+        return contextlib.nullcontext()
+    return RunLock.for_output(cfg.output.path, name, s3_settings, cfg.output.lock_stale_s, cfg.effective_run_id())
 
 
 def _summary(target: sink.SinkTarget, run_id: str, wall_s: float, videos_this_run: int, written=None) -> Summary:

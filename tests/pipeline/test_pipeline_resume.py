@@ -355,9 +355,12 @@ def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_mo
     assert total == N_VIDEOS and 0 < done < total and done + todo == total, m.group(0)
     assert attempt == 1 and kept == 2 * done and deleted == unreadable_after_kill
     assert kept + removed == rows_after_kill, (m.group(0), rows_after_kill)
+    # the killed driver's lock (same host, process gone) is taken over at once
+    assert "taking over the lock" in log2 and "is gone" in log2, log2[-4000:]
+    assert not list((out / "_locks").glob("*.json"))  # released at the end
 
     # exactly one row per (video, task), every video present
-    run_dirs = [d for d in out.iterdir() if d.is_dir()]
+    run_dirs = [d for d in out.iterdir() if d.is_dir() and d.name != "_locks"]
     assert len(run_dirs) == 1
     table = pq.read_table(run_dirs[0], columns=["video_uri", "task_id", "status"])
     keys = Counter(zip(table.column("video_uri").to_pylist(), table.column("task_id").to_pylist()))
