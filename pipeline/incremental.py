@@ -9,12 +9,16 @@ A run is *committed* exactly when its ``_manifest.json`` exists. The manifest re
 inputs it processed (``video_id``, ``video_uri``, ``etag`` at listing time: the S3 ETag or
 ``<int mtime>-<size>`` for local files), the task ids, the configuration, row counts and the code
 version. It is written after every Parquet file of the run (locally via a temporary name and a rename;
-on S3 a single PUT is atomic), so a run killed half way leaves a run folder *without* a manifest.
+on S3 an object upload is visible whole or not at all), so a run killed half way leaves a run folder *without* a manifest.
 
 State = the union of the committed manifests: a video is *done* when some committed manifest holds
 its ``(video_uri, etag)``. A run processes every listed video that is not done (new, changed, or lost
 by a killed run), so no ``(video_uri, etag, task_id)`` row is ever committed twice. Run folders without
-a manifest are deleted at the start of the next run (only one nightly run may be active per output).
+a manifest are deleted at the start of the next run. Only one nightly run is active per output: each
+holds the lock ``_locks/nightly.json`` (:mod:`pipeline.lock`) from planning to commit, so a cron run that
+starts while last night's is still going fails at once (exit 75 from ``jobs.nightly``) instead of
+processing the same videos twice; a run whose lock was taken over (it stalled past
+``output.lock_stale_s``) does not commit.
 A changed video gets new rows (new etag) in a later run; its older rows stay, use
 :func:`read_committed` with ``latest=True`` to get one version per video.
 
@@ -58,6 +62,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_VERSION = 1
+#: The lock a nightly run holds on its output root (``<output.path>/_locks/nightly.json``).
+NIGHTLY_LOCK = "nightly"
 #: Test hook: seconds to sleep after the data is written and before the commit marker.
 PAUSE_ENV = "DYCOKE_NIGHTLY_PAUSE_BEFORE_COMMIT_S"
 
@@ -290,12 +296,19 @@ def _write_manifest(root: Root, rel_dir: str, manifest: dict) -> str:
 
 def run_nightly(cfg, now: _dt.datetime | None = None) -> NightlyResult:
     """List, diff against the committed state, process what is missing, commit. See the module doc."""
-    from pipeline.run import execute
+    from pipeline.run import output_lock
 
     now = now or _dt.datetime.now(_dt.timezone.utc)
     settings = s3.S3Settings.from_config(cfg.s3)
-    root = Root.of(cfg.output.path, settings)
+    # one nightly per output at a time: two would both process the same new videos (see pipeline.lock)
+    with output_lock(cfg, NIGHTLY_LOCK, settings) as lock:
+        return _run_nightly_locked(cfg, now, settings, lock)
 
+
+def _run_nightly_locked(cfg, now: _dt.datetime, settings: s3.S3Settings, lock) -> NightlyResult:
+    from pipeline.run import execute
+
+    root = Root.of(cfg.output.path, settings)
     state = load_state(root)
     for rel in state.uncommitted_dirs:
         log.warning("deleting uncommitted run folder %s/%s (a run that did not finish)", root.uri, rel)
@@ -351,5 +364,7 @@ def run_nightly(cfg, now: _dt.datetime | None = None) -> NightlyResult:
     }
     result.run_id = run_id
     result.summary = s
+    if lock is not None:
+        lock.check()  # never commit a run whose lock another nightly took over
     result.manifest_uri = _write_manifest(root, rel_dir, manifest)
     return result

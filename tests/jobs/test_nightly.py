@@ -138,3 +138,24 @@ def _manifest_inputs(output: str, run_id: str) -> list[dict]:
             assert m["code_version"] != "unknown" and m["counts"]["rows"] == 2 * len(m["inputs"])
             return m["inputs"]
     raise AssertionError(run_id)
+
+
+def test_overlapping_nightly_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A cron run that starts while another nightly holds the output's lock: LockHeld, nothing listed or run."""
+    from pipeline import incremental, s3
+    from pipeline.config import load_config
+    from pipeline.lock import LockHeld, RunLock
+
+    cfg = load_config(data={"input": {"local_dir": str(tmp_path)}, "output": {"path": str(tmp_path / "index")},
+                            "model": {"source": "unused"}, "tasks": {"questions": ["Why?"]}})
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a refused nightly must not plan")
+
+    monkeypatch.setattr(incremental, "load_state", must_not_run)
+    other = RunLock.for_output(cfg.output.path, incremental.NIGHTLY_LOCK, s3.S3Settings()).acquire()
+    try:
+        with pytest.raises(LockHeld, match="only one run may write this output"):
+            incremental.run_nightly(cfg)
+    finally:
+        other.release()
