@@ -23,6 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dycoke import ConfigError as DyCokeConfigError
 from dycoke import DyCokeConfig
 
+#: Decode settings that change how decoding runs but not its rows: not part of the default run_id, so
+#: changing them (say, a longer timeout after timeouts) and re-running resumes the same run.
+OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation")
+#: Error types retried when a run is resumed (``output.retry_error_types``): they may not recur.
+TRANSIENT_ERROR_TYPES = ("fetch_failed", "decode_timeout", "decoder_crashed", "encode_failed", "generate_failed",
+                         "internal")
+
 
 class ConfigurationError(ValueError):
     """The configuration file or an override is invalid; the message names the field(s)."""
@@ -92,6 +99,11 @@ class OutputConfig(_Section):
         "and process only the remaining videos (nothing at all when the run is complete). overwrite: clear the "
         "folder and process every video again.",
     )
+    retry_error_types: list[str] = Field(
+        default_factory=lambda: list(TRANSIENT_ERROR_TYPES),
+        description="When resuming, videos with an error row of one of these types are processed again "
+        "(failures that may not recur: network, timeouts, crashes, out of memory); [] keeps every error row.",
+    )
     lock: bool = Field(
         True,
         description="Hold a lock object (<path>/_locks/<run_id>.json; nightly: _locks/nightly.json) while the run "
@@ -108,6 +120,16 @@ class OutputConfig(_Section):
     max_rows_per_file: int = Field(200_000, ge=1, description="A file is split once it holds this many rows.")
     row_group_rows: int = Field(10_000, ge=1, description="Rows per Parquet row group (the unit a reader fetches).")
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
+
+    @field_validator("retry_error_types")
+    @classmethod
+    def _known_error_types(cls, value: list[str]) -> list[str]:
+        from pipeline.schema import ERROR_TYPES
+
+        unknown = [v for v in value if v not in ERROR_TYPES]
+        if unknown:
+            raise ValueError(f"unknown error types {unknown}; known: {', '.join(ERROR_TYPES)}")
+        return value
 
     @model_validator(mode="after")
     def _order(self) -> OutputConfig:
@@ -290,7 +312,7 @@ class PipelineConfig(_Section):
     run_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9._-]{1,128}$",
-        description="Names the output folder; null = a hash of input, tasks, model, decode and dycoke settings, so an identical re-run finds its own folder (and resumes it, see output.on_existing).",
+        description="Names the output folder; null = a hash of input, tasks, model, decode (except its operational fields: threads, spool, timeout, isolation) and dycoke settings, so an identical re-run finds its own folder (and resumes it, see output.on_existing).",
     )
     input: InputConfig = Field(description="Where the videos come from.")
     output: OutputConfig = Field(description="Where the Parquet goes.")
@@ -322,6 +344,8 @@ class PipelineConfig(_Section):
             return self.run_id
         relevant = self.model_dump(include={"input", "tasks", "model", "decode", "dycoke"})
         relevant["model"].pop("cache_dir", None)
+        for name in OPERATIONAL_DECODE_FIELDS:  # how decoding runs, not what it produces
+            relevant["decode"].pop(name, None)
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return f"run-{digest}"
 

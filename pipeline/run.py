@@ -108,12 +108,15 @@ def run(cfg: PipelineConfig) -> RunResult:
         todo = videos
         if cfg.output.on_existing == "resume":
             plan = sink.plan_resume(target, videos, expected_task_ids(cfg.tasks, videos),
-                                    sink.parquet_write_options(cfg.output))
+                                    sink.parquet_write_options(cfg.output), cfg.output.retry_error_types)
             if plan.resuming:
                 log.info("resuming run %s: %d of %d videos already complete, %d to do (attempt %d; %d rows kept, "
                          "%d rows of incomplete videos removed, %d unreadable files deleted)", run_id, plan.done,
                          plan.total, plan.todo.num_rows, plan.attempt, plan.rows_kept, plan.rows_removed,
                          len(plan.deleted))
+                if plan.retried:
+                    log.info("retrying %d videos whose rows hold a transient error (output.retry_error_types=%s)",
+                             plan.retried, ",".join(cfg.output.retry_error_types))
                 attempt, todo = plan.attempt, plan.todo
                 if todo.num_rows == 0:
                     log.info("run %s is complete: nothing to do", run_id)

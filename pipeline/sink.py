@@ -42,7 +42,7 @@ from pipeline.schema import OUTPUT_SCHEMA
 log = logging.getLogger(__name__)
 
 FILE_PREFIX = "part"
-_KEY_COLUMNS = ["video_id", "video_uri", "task_id"]
+_KEY_COLUMNS = ["video_id", "video_uri", "task_id", "error_type"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,7 @@ class ResumePlan:
     dropped: list[str] = field(default_factory=list)  #: readable files deleted: all their rows were removed
     rewritten: dict[str, str] = field(default_factory=dict)  #: old file -> the file that replaced it
     unlisted_videos: int = 0  #: videos with rows in the folder that are not in the list (left alone)
+    retried: int = 0  #: listed videos redone because they had a row with an error type in ``retry_error_types``
 
     @property
     def resuming(self) -> bool:
@@ -165,7 +166,7 @@ def _read_keys(target: SinkTarget, path: str) -> pa.Table | None:
 
 
 def plan_resume(target: SinkTarget, videos: pa.Table, expected: Sequence[Iterable[str]],
-                write_options: dict | None = None) -> ResumePlan:
+                write_options: dict | None = None, retry_error_types: Iterable[str] = ()) -> ResumePlan:
     """Prepare ``target`` for resuming a run over ``videos``; return the videos still to process.
 
     ``videos``: the run's video list (:data:`pipeline.schema.VIDEO_SCHEMA`, ``video_id`` unique).
@@ -176,6 +177,8 @@ def plan_resume(target: SinkTarget, videos: pa.Table, expected: Sequence[Iterabl
     files are deleted, and readable files holding rows of other listed videos are rewritten without
     them (new name first, then the old file deleted) or deleted when nothing of them is kept.
     ``write_options``: Parquet writer options for rewritten files (:func:`parquet_write_options`).
+    ``retry_error_types``: a video with a row of one of these error types (transient failures such as
+    ``fetch_failed``) is not done: its rows are removed and it is processed again.
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -201,16 +204,20 @@ def plan_resume(target: SinkTarget, videos: pa.Table, expected: Sequence[Iterabl
     have: dict[str, Counter] = {}
     wrong_uri: set[str] = set()
     unlisted: set[str] = set()
+    retry = set(retry_error_types)
+    transient: set[str] = set()
     for keys in readable.values():
-        for vid, uri, task in zip(keys.column("video_id").to_pylist(), keys.column("video_uri").to_pylist(),
-                                  keys.column("task_id").to_pylist()):
+        for vid, uri, task, err in zip(keys.column("video_id").to_pylist(), keys.column("video_uri").to_pylist(),
+                                       keys.column("task_id").to_pylist(), keys.column("error_type").to_pylist()):
             if vid not in want:
                 unlisted.add(vid)
                 continue
             have.setdefault(vid, Counter())[task] += 1
             if uri != uris[vid]:
                 wrong_uri.add(vid)
-    done = {vid for vid, got in have.items() if vid not in wrong_uri and got == want[vid]}
+            if err in retry:
+                transient.add(vid)
+    done = {vid for vid, got in have.items() if vid not in wrong_uri and vid not in transient and got == want[vid]}
     redo = set(have) - done  # listed videos with some rows in the folder, but not exactly the expected ones
 
     attempt = 1 + max((attempt_of(p) for p in files), default=0)
@@ -248,7 +255,7 @@ def plan_resume(target: SinkTarget, videos: pa.Table, expected: Sequence[Iterabl
     plan = ResumePlan(
         todo=videos.filter(todo_mask), total=videos.num_rows, done=sum(1 for vid in ids if vid in done),
         attempt=attempt if rows_kept else 0, rows_kept=rows_kept, rows_removed=rows_removed, deleted=deleted,
-        dropped=dropped, rewritten=rewritten, unlisted_videos=len(unlisted),
+        dropped=dropped, rewritten=rewritten, unlisted_videos=len(unlisted), retried=len(transient),
     )
     if plan.unlisted_videos:
         log.warning("%s holds rows of %d videos that are not in this run's input; they are kept "

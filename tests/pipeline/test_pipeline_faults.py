@@ -172,7 +172,8 @@ def test_s3_throttling_on_list_read_and_write_loses_nothing(local_ray, videos, t
 
 
 def test_crashing_and_hanging_decoder_in_a_ray_run(local_ray, videos, tiny_model, tmp_path, monkeypatch):
-    """A decoder that segfaults, aborts or hangs on one video each: three error rows, the rest of the run ok."""
+    """A decoder that segfaults, aborts or hangs on one video each: three error rows, the rest of the run ok;
+    a re-run retries just those three."""
     import dataclasses
 
     from pipeline.decode import DecodeSettings
@@ -209,7 +210,15 @@ def test_crashing_and_hanging_decoder_in_a_ray_run(local_ray, videos, tiny_model
     messages = set(table.filter(pc.equal(table.column("status"), "error")).column("error_message").to_pylist())
     assert any("SIGSEGV" in m for m in messages) and any("SIGABRT" in m for m in messages)
     assert any("decode.timeout_s=5" in m for m in messages)
+    # the faults were transient: re-running the same config (the decoder now fine) resumes and retries exactly
+    # those three videos (output.retry_error_types), and the folder ends all ok, still one row per (video, task)
+    monkeypatch.setattr(run_module.DecodeSettings, "from_config", real)
+    again = run_module.run(cfg)
+    assert again.summary.videos_this_run == len(faulty)
+    final = sink.read_run(again.target)
+    _check_exactly_once(final, set(videos) | set(faulty))
+    assert set(final.column("status").to_pylist()) == {"ok"}
     print("FAULT_FIGURES", json.dumps({
-        "test": "crashing_and_hanging_decoder", "videos": len(videos) + len(faulty), "rows": table.num_rows,
+        "test": "crashing_and_hanging_decoder", "retried_on_rerun": again.summary.videos_this_run, "videos": len(videos) + len(faulty), "rows": table.num_rows,
         "faults_injected": {"segfault": 1, "abort": 1, "hang": 1}, "error_rows": 2 * len(faulty),
         "rows_lost": (len(videos) + len(faulty)) * TASKS_PER_VIDEO - table.num_rows, "wall_s": round(wall, 1)}))

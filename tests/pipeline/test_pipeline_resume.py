@@ -127,6 +127,45 @@ def test_plan_keeps_complete_videos_deletes_truncated_rewrites_partial(tmp_path)
     assert third.todo.column("video_id").to_pylist() == ["e", "f", "g"]
 
 
+def _error_rows(vid: str, error_type: str) -> pa.Table:
+    video = {"video_id": vid, "video_uri": f"/v/{vid}.mp4", "status": "error", "error_type": error_type,
+             "error_message": "x"}
+    return rows_to_table([output_row(video, Task(t, "qa", "?", 4), run_id="r", compression="{}") for t in TASKS])
+
+
+def test_plan_retries_transient_errors_keeps_permanent_ones(tmp_path):
+    """A fetch_failed / decode_timeout video is redone on resume; a corrupt_video one is complete."""
+    target = _target(tmp_path)
+    folder = Path(target.path)
+    _write(folder, "part-00000-0.parquet", pa.concat_tables([
+        _rows(_both("ok")), _error_rows("throttled", "fetch_failed"), _error_rows("hung", "decode_timeout"),
+        _error_rows("broken", "corrupt_video")]))
+    videos = _videos(["ok", "throttled", "hung", "broken"])
+    cfg = load_config(data=_minimal())
+    retry = cfg.output.retry_error_types
+    assert {"fetch_failed", "decode_timeout", "decoder_crashed"} <= set(retry) and "corrupt_video" not in retry
+
+    plan = sink.plan_resume(target, videos, [TASKS] * 4, sink.parquet_write_options(cfg.output), retry)
+    assert (plan.done, plan.retried, plan.rows_removed) == (2, 2, 4)
+    assert plan.todo.column("video_id").to_pylist() == ["throttled", "hung"]
+    assert _keys(target) == Counter(_both("ok", "broken"))
+    # with no retry types every error row is final
+    _write(folder, "part-00001-0.parquet", _error_rows("throttled", "fetch_failed"))
+    assert sink.plan_resume(target, videos, [TASKS] * 4, retry_error_types=[]).done == 3
+
+
+def test_operational_decode_settings_keep_the_run_id():
+    """A longer timeout (or other threads, spool folder, isolation) re-runs into the same folder: it resumes."""
+    base = load_config(data=_minimal())
+    for change in ({"timeout_s": 900}, {"isolation": "none"}, {"num_threads": 4}, {"spool_dir": "/x"},
+                   {"in_memory_bytes": 1024}):
+        other = load_config(data={**_minimal(), "decode": change})
+        assert other.effective_run_id() == base.effective_run_id(), change
+    assert load_config(data={**_minimal(), "decode": {"num_frames": 16}}).effective_run_id() != base.effective_run_id()
+    with pytest.raises(Exception, match="unknown error types"):
+        load_config(data={**_minimal(), "output": {"path": "o", "retry_error_types": ["flaky"]}})
+
+
 def test_plan_redoes_duplicated_wrong_uri_and_extra_task_rows_keeps_unlisted(tmp_path):
     target = _target(tmp_path)
     folder = Path(target.path)
