@@ -11,7 +11,12 @@
 
 Requests are sorted by prompt length and packed into batches bounded by ``max_batch_size`` and
 ``max_batch_tokens`` (rows x cache slots). Rows that finish early are masked; a batch stops as soon
-as all of its rows are done.
+as all of its rows are done. **Compaction**: when at a sync point at most ``compact_ratio`` of the
+batch's rows are still live (and enough steps may remain), the live rows are moved to the front of
+every per-row buffer in place (KV cache included, one layer at a time) and decoding goes on with a
+session over that prefix: the step's cost follows the live rows, not the batch's longest answer, and no
+memory is allocated beyond one layer's worth of the live rows. The shorter shape is captured in a new
+CUDA graph. Results are unchanged (rows are independent).
 """
 
 from __future__ import annotations
@@ -123,6 +128,43 @@ class _Session:
         )
         self.graph: torch.cuda.CUDAGraph | None = None
 
+    #: per-row tensors (dim 0 = rows) a compaction permutes, besides the KV cache and the prune state
+    ROW_TENSORS = ("tok", "pos", "pad", "count", "max_new", "vis_start", "vis_len", "steps", "attended",
+                   "temperature", "top_p", "done", "stop_ids", "out")
+
+    @classmethod
+    def compacted(cls, parent: _Session, live: torch.Tensor) -> _Session:
+        """Move rows ``live`` (``[n]`` long, ascending) of ``parent`` to its first ``n`` rows, in place, and
+        return a session over that prefix (views: no new KV memory). ``parent``'s other rows are garbage
+        afterwards; ``parent`` itself stays valid for a later batch (every buffer is reset per batch)."""
+        n = live.numel()
+        for t in parent.cache.k + parent.cache.v:
+            t[:n].copy_(t.index_select(0, live))
+        for name in cls.ROW_TENSORS:
+            t = getattr(parent, name)
+            t[:n].copy_(t.index_select(0, live))
+        st = parent.ctx.state
+        st.prev[:n].copy_(st.prev.index_select(0, live))
+        st.has_prev[:n].copy_(st.has_prev.index_select(0, live))
+
+        child = cls.__new__(cls)
+        child.rows, child.slots, child.do_sample, child.max_stop = n, parent.slots, parent.do_sample, parent.max_stop
+        child.cache = SlotKVCache.__new__(SlotKVCache)
+        child.cache.k = [t[:n] for t in parent.cache.k]
+        child.cache.v = [t[:n] for t in parent.cache.v]
+        child.cache.write_slot = parent.cache.write_slot
+        child.cache._prefill = None
+        for name in cls.ROW_TENSORS:
+            setattr(child, name, getattr(parent, name)[:n])
+        child.gen_idx, child.slot_idx = parent.gen_idx, parent.slot_idx
+        pc = parent.ctx
+        child.ctx = DecodeContext(
+            bias=pc.bias[:n], dp_layer=pc.dp_layer, prune_ratio=pc.prune_ratio, threshold=pc.threshold,
+            start=child.vis_start, length=child.vis_len, state=PruneState(st.prev[:n], st.has_prev[:n]),
+        )
+        child.graph = None
+        return child
+
     def mutable(self) -> list[torch.Tensor]:
         return [self.tok, self.pos, self.count, self.steps, self.attended, self.done, self.gen_idx,
                 self.cache.write_slot, self.ctx.state.prev, self.ctx.state.has_prev]
@@ -139,11 +181,13 @@ class Engine:
         max_batch_tokens: bound on rows x cache slots per batch (KV memory); None for no bound.
         use_cuda_graph: capture the decode step (default: on for CUDA devices).
         sync_every: decode steps between checks of the all-done flag.
+        compact_ratio: compact a batch when at most this fraction of its rows is still live at a
+            sync point (0 disables compaction).
     """
 
     def __init__(self, llm: VideoLLM, config: DyCokeConfig, *, max_batch_size: int = 16,
                  max_batch_tokens: int | None = None, use_cuda_graph: bool | None = None, sync_every: int = 8,
-                 slot_multiple: int = 64):
+                 slot_multiple: int = 64, compact_ratio: float = 0.5):
         n_layers = llm.language_model.config.num_hidden_layers
         if config.dp_enabled and config.dp_layer >= n_layers:
             raise ValueError(f"dp_layer (L={config.dp_layer}) must be < the model's {n_layers} decoder layers")
@@ -155,6 +199,10 @@ class Engine:
         self.max_batch_tokens = max_batch_tokens
         self.use_cuda_graph = llm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self.sync_every = max(1, sync_every)
+        if not 0.0 <= compact_ratio < 1.0:
+            raise ValueError(f"compact_ratio must be in [0, 1), got {compact_ratio}")
+        self.compact_ratio = compact_ratio
+        self.compactions = 0  # batches compacted so far (a figure for benchmarks and logs)
         self.slot_multiple = slot_multiple
         self._session: _Session | None = None
         self._max_new = 1
@@ -290,13 +338,26 @@ class Engine:
         s.pos.copy_(col([p.length for p in batch]))
         s.cache.write_slot.fill_(prompt_len)
         s.gen_idx.fill_(1)
-        step = self._graph_step(s) if self.use_cuda_graph else (lambda: self._step(s))
+        out = torch.empty(rows, max_new, dtype=torch.long)  # host copies, filled as rows leave the session
+        steps = torch.empty(rows, dtype=torch.long)
+        attended = torch.empty(rows, dtype=torch.float32)
+        order = torch.arange(rows)  # session row -> batch row
+        cur = s
+        step = self._stepper(cur)
         for i in range(max_new - 1):
-            if i % self.sync_every == 0 and bool(s.done.all()):
-                break
+            if i % self.sync_every == 0:
+                done = cur.done.cpu()  # the loop's one host sync per sync_every steps
+                if bool(done.all()):
+                    break
+                live = (~done).nonzero().flatten()
+                if self._should_compact(cur.rows, live.numel(), max_new - 1 - i):
+                    self._collect(cur, order, out, steps, attended, max_new)
+                    cur = _Session.compacted(cur, live.to(dev))
+                    order = order[live]
+                    step = self._stepper(cur)
+                    self.compactions += 1
             step()
-        out = s.out[:, :max_new].cpu()
-        steps, attended = s.steps.cpu(), s.attended.cpu()
+        self._collect(cur, order, out, steps, attended, max_new)
         decode_s = time.perf_counter() - t0
 
         results = []
@@ -318,6 +379,22 @@ class Engine:
                 finish_reason=reason,
             ))
         return results
+
+    def _should_compact(self, rows: int, live: int, remaining: int) -> bool:
+        """Worth it when few rows are live and at least two more sync intervals may follow."""
+        return (self.compact_ratio > 0 and 0 < live <= rows * self.compact_ratio
+                and remaining >= 2 * self.sync_every)
+
+    @staticmethod
+    def _collect(s: _Session, order: torch.Tensor, out: torch.Tensor, steps: torch.Tensor,
+                 attended: torch.Tensor, max_new: int) -> None:
+        """Copy the session's per-row outputs to the host arrays, at the batch rows ``order`` names."""
+        out[order] = s.out[:, :max_new].cpu()
+        steps[order] = s.steps.cpu()
+        attended[order] = s.attended.cpu()
+
+    def _stepper(self, s: _Session):
+        return self._graph_step(s) if self.use_cuda_graph else (lambda: self._step(s))
 
     # ------------------------------------------------------------------ the decode step
     def _pick(self, s: _Session, logits: torch.Tensor) -> torch.Tensor:

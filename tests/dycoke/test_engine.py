@@ -252,3 +252,29 @@ def test_invalid_settings_fail_clearly(llm):
         GenerationSettings(max_new_tokens=0)
     with pytest.raises(ValueError, match="dp_layer"):
         Engine(llm, DyCokeConfig(dp_layer=99))
+
+
+def test_compaction_keeps_results_and_happens(llm, videos):
+    """Rows that finish early are compacted out (KV cache, prune state and per-row buffers moved in place);
+    every row's tokens, finish reason and attended count equal those of an engine that never compacts and
+    of the request decoded alone."""
+    cfg = DyCokeConfig(tokens_per_frame=llm.tokens_per_frame, dp_layer=2, dp_prune_ratio=0.5)
+    vis = llm.encode(videos, cfg)
+    lengths = [2, 30, 3, 4, 28, 5, 6, 26]
+    reqs = [Request(f"r{i}", vis[i % len(vis)], QUESTIONS[i % len(QUESTIONS)],
+                    GenerationSettings(max_new_tokens=n, ignore_eos=True)) for i, n in enumerate(lengths)]
+    compacting = Engine(llm, cfg, max_batch_size=8, sync_every=1, compact_ratio=0.5)
+    got = compacting.generate(reqs)
+    assert compacting.compactions >= 2  # 8 -> 3 live rows, then -> 1
+    plain = Engine(llm, cfg, max_batch_size=8, sync_every=1, compact_ratio=0.0)
+    want = plain.generate(reqs)
+    assert plain.compactions == 0
+    for g, w, n in zip(got, want, lengths):
+        assert g.token_ids == w.token_ids and len(g.token_ids) == n and g.finish_reason == w.finish_reason == "length"
+        assert g.visual_tokens_attended == pytest.approx(w.visual_tokens_attended)
+    for req, g in zip(reqs[:3], got[:3]):
+        assert Engine(llm, cfg, max_batch_size=1).generate([req])[0].token_ids == g.token_ids
+    # the engine stays usable for the next batch after compacting (the cached session was permuted)
+    assert [r.token_ids for r in compacting.generate(reqs)] == [r.token_ids for r in got]
+    with pytest.raises(ValueError, match="compact_ratio"):
+        Engine(llm, cfg, compact_ratio=1.0)

@@ -30,3 +30,27 @@ def test_cuda_graph_engine_matches_cpu(tmp_path, cfg):
         if device == "cuda":
             assert [(r.token_ids, round(r.visual_tokens_attended, 4)) for r in engine.generate(reqs)] == outs["cuda"]
     assert outs["cpu"] == outs["cuda"]
+
+
+def test_compaction_under_cuda_graphs_matches_cpu(tmp_path):
+    """Rows finishing at different steps: the CUDA-graph engine compacts (new graph per shape) and still gives
+    the CPU engine's tokens and attended counts, for this batch and the next one."""
+    cfg = DyCokeConfig(tokens_per_frame=4, dp_layer=2, dp_prune_ratio=0.5)
+    ckpt = str(build_tiny_checkpoint(tmp_path / "tiny"))
+    g = torch.Generator().manual_seed(5)
+    videos = [torch.randint(0, 256, (f, 48, 48, 3), generator=g, dtype=torch.uint8) for f in (8, 5, 12, 6)]
+    lengths = [3, 40, 4, 36, 5, 6, 33, 2]
+    outs, compactions = {}, {}
+    for device in ("cpu", "cuda"):
+        llm = VideoLLM.load(ckpt, dtype="float32", device=device)
+        vis = llm.encode(videos, cfg)
+        reqs = [Request(f"r{i}", vis[i % 4], "Describe the video.", GenerationSettings(max_new_tokens=n, ignore_eos=True))
+                for i, n in enumerate(lengths)]
+        engine = Engine(llm, cfg, max_batch_size=8, sync_every=2, compact_ratio=0.5 if device == "cuda" else 0.0,
+                        use_cuda_graph=device == "cuda")
+        outs[device] = [(r.token_ids, round(r.visual_tokens_attended, 4)) for r in engine.generate(reqs)]
+        if device == "cuda":
+            assert [(r.token_ids, round(r.visual_tokens_attended, 4)) for r in engine.generate(reqs)] == outs["cuda"]
+        compactions[device] = engine.compactions
+    assert compactions == {"cpu": 0, "cuda": 4}  # two per batch (the same as a compacting CPU engine)
+    assert outs["cpu"] == outs["cuda"]
