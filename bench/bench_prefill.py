@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,24 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_engine import build_model, measure_peaks, model_stats  # noqa: E402
+from bench.bench_vision import timed  # noqa: E402
 from dycoke.attention import install  # noqa: E402
 from dycoke.kv_cache import SlotKVCache  # noqa: E402
 from dycoke.testing import build_tiny_tokenizer  # noqa: E402
-
-
-def timed(fn, reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ms.append(s.elapsed_time(e))
-    return statistics.median(ms)
 
 
 def main() -> None:

@@ -15,23 +15,14 @@ import pytest
 from pipeline.config import load_config
 from pipeline.incremental import PAUSE_ENV, committed_files, load_state, read_committed, run_nightly
 from pipeline.samples import make_video
+from tests.jobs.jobdata import job_data
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _data(videos: Path, out: Path, model: str) -> dict:
-    return {
-        "input": {"local_dir": str(videos)},
-        "output": {"path": str(out)},
-        "model": {"source": model},
-        "decode": {"num_frames": 4},
-        "tasks": {"caption_prompt": "Describe.", "max_new_tokens": 3, "mcq_max_new_tokens": 2,
-                  "mcq": [{"question": "Shown?", "options": ["bars", "cats"]}]},
-        "stages": {"decode_num_cpus": 0.5, "actor_num_cpus": 0.5, "decode_memory_gb": 0.25,
-                   "fused_batch_size": 4, "decode_batch_size": 2},
-        "ray": {"progress_bars": False},
-    }
+    return job_data({"local_dir": str(videos)}, str(out), model)
 
 
 def _write(path: Path, n: int) -> None:

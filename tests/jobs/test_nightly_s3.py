@@ -21,6 +21,7 @@ import pipeline.run as run_module
 from pipeline.config import load_config
 from pipeline.incremental import MANIFEST_NAME, Root, committed_files, load_state, read_committed, run_nightly
 from pipeline.schema import OUTPUT_SCHEMA
+from tests.jobs.jobdata import job_data
 from tests.pipeline.s3server import boto_client, fake_aws_env, moto_server, upload_dir
 from tests.pipeline.videos import make_video
 
@@ -53,18 +54,9 @@ def s3_ray(tiny_model):
 
 
 def _cfg(endpoint: str, cache: str):
-    return load_config(data={
-        "input": {"s3_prefix": f"s3://{BUCKET}/videos/"},
-        "output": {"path": f"s3://{BUCKET}/index/"},
-        "model": {"source": f"s3://{BUCKET}/models/tiny-llava/", "cache_dir": cache},
-        "decode": {"num_frames": 4},
-        "tasks": {"caption_prompt": "Describe.", "max_new_tokens": 3, "mcq_max_new_tokens": 2,
-                  "mcq": [{"question": "Shown?", "options": ["bars", "cats"]}]},
-        "stages": {"decode_num_cpus": 0.5, "actor_num_cpus": 0.5, "decode_memory_gb": 0.25,
-                   "fused_batch_size": 4, "decode_batch_size": 2},
-        "ray": {"progress_bars": False},
-        "s3": {"endpoint_url": endpoint},
-    })
+    model = {"source": f"s3://{BUCKET}/models/tiny-llava/", "cache_dir": cache}
+    return load_config(data=job_data({"s3_prefix": f"s3://{BUCKET}/videos/"}, f"s3://{BUCKET}/index/", "",
+                                     model=model, s3={"endpoint_url": endpoint}))
 
 
 def _put(client, name: str, data: bytes) -> str:
