@@ -14,8 +14,11 @@ object while it plans and writes::
 * **Heartbeat.** A daemon thread rewrites the lock's ``heartbeat_at`` every ``stale_after_s / 4`` seconds.
 * **Stale locks** (a killed run never releases its lock) are taken over: when the heartbeat is older
   than ``stale_after_s``, or at once when the holder ran on this host and its pid is gone (a driver
-  killed and re-run on the same node resumes without waiting). Take-over deletes the stale object and
-  creates a new one with the same create-if-absent rule, so two runs taking over at once cannot both win.
+  killed and re-run on the same node resumes without waiting).
+* **Compare-and-swap.** Take-over, heartbeat and release change the lock only if it is still the
+  version that was read (S3: ``If-Match`` on the ETag for ``PutObject`` and ``DeleteObject``; local:
+  the content hash, checked under ``flock``), so of two runs taking over at once exactly one wins, and a
+  run that lost the lock can neither refresh nor delete its successor's.
 * **Release** deletes the lock if it is still ours. If another run took it over meanwhile (this one
   stalled longer than ``stale_after_s``), :meth:`RunLock.check` and :meth:`RunLock.release` raise
   :class:`LockLost` so the run does not commit.
@@ -26,6 +29,8 @@ run folder when it starts writing, and readers only read ``*.parquet``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -74,71 +79,103 @@ def _pid_alive(pid: int) -> bool:
 
 
 class _LocalStore:
+    """A lock file; every change is compare-and-swap on its content hash, under ``flock`` of a sidecar file
+    (a local output is written from one host, where ``flock`` is exact)."""
+
     def __init__(self, path: str):
         self.path = Path(os.path.abspath(os.path.expanduser(path)))
         self.uri = str(self.path)
 
-    def create(self, body: bytes) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        return True
+    @contextlib.contextmanager
+    def _mutex(self):
+        import fcntl
 
-    def read(self) -> bytes | None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{self.path.name}.mutex"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read(self) -> tuple[bytes, str] | None:
         try:
-            return self.path.read_bytes()
+            body = self.path.read_bytes()
         except FileNotFoundError:
             return None
+        return body, hashlib.sha256(body).hexdigest()
 
-    def overwrite(self, body: bytes) -> None:
+    def _write(self, body: bytes) -> str:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}")
         tmp.write_bytes(body)
         os.replace(tmp, self.path)
+        return hashlib.sha256(body).hexdigest()
 
-    def delete(self) -> None:
-        try:
+    def read(self) -> tuple[bytes, str] | None:
+        with self._mutex():
+            return self._read()
+
+    def create(self, body: bytes) -> str | None:
+        with self._mutex():
+            return None if self.path.exists() else self._write(body)
+
+    def replace(self, body: bytes, version: str) -> str | None:
+        with self._mutex():
+            cur = self._read()
+            return self._write(body) if cur is not None and cur[1] == version else None
+
+    def delete(self, version: str) -> bool:
+        with self._mutex():
+            cur = self._read()
+            if cur is None or cur[1] != version:
+                return False
             self.path.unlink()
-        except FileNotFoundError:
-            log.debug("lock %s already gone", self.path)
+            return True
 
 
 class _S3Store:
+    """A lock object; every change is conditional on its ETag (S3 conditional writes and deletes)."""
+
+    _LOST = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404", "NotFound")
+
     def __init__(self, uri: str, settings: s3.S3Settings):
         self.uri = uri
         self.bucket, self.key = s3.split_uri(uri)
         self.settings = settings
 
-    def _client(self):
-        return s3.client(self.settings)
-
-    def create(self, body: bytes) -> bool:
+    def _put(self, body: bytes, **condition) -> str | None:
         try:
-            self._client().put_object(Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*",
-                                      ContentType="application/json")
+            resp = s3.client(self.settings).put_object(Bucket=self.bucket, Key=self.key, Body=body,
+                                                       ContentType="application/json", **condition)
         except Exception as exc:
-            # 412 PreconditionFailed: it exists; 409 ConditionalRequestConflict: a racing create won
-            if s3.error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return False
+            if s3.error_code(exc) in self._LOST:  # someone else's create or change won
+                return None
             raise
-        return True
+        return resp["ETag"]
 
-    def read(self) -> bytes | None:
+    def read(self) -> tuple[bytes, str] | None:
         try:
-            return self._client().get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
+            resp = s3.client(self.settings).get_object(Bucket=self.bucket, Key=self.key)
         except Exception as exc:
             if s3.error_code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
+        return resp["Body"].read(), resp["ETag"]
 
-    def overwrite(self, body: bytes) -> None:
-        self._client().put_object(Bucket=self.bucket, Key=self.key, Body=body, ContentType="application/json")
+    def create(self, body: bytes) -> str | None:
+        return self._put(body, IfNoneMatch="*")
 
-    def delete(self) -> None:
-        self._client().delete_object(Bucket=self.bucket, Key=self.key)
+    def replace(self, body: bytes, version: str) -> str | None:
+        return self._put(body, IfMatch=version)
+
+    def delete(self, version: str) -> bool:
+        try:
+            s3.client(self.settings).delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
+        except Exception as exc:
+            if s3.error_code(exc) in self._LOST:
+                return False
+            raise
+        return True
 
 
 # ------------------------------------------------------------------------------------------------ the lock
@@ -161,6 +198,7 @@ class RunLock:
         self._store = _S3Store(self.uri, self.settings) if s3.is_s3(self.uri) else _LocalStore(self.uri)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._version: str | None = None
         self._lost: str | None = None
         self._started = _now()
 
@@ -180,15 +218,17 @@ class RunLock:
             "started_at": _iso(self._started), "heartbeat_at": _now(), "stale_after_s": self.stale_after_s,
         }).encode()
 
-    def _holder(self) -> dict | None:
-        raw = self._store.read()
-        if raw is None:
+    def _holder(self) -> tuple[dict, str] | None:
+        """The current lock's content and version, or None when there is no lock."""
+        cur = self._store.read()
+        if cur is None:
             return None
+        raw, version = cur
         try:
             data = json.loads(raw)
-            return data if isinstance(data, dict) else {}
         except ValueError:
-            return {}  # unreadable (half-written by a killed run on a local disk): treated as stale below
+            data = {}  # unreadable (half-written by a killed run on a local disk): treated as stale below
+        return (data if isinstance(data, dict) else {}), version
 
     def _stale_reason(self, holder: dict) -> str | None:
         beat = holder.get("heartbeat_at")
@@ -213,14 +253,14 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock or raise :class:`LockHeld`; starts the heartbeat."""
-        for _ in range(3):
-            if self._store.create(self._body()):
-                self._start_heartbeat()
-                log.info("lock %s taken", self._store.uri)
-                return self
-            holder = self._holder()
-            if holder is None:
+        for _ in range(5):
+            version = self._store.create(self._body())
+            if version is not None:
+                return self._taken(version)
+            cur = self._holder()
+            if cur is None:
                 continue  # released between our create and our read: try again
+            holder, stale_version = cur
             reason = self._stale_reason(holder)
             if reason is None:
                 raise LockHeld(
@@ -229,17 +269,31 @@ class RunLock:
                     f"after its last heartbeat (output.lock_stale_s), or delete {self._store.uri} if you are sure "
                     "it is dead."
                 )
-            log.warning("taking over the lock %s from %s: %s", self._store.uri, self.describe(holder), reason)
-            self.took_over = holder
-            self._store.delete()
+            # compare-and-swap on the stale version: of several runs taking over at once, exactly one wins
+            version = self._store.replace(self._body(), stale_version)
+            if version is not None:
+                log.warning("took over the lock %s from %s: %s", self._store.uri, self.describe(holder), reason)
+                self.took_over = holder
+                return self._taken(version)
         raise LockHeld(f"{self._store.uri}: another run keeps taking this lock; try again")
+
+    def _taken(self, version: str) -> RunLock:
+        self._version = version
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
+        log.info("lock %s taken", self._store.uri)
+        return self
+
+    def _mark_lost(self) -> None:
+        cur = self._holder()
+        self._lost = self.describe(cur[0]) if cur else "nobody (the lock was deleted)"
 
     def check(self) -> None:
         """Raise :class:`LockLost` if another run has taken the lock over (call before committing)."""
         if self._lost is None:
-            holder = self._holder()
-            if holder is None or holder.get("token") != self.token:
-                self._lost = self.describe(holder) if holder else "nobody (the lock was deleted)"
+            cur = self._holder()
+            if cur is None or cur[0].get("token") != self.token:
+                self._mark_lost()
         if self._lost is not None:
             raise LockLost(f"{self._store.uri} was taken over by {self._lost} while this run was going; "
                            "not committing (the other run owns the output now)")
@@ -249,9 +303,7 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        holder = self._holder()
-        if holder is not None and holder.get("token") == self.token:
-            self._store.delete()
+        if self._lost is None and self._store.delete(self._version):
             log.info("lock %s released", self._store.uri)
             return
         self.check()
@@ -269,19 +321,16 @@ class RunLock:
 
     # -------------------------------------------------------------------------------------------- heartbeat
 
-    def _start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
-        self._thread.start()
-
     def _beat(self) -> None:
         interval = max(self.stale_after_s / 4, 0.05)
         while not self._stop.wait(interval):
             try:
-                holder = self._holder()
-                if holder is None or holder.get("token") != self.token:
-                    self._lost = self.describe(holder) if holder else "nobody (the lock was deleted)"
-                    log.error("lock %s is no longer ours (now: %s)", self._store.uri, self._lost)
-                    return
-                self._store.overwrite(self._body())
+                version = self._store.replace(self._body(), self._version)  # only while the lock is ours
             except Exception:  # noqa: BLE001 - a failed beat is retried next interval; staleness is generous
                 log.warning("lock %s: heartbeat failed", self._store.uri, exc_info=True)
+                continue
+            if version is None:
+                self._mark_lost()
+                log.error("lock %s is no longer ours (now: %s)", self._store.uri, self._lost)
+                return
+            self._version = version

@@ -103,36 +103,66 @@ def test_a_lock_taken_over_is_lost_and_not_committed(tmp_path):
     assert json.loads((tmp_path / "_locks" / "n.json").read_bytes())["token"] == "other"  # theirs, untouched
 
 
+def _race(make_lock, contenders: int = 8) -> list:
+    """``contenders`` threads call ``make_lock().acquire()`` at once; returns what each got."""
+    barrier = threading.Barrier(contenders)
+    results: list = []
+
+    def contender():
+        lock = make_lock()
+        barrier.wait()
+        try:
+            results.append(lock.acquire())
+        except LockHeld as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=contender) for _ in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_simultaneous_take_over_of_a_stale_lock_has_one_winner(tmp_path):
+    """Runs re-started together after a crash all see the same stale lock; exactly one takes it over."""
+    path = tmp_path / "_locks" / "n.json"
+    path.parent.mkdir()
+    for _ in range(3):
+        path.write_bytes(_holder_body(heartbeat_at=time.time() - 3600))
+        results = _race(lambda: RunLock.for_output(str(tmp_path), "n", s3.S3Settings(), stale_after_s=60))
+        winners = [r for r in results if isinstance(r, RunLock)]
+        assert len(winners) == 1 and winners[0].took_over["token"] == "other"
+        assert json.loads(path.read_bytes())["token"] == winners[0].token
+        winners[0].release()
+        assert not path.exists()
+
+
 def test_lock_on_s3_is_exclusive_under_a_race():
-    """S3 conditional create (If-None-Match: *): of eight runs starting at once exactly one gets the lock."""
+    """S3 conditional create (If-None-Match: *): of eight runs starting at once exactly one gets the lock; the
+    same for eight runs taking over one stale lock (If-Match on its ETag)."""
     with fake_aws_env(), moto_server() as endpoint:
         boto_client(endpoint).create_bucket(Bucket="locks")
         settings = s3.S3Settings(endpoint_url=endpoint)
         s3.client.cache_clear()
         try:
             for _ in range(3):
-                barrier = threading.Barrier(8)
-                results: list = []
-
-                def contender(results=results, barrier=barrier):
-                    lock = RunLock.for_output("s3://locks/index", "nightly", settings)
-                    barrier.wait()
-                    try:
-                        results.append(lock.acquire())
-                    except LockHeld as exc:
-                        results.append(exc)
-
-                threads = [threading.Thread(target=contender) for _ in range(8)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                results = _race(lambda: RunLock.for_output("s3://locks/index", "nightly", settings))
                 winners = [r for r in results if isinstance(r, RunLock)]
                 assert len(winners) == 1 and sum(isinstance(r, LockHeld) for r in results) == 7
                 body = json.loads(boto_client(endpoint).get_object(Bucket="locks", Key="index/_locks/nightly.json")["Body"].read())
                 assert body["token"] == winners[0].token
                 winners[0].release()
                 assert "Contents" not in boto_client(endpoint).list_objects_v2(Bucket="locks", Prefix="index/_locks/")
+            # a stale lock taken over by eight runs at once (conditional PutObject on its ETag): one winner
+            client = boto_client(endpoint)
+            for _ in range(3):
+                client.put_object(Bucket="locks", Key="index/_locks/nightly.json",
+                                  Body=_holder_body(heartbeat_at=time.time() - 3600))
+                results = _race(lambda: RunLock.for_output("s3://locks/index", "nightly", settings, stale_after_s=60))
+                winners = [r for r in results if isinstance(r, RunLock)]
+                assert len(winners) == 1 and winners[0].took_over["token"] == "other"
+                winners[0].release()
         finally:
             s3.client.cache_clear()
 
