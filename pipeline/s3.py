@@ -80,7 +80,8 @@ def error_code(exc: BaseException) -> str | None:
     """The S3 error code of a botocore ``ClientError`` (``NoSuchKey``, ``404``, ``AccessDenied``...)."""
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code")) or None
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code else None
     return None
 
 

@@ -115,15 +115,6 @@ ERROR_TYPES = {
 
 # Columns carried between stages (not written). Frames travel as raw bytes plus a shape, visual
 # tokens as an .npz blob: plain binary columns, so no tensor extension types are involved.
-VIDEO_COLUMNS = ["video_id", "video_uri", "questions"]  # source output
-DECODED_COLUMNS = VIDEO_COLUMNS + [
-    "video_etag", "video_bytes", "duration_s", "num_frames", "frame_timestamps_s",
-    "frames", "frames_shape", "fetch_s", "decode_s", "status", "error_type", "error_message",
-]  # fmt: skip
-ENCODED_COLUMNS = [c for c in DECODED_COLUMNS if c not in ("frames", "frames_shape")] + [
-    "visual", "visual_tokens_full", "visual_tokens_prefill", "encode_s", "model_id",
-]  # fmt: skip
-
 VIDEO_SCHEMA = pa.schema([
     pa.field("video_id", pa.string()), pa.field("video_uri", pa.string()), pa.field("questions", pa.list_(pa.string())),
 ])  # fmt: skip
@@ -205,10 +196,6 @@ def rows_to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema = OUTPUT_
         if extra:
             raise ValueError(f"row has columns outside the schema: {sorted(extra)}")
     return pa.Table.from_pylist(rows, schema=schema)
-
-
-def empty_table(schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
-    return schema.empty_table()
 
 
 def check_table(table: pa.Table) -> None:

@@ -134,7 +134,9 @@ class EncodeStage:
 
         return self.llm.encode([torch.from_numpy(np.array(f, copy=True)) for f in frames], self.dycoke)
 
-    def encode_rows(self, rows: list[dict]) -> list[dict]:
+    def encode_rows(self, rows: list[dict], pack: bool = True) -> list[dict]:
+        """Encode the ``ok`` rows. ``pack``: ``visual`` as ``.npz`` bytes (to send to another actor); False
+        keeps the :class:`~dycoke.llava.VisualTokens` on the device (fused stage: no round trip)."""
         out = []
         ok_idx = [i for i, r in enumerate(rows) if r.get("status") == STATUS_OK]
         visuals: dict[int, Any] = {}
@@ -158,7 +160,7 @@ class EncodeStage:
             row["model_id"] = self.model_settings.source
             if i in visuals:
                 v = visuals[i]
-                row.update(visual=pack_visual(v), visual_tokens_full=int(v.num_full), visual_tokens_prefill=int(v.num_kept),
+                row.update(visual=pack_visual(v) if pack else v, visual_tokens_full=int(v.num_full), visual_tokens_prefill=int(v.num_kept),
                            encode_s=share)
             elif i in errors:
                 row.update(status=STATUS_ERROR, error_type="encode_failed", error_message=errors[i], encode_s=share)
@@ -196,7 +198,9 @@ class GenerateStage:
         from dycoke.engine import GenerationSettings, Request
 
         t = self.settings.tasks
-        visual = unpack_visual(video["visual"], device=self.llm.device)
+        visual = video["visual"]
+        if isinstance(visual, (bytes, bytearray, memoryview)):  # from an encode actor; in-actor tokens as they are
+            visual = unpack_visual(visual, device=self.llm.device)
         return [
             Request(request_id=f"{video['video_id']}:{task.task_id}", visual=visual, question=task.prompt,
                     settings=GenerationSettings(max_new_tokens=task.max_new_tokens, temperature=t.temperature, top_p=t.top_p))
@@ -212,13 +216,13 @@ class GenerateStage:
         items: list[tuple[dict, Task, Any]] = []
         for video in rows:
             tasks = video_tasks(self.settings.tasks, video.get("questions"))
+            if video.get("status") != STATUS_OK:  # the video's own error, also when no task applies to it
+                out += [error_output_row(video, t, run_id=run_id, compression=comp, error_type=video.get("error_type") or "internal",
+                                         error_message=video.get("error_message") or "unknown error") for t in tasks or [NO_TASK]]
+                continue
             if not tasks:
                 out.append(error_output_row(video, NO_TASK, run_id=run_id, compression=comp, error_type="no_tasks",
                                             error_message="no task applies to this video"))
-                continue
-            if video.get("status") != STATUS_OK:
-                out += [error_output_row(video, t, run_id=run_id, compression=comp, error_type=video.get("error_type") or "internal",
-                                         error_message=video.get("error_message") or "unknown error") for t in tasks]
                 continue
             try:
                 reqs = self._requests(video, tasks)
@@ -291,7 +295,7 @@ class FusedStage:
         self.generate = GenerateStage(model, settings, llm=llm)
 
     def __call__(self, batch) -> pa.Table:
-        return rows_to_table(self.generate.generate_rows(self.encode.encode_rows(_rows(batch))))
+        return rows_to_table(self.generate.generate_rows(self.encode.encode_rows(_rows(batch), pack=False)))
 
 
 def describe(stage) -> str:

@@ -135,6 +135,23 @@ def test_no_tasks_gives_one_error_row(tiny_model, llm, decoded):
     gs = GenerateSettings(run_id="r", tasks=TasksConfig(caption_prompt=None), dycoke=DyCokeSettings())
     rows = FusedStage(ModelSettings(source=tiny_model), gs, llm=llm)(decoded.slice(1, 1)).to_pylist()
     assert len(rows) == 1 and rows[0]["error_type"] == "no_tasks" and rows[0]["task_id"] == "none"
+    # a video that failed to decode keeps its own error (retryable or not), even when no task applies
+    rows = FusedStage(ModelSettings(source=tiny_model), gs, llm=llm)(decoded.slice(2, 1)).to_pylist()
+    assert len(rows) == 1 and rows[0]["error_type"] == "not_a_video" and rows[0]["task_id"] == "none"
+
+
+def test_fused_stage_keeps_visual_tokens_in_the_actor(tiny_model, llm, decoded, monkeypatch):
+    """Fused: encode and generate share the actor, so the tokens are never packed to bytes and back."""
+    from pipeline import stages
+
+    def no_round_trip(*args, **kwargs):
+        raise AssertionError("fused stage must not pack or unpack visual tokens")
+
+    monkeypatch.setattr(stages, "pack_visual", no_round_trip)
+    monkeypatch.setattr(stages, "unpack_visual", no_round_trip)
+    rows = FusedStage(ModelSettings(source=tiny_model), _gen_settings(), llm=llm)(decoded).to_pylist()
+    good = [r for r in rows if r["video_id"] != "not_a_video.mp4"]
+    assert len(good) == 3 * 3 and {r["status"] for r in good} == {"ok"}  # 3 videos x (caption, qa, mcq)
 
 
 def test_stages_declare_columns():
