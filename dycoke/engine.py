@@ -15,14 +15,16 @@ as all of its rows are done. **Compaction**: when at a sync point at most ``comp
 batch's rows are still live (and enough steps may remain), the live rows are moved to the front of
 every per-row buffer in place (KV cache included, one layer at a time) and decoding goes on with a
 session over that prefix: the step's cost follows the live rows, not the batch's longest answer, and no
-memory is allocated beyond one layer's worth of the live rows. The shorter shape is captured in a new
-CUDA graph. Results are unchanged (rows are independent).
+memory is allocated beyond one layer's worth of the live rows. Prefix shapes are powers of two (finished
+rows fill the gap), each captured in its own CUDA graph once and reused by later batches. Results are
+unchanged (rows are independent).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -117,7 +119,7 @@ class _Session:
         self.done = z(torch.bool)
         self.stop_ids = torch.full((rows, max_stop), -1, dtype=torch.long, device=dev)
         self.gen_idx = torch.zeros(1, dtype=torch.long, device=dev)
-        self.out = torch.zeros(rows, engine.max_new_cap(slots), dtype=torch.long, device=dev)
+        self.out = torch.zeros(rows, slots, dtype=torch.long, device=dev)  # generated ids (slots > max_new)
         self.slot_idx = torch.arange(slots, device=dev)
         cfg = engine.config
         self.ctx = DecodeContext(
@@ -127,42 +129,49 @@ class _Session:
             start=self.vis_start, length=self.vis_len, state=PruneState.empty(rows, slots, dev),
         )
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._parent: weakref.ref | None = None  # a prefix session's root (weak: no cycle keeps a cache alive)
+        self._prefixes: dict[int, _Session] = {}  # prefix sessions by row count, reused across batches
 
     #: per-row tensors (dim 0 = rows) a compaction permutes, besides the KV cache and the prune state
     ROW_TENSORS = ("tok", "pos", "pad", "count", "max_new", "vis_start", "vis_len", "steps", "attended",
                    "temperature", "top_p", "done", "stop_ids", "out")
 
-    @classmethod
-    def compacted(cls, parent: _Session, live: torch.Tensor) -> _Session:
-        """Move rows ``live`` (``[n]`` long, ascending) of ``parent`` to its first ``n`` rows, in place, and
-        return a session over that prefix (views: no new KV memory). ``parent``'s other rows are garbage
-        afterwards; ``parent`` itself stays valid for a later batch (every buffer is reset per batch)."""
+    def compacted(self, live: torch.Tensor, done: torch.Tensor) -> tuple[_Session, torch.Tensor]:
+        """Move the ``live`` rows (``[n]`` long, on the device) to the front, in place, and return the
+        session over the first ``m`` rows (``m``: the next power of two >= n, so a batch size sees at most
+        log2(rows) prefix shapes, each captured once and reused) plus the permutation applied (``[m]``,
+        host): live rows first, then finished rows as filler (they stay finished and change nothing)."""
         n = live.numel()
-        for t in parent.cache.k + parent.cache.v:
-            t[:n].copy_(t.index_select(0, live))
-        for name in cls.ROW_TENSORS:
-            t = getattr(parent, name)
-            t[:n].copy_(t.index_select(0, live))
-        st = parent.ctx.state
-        st.prev[:n].copy_(st.prev.index_select(0, live))
-        st.has_prev[:n].copy_(st.has_prev.index_select(0, live))
+        m = min(self.rows, 1 << (n - 1).bit_length())
+        filler = done.nonzero().flatten()[: m - n]
+        perm = torch.cat([live.cpu(), filler])
+        index = perm.to(live.device)
+        self.cache.gather_rows_(index)
+        self.ctx.state.gather_rows_(index)
+        for name in self.ROW_TENSORS:
+            t = getattr(self, name)
+            t[:m].copy_(t.index_select(0, index))
+        root = self if self._parent is None else self._parent()
+        return root._prefix(m), perm
 
-        child = cls.__new__(cls)
-        child.rows, child.slots, child.do_sample, child.max_stop = n, parent.slots, parent.do_sample, parent.max_stop
-        child.cache = SlotKVCache.__new__(SlotKVCache)
-        child.cache.k = [t[:n] for t in parent.cache.k]
-        child.cache.v = [t[:n] for t in parent.cache.v]
-        child.cache.write_slot = parent.cache.write_slot
-        child.cache._prefill = None
-        for name in cls.ROW_TENSORS:
-            setattr(child, name, getattr(parent, name)[:n])
-        child.gen_idx, child.slot_idx = parent.gen_idx, parent.slot_idx
-        pc = parent.ctx
-        child.ctx = DecodeContext(
-            bias=pc.bias[:n], dp_layer=pc.dp_layer, prune_ratio=pc.prune_ratio, threshold=pc.threshold,
-            start=child.vis_start, length=child.vis_len, state=PruneState(st.prev[:n], st.has_prev[:n]),
-        )
-        child.graph = None
+    def _prefix(self, m: int) -> _Session:
+        """The session over this (root) session's first ``m`` rows: views of its buffers, own graph."""
+        if m == self.rows:
+            return self
+        child = self._prefixes.get(m)
+        if child is None:
+            child = _Session.__new__(_Session)
+            child.rows, child.slots, child.do_sample, child.max_stop = m, self.slots, self.do_sample, self.max_stop
+            child.cache = self.cache.prefix(m)
+            for name in self.ROW_TENSORS:
+                setattr(child, name, getattr(self, name)[:m])
+            child.gen_idx, child.slot_idx = self.gen_idx, self.slot_idx
+            c = self.ctx
+            child.ctx = DecodeContext(bias=c.bias[:m], dp_layer=c.dp_layer, prune_ratio=c.prune_ratio,
+                                      threshold=c.threshold, start=child.vis_start, length=child.vis_len,
+                                      state=c.state.prefix(m))
+            child.graph, child._parent, child._prefixes = None, weakref.ref(self), {}
+            self._prefixes[m] = child
         return child
 
     def mutable(self) -> list[torch.Tensor]:
@@ -205,7 +214,6 @@ class Engine:
         self.compactions = 0  # batches compacted so far (a figure for benchmarks and logs)
         self.slot_multiple = slot_multiple
         self._session: _Session | None = None
-        self._max_new = 1
         tok = llm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
@@ -213,9 +221,6 @@ class Engine:
         stops.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.default_stop_ids = tuple(sorted(i for i in stops if isinstance(i, int) and i >= 0))
         install(llm.language_model)
-
-    def max_new_cap(self, slots: int) -> int:
-        return self._max_new
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
@@ -272,12 +277,10 @@ class Engine:
         return batches
 
     # ------------------------------------------------------------------ one batch
-    def _get_session(self, rows: int, slots: int, do_sample: bool, max_stop: int, max_new: int) -> _Session:
+    def _get_session(self, rows: int, slots: int, do_sample: bool, max_stop: int) -> _Session:
         s = self._session
-        if s is None or (s.rows, s.slots, s.do_sample, s.max_stop) != (rows, slots, do_sample, max_stop) \
-                or s.out.shape[1] < max_new:
-            self._session = None  # free the old cache first
-            self._max_new = max(max_new, self._max_new if s is not None and s.slots == slots else 1)
+        if s is None or (s.rows, s.slots, s.do_sample, s.max_stop) != (rows, slots, do_sample, max_stop):
+            self._session = s = None  # drop every reference first: the old KV cache is freed before the new one
             s = self._session = _Session(self, rows, slots, do_sample, max_stop)
         return s
 
@@ -290,7 +293,7 @@ class Engine:
         slots = self._slots(batch)
         do_sample = any(p.request.settings.temperature > 0 for p in batch)
         max_stop = max(1, max(len(p.stop_ids) for p in batch))
-        s = self._get_session(rows, slots, do_sample, max_stop, max_new)
+        s = self._get_session(rows, slots, do_sample, max_stop)
 
         def col(values, dtype=torch.long):
             return torch.tensor(values, dtype=dtype, device=dev)
@@ -352,8 +355,8 @@ class Engine:
                 live = (~done).nonzero().flatten()
                 if self._should_compact(cur.rows, live.numel(), max_new - 1 - i):
                     self._collect(cur, order, out, steps, attended, max_new)
-                    cur = _Session.compacted(cur, live.to(dev))
-                    order = order[live]
+                    cur, perm = cur.compacted(live.to(dev), done)
+                    order = order[perm]
                     step = self._stepper(cur)
                     self.compactions += 1
             step()

@@ -63,6 +63,22 @@ class SlotKVCache:
         self.v[layer_idx].index_copy_(2, self.write_slot, value_states)
         return self.k[layer_idx], self.v[layer_idx]
 
+    def gather_rows_(self, index: torch.Tensor) -> None:
+        """Rows ``index`` (``[m]`` long) move to rows ``[0, m)``, in place (one layer's worth of temporary
+        memory at a time); the other rows are garbage afterwards."""
+        m = index.numel()
+        for t in self.k + self.v:
+            t[:m].copy_(t.index_select(0, index))
+
+    def prefix(self, m: int) -> SlotKVCache:
+        """A cache over rows ``[0, m)`` of this one (views: same storage, same write slot)."""
+        view = SlotKVCache.__new__(SlotKVCache)
+        view.k = [t[:m] for t in self.k]
+        view.v = [t[:m] for t in self.v]
+        view.write_slot = self.write_slot
+        view._prefill = None
+        return view
+
     # transformers calls these only when it has to infer positions or masks; we always pass both.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         raise RuntimeError("SlotKVCache needs explicit position_ids and attention masks")

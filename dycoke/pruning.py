@@ -46,6 +46,16 @@ class PruneState:
             has_prev=torch.zeros(batch, dtype=torch.bool, device=device),
         )
 
+    def gather_rows_(self, index: torch.Tensor) -> None:
+        """Rows ``index`` move to rows ``[0, len(index))``, in place (batch compaction)."""
+        m = index.numel()
+        self.prev[:m].copy_(self.prev.index_select(0, index))
+        self.has_prev[:m].copy_(self.has_prev.index_select(0, index))
+
+    def prefix(self, m: int) -> PruneState:
+        """The state of rows ``[0, m)`` (views)."""
+        return PruneState(self.prev[:m], self.has_prev[:m])
+
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget history (for all sequences, or for the rows of ``rows`` [B] bool)."""
         if rows is None:

@@ -274,7 +274,22 @@ def test_compaction_keeps_results_and_happens(llm, videos):
         assert g.visual_tokens_attended == pytest.approx(w.visual_tokens_attended)
     for req, g in zip(reqs[:3], got[:3]):
         assert Engine(llm, cfg, max_batch_size=1).generate([req])[0].token_ids == g.token_ids
-    # the engine stays usable for the next batch after compacting (the cached session was permuted)
+    # the engine stays usable for the next batch after compacting (the cached session was permuted), and the
+    # prefix sessions (power-of-two row counts) are reused, not rebuilt
+    prefixes = dict(compacting._session._prefixes)
+    assert sorted(prefixes) == [1, 2, 4]
     assert [r.token_ids for r in compacting.generate(reqs)] == [r.token_ids for r in got]
+    assert compacting._session._prefixes == prefixes
+    # no reference cycle keeps a dropped engine's KV cache alive (it is freed by reference counting alone)
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        cache = weakref.ref(compacting._session.cache.k[0])
+        del compacting, prefixes
+        assert cache() is None
+    finally:
+        gc.enable()
     with pytest.raises(ValueError, match="compact_ratio"):
         Engine(llm, cfg, compact_ratio=1.0)
