@@ -89,6 +89,7 @@ class OutputConfig(_Section):
     """Where and how the Parquet output is written."""
 
     path: str = Field(
+        min_length=1,
         description="Output root, local folder or s3://bucket/prefix. Files go to <path>/<run_id>/part-*.parquet; "
         "a re-run with the same run_id resumes or replaces that folder (see on_existing)."
     )
@@ -163,6 +164,17 @@ class TasksConfig(_Section):
     mcq_max_new_tokens: int = Field(8, ge=1, description="Generation limit for multiple-choice questions.")
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy (deterministic).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold (only with temperature > 0).")
+
+    @model_validator(mode="after")
+    def _unique_task_ids(self) -> TasksConfig:
+        from pipeline.tasks import global_tasks
+
+        ids = [t.task_id for t in global_tasks(self)]
+        taken = [i for i in ids if ids.count(i) > 1 or i == "none" or i.startswith("vq:")]
+        if taken:
+            raise ValueError(f"task ids must be unique and not 'none' or 'vq:<i>' (per-video questions): {sorted(set(taken))}"
+                             "; give the mcq entries distinct ids")
+        return self
 
 
 class ModelConfig(_Section):
@@ -402,7 +414,8 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None,
                 data: dict | None = None) -> PipelineConfig:
-    """Build the validated config from a YAML file (or ``data``) plus dotted overrides.
+    """Build the validated config from ``data`` (built-in defaults, e.g. the demo's), a YAML file on top
+    (each top-level section the file sets replaces that section of ``data``) and dotted overrides last.
 
     Raises :class:`ConfigurationError` naming every bad field.
     """
@@ -422,7 +435,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
             raise ConfigurationError(f"configuration file {p} must hold a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
     if data:
-        raw = apply_overrides(raw, _flatten(data))
+        raw = {**data, **raw}
     if overrides:
         if isinstance(overrides, list):
             overrides = dict(parse_override(o) for o in overrides)
@@ -431,17 +444,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigurationError(_format_errors(exc, source)) from None
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def field_docs(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -66,3 +66,16 @@ def test_demo_runs_twice(tmp_path):
             assert "resuming run demo: 5 of 5 videos already complete, 0 to do" in proc.stderr, proc.stderr[-3000:]
             assert "started a local Ray" not in proc.stderr
     assert stamps[1] == stamps[0] < stamps[2]  # kept as it was, then redone
+
+
+def test_demo_config_file_replaces_the_builtin_sections(tmp_path, capsys):
+    """``jobs.demo --config FILE``: the file's sections win over the embedded demo's; the rest stays."""
+    from jobs import demo
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("input: {s3_prefix: 's3://bkt/videos/'}\noutput: {path: s3://bkt/out}\n")
+    assert demo.main(["--config", str(cfg), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["input"]["s3_prefix"] == "s3://bkt/videos/" and printed["input"]["local_dir"] is None
+    assert printed["output"]["path"] == "s3://bkt/out"
+    assert printed["model"]["source"] == "demo_output/tiny-llava" and printed["run_id"] == "demo"

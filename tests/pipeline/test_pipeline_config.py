@@ -89,3 +89,16 @@ def test_every_field_is_documented():
     assert len(docs) > 40
     for name, _type, _default, desc in docs:
         assert desc, f"{name} has no description"
+
+
+def test_task_ids_are_unique_and_output_path_not_empty():
+    from pipeline.config import ConfigurationError, load_config
+
+    base = {"input": {"local_dir": "v"}, "output": {"path": "o"}, "model": {"source": "m"}}
+    two = [{"question": "a?", "options": ["x", "y"], "id": "k"}, {"question": "b?", "options": ["x", "y"], "id": "k"}]
+    for mcq in (two, [{"question": "a?", "options": ["x", "y"], "id": "caption"}],
+                [{"question": "a?", "options": ["x", "y"], "id": "vq:0"}]):
+        with pytest.raises(ConfigurationError, match="task ids must be unique"):
+            load_config(data={**base, "tasks": {"mcq": mcq}})
+    with pytest.raises(ConfigurationError, match="output.path"):
+        load_config(data={**base, "output": {"path": ""}})
