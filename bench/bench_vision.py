@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_engine import build_model, measure_peaks  # noqa: E402
+from bench.bench_engine import build_model, measure_peaks, model_stats  # noqa: E402
 from dycoke.testing import build_tiny_tokenizer  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     peaks = measure_peaks()
     llm = build_model("0.5b", build_tiny_tokenizer())
     vt = llm.model.model.vision_tower
-    params = sum(p.numel() for p in vt.parameters()) + sum(p.numel() for p in llm.model.model.multi_modal_projector.parameters())
+    params = model_stats(llm)["vision_params"]
     frames = 32
     tokens = frames * 729
     c = vt.config

@@ -23,6 +23,14 @@ if sys.path[:1] != [_ROOT]:
     sys.path.insert(0, _ROOT)
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A tiny random-weight LLaVA-OneVision checkpoint saved in Hugging Face layout (built once per session)."""
+    from dycoke.testing import build_tiny_checkpoint
+
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-llava"))
+
+
 def _cuda_available() -> bool:
     try:
         import torch

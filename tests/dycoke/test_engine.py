@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from dycoke import DyCokeConfig
 from dycoke.engine import Engine, GenerationSettings, Request
 from dycoke.llava import VideoLLM
-from dycoke.testing import build_tiny_checkpoint
 
 QUESTIONS = ["Describe the video.", "What happens in this clip? Answer briefly.",
              "Which option best describes the scene? (A) cooking (B) dancing (C) driving"]
@@ -17,8 +16,8 @@ MAX_NEW = 10
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+def ckpt(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +244,9 @@ def test_sampling_is_reproducible_and_differs_from_greedy(llm, videos):
     torch.manual_seed(0)
     b = Engine(llm, cfg).generate([req])[0]
     assert a.token_ids == b.token_ids and len(a.token_ids) == 12
+    greedy = Engine(llm, cfg).generate([Request("g", vis, "Describe.", GenerationSettings(max_new_tokens=12,
+                                                                                        ignore_eos=True))])[0]
+    assert greedy.token_ids != a.token_ids
 
 
 def test_invalid_settings_fail_clearly(llm):

@@ -1,24 +1,11 @@
-"""Fixtures shared by the pipeline tests: the tiny checkpoint and generated sample videos."""
+"""Fixtures shared by the pipeline tests: generated sample videos and an in-process S3 mock
+(``tiny_model`` comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:  # `tests.pipeline.*` helpers importable under plain `pytest` too
-    sys.path.insert(0, _ROOT)
-
-from tests.pipeline.videos import sample_set, write_video  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    from dycoke.testing import build_tiny_checkpoint
-
-    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-llava"))
+from tests.pipeline.videos import sample_set, write_video
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +19,23 @@ def video_dir(tmp_path_factory, sample_videos):
     for name, data in sample_videos.items():
         write_video(root / name, data)
     return root
+
+
+@pytest.fixture()
+def mocked_s3():
+    """moto's in-process S3 (``mock_aws``) with fake credentials and a bucket ``bkt``; yields a boto3 client.
+    The pipeline's cached S3 clients are dropped before and after, so they talk to the mock."""
+    moto = pytest.importorskip("moto")
+    import boto3
+
+    from pipeline import s3
+    from tests.pipeline.s3server import fake_aws_env
+
+    with fake_aws_env(), moto.mock_aws():
+        s3.client.cache_clear()
+        try:
+            client = boto3.client("s3", region_name="us-east-1")
+            client.create_bucket(Bucket="bkt")
+            yield client
+        finally:
+            s3.client.cache_clear()

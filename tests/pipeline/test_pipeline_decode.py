@@ -128,24 +128,11 @@ def test_video_error_carries_type():
     assert err.error_type == "not_found" and str(err) == "gone"
 
 
-def test_s3_fetch_errors_and_spool(sample_videos):
-    moto = pytest.importorskip("moto")
-    import boto3
-
-    from tests.pipeline.s3server import fake_aws_env
-
-    with fake_aws_env(), moto.mock_aws():
-        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="bkt")
-        boto3.client("s3", region_name="us-east-1").put_object(Bucket="bkt", Key="v.mp4", Body=sample_videos["short_24fps.mp4"])
-        from pipeline import s3
-
-        s3.client.cache_clear()  # clients are cached per process; the mock needs a fresh one
-        try:
-            stage = DecodeStage(_settings(in_memory_bytes=100))
-            out = stage([{"video_id": "a", "video_uri": "s3://bkt/v.mp4", "questions": None},
-                         {"video_id": "b", "video_uri": "s3://bkt/missing.mp4", "questions": None},
-                         {"video_id": "c", "video_uri": "s3://no-such-bucket/x.mp4", "questions": None}]).to_pylist()
-        finally:
-            s3.client.cache_clear()
+def test_s3_fetch_errors_and_spool(sample_videos, mocked_s3):
+    mocked_s3.put_object(Bucket="bkt", Key="v.mp4", Body=sample_videos["short_24fps.mp4"])
+    stage = DecodeStage(_settings(in_memory_bytes=100))
+    out = stage([{"video_id": "a", "video_uri": "s3://bkt/v.mp4", "questions": None},
+                 {"video_id": "b", "video_uri": "s3://bkt/missing.mp4", "questions": None},
+                 {"video_id": "c", "video_uri": "s3://no-such-bucket/x.mp4", "questions": None}]).to_pylist()
     assert out[0]["status"] == "ok" and out[0]["video_etag"]
     assert out[1]["error_type"] == "not_found" and out[2]["error_type"] == "not_found"

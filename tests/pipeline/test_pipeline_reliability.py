@@ -113,22 +113,6 @@ def test_manifest_keeps_scheme_uris_as_written(tmp_path):
 # ------------------------------------------------------------------------------------------------ S3
 
 
-@pytest.fixture()
-def mocked_s3(monkeypatch):
-    moto = pytest.importorskip("moto")
-    import boto3
-
-    from pipeline import s3
-    from tests.pipeline.s3server import fake_aws_env
-
-    with fake_aws_env(), moto.mock_aws():
-        s3.client.cache_clear()
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="bkt")
-        yield client
-    s3.client.cache_clear()
-
-
 def test_object_deleted_between_listing_and_download(mocked_s3, bad_inputs):
     from pipeline.s3 import S3Settings
     from pipeline.sources import iter_s3_uris
@@ -241,6 +225,9 @@ def test_run_id_cannot_leave_the_output_prefix(run_id):
 def test_sink_target_stays_under_output_path(tmp_path):
     target = sink.resolve(str(tmp_path / "out"), "run-1", None)
     assert target.path == str(tmp_path / "out" / "run-1")
+    for bad in ("..", "../escape", "a/b", "a\\b", "."):
+        with pytest.raises(ValueError, match="one folder name"):
+            sink.resolve(str(tmp_path / "out"), bad, None)
 
 
 def test_config_cannot_execute_code(tmp_path):

@@ -11,7 +11,6 @@ import pytest
 from pipeline import s3
 from pipeline.config import InputConfig
 from pipeline.sources import SourceError, iter_s3_uris, list_videos, manifest_source, video_id_for
-from tests.pipeline.s3server import fake_aws_env
 
 SETTINGS = s3.S3Settings()
 
@@ -64,26 +63,17 @@ def test_bad_manifests(tmp_path):
         list_videos(InputConfig(local_dir=str(tmp_path / "absent")), SETTINGS)
 
 
-def test_s3_listing_is_paginated_and_filtered():
-    moto = pytest.importorskip("moto")
-    import boto3
-
-    with fake_aws_env(), moto.mock_aws():
-        s3.client.cache_clear()
-        try:
-            c = boto3.client("s3", region_name="us-east-1")
-            c.create_bucket(Bucket="bkt")
-            for i in range(23):
-                c.put_object(Bucket="bkt", Key=f"videos/{i:03d}.mp4", Body=b"x")
-            c.put_object(Bucket="bkt", Key="videos/skip.json", Body=b"x")
-            c.put_object(Bucket="bkt", Key="videos/sub/", Body=b"")
-            c.put_object(Bucket="bkt", Key="other/1.mp4", Body=b"x")
-            c.put_object(Bucket="bkt", Key="m/list.jsonl", Body=b'{"video_uri": "s3://bkt/videos/000.mp4"}\n')
-            uris = list(iter_s3_uris("s3://bkt/videos/", [".mp4"], SETTINGS, page_size=5))
-            table = list_videos(InputConfig(s3_prefix="s3://bkt/videos/"), SETTINGS)
-            manifest = list_videos(InputConfig(manifest="s3://bkt/m/list.jsonl"), SETTINGS)
-        finally:
-            s3.client.cache_clear()
+def test_s3_listing_is_paginated_and_filtered(mocked_s3):
+    c = mocked_s3
+    for i in range(23):
+        c.put_object(Bucket="bkt", Key=f"videos/{i:03d}.mp4", Body=b"x")
+    c.put_object(Bucket="bkt", Key="videos/skip.json", Body=b"x")
+    c.put_object(Bucket="bkt", Key="videos/sub/", Body=b"")
+    c.put_object(Bucket="bkt", Key="other/1.mp4", Body=b"x")
+    c.put_object(Bucket="bkt", Key="m/list.jsonl", Body=b'{"video_uri": "s3://bkt/videos/000.mp4"}\n')
+    uris = list(iter_s3_uris("s3://bkt/videos/", [".mp4"], SETTINGS, page_size=5))
+    table = list_videos(InputConfig(s3_prefix="s3://bkt/videos/"), SETTINGS)
+    manifest = list_videos(InputConfig(manifest="s3://bkt/m/list.jsonl"), SETTINGS)
     assert uris == [f"s3://bkt/videos/{i:03d}.mp4" for i in range(23)]
     assert table.column("video_uri").to_pylist() == uris
     assert manifest.column("video_uri").to_pylist() == ["s3://bkt/videos/000.mp4"]
