@@ -395,7 +395,7 @@ def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_mo
     assert attempt == 1 and kept == 2 * done and deleted == unreadable_after_kill
     assert kept + removed == rows_after_kill, (m.group(0), rows_after_kill)
     # the killed driver's lock (same host, process gone) is taken over at once
-    assert "taking over the lock" in log2 and "is gone" in log2, log2[-4000:]
+    assert "took over the lock" in log2 and "is gone" in log2, log2[-4000:]
     assert not list((out / "_locks").glob("*.json"))  # released at the end
 
     # exactly one row per (video, task), every video present
