@@ -146,9 +146,10 @@ class Engine:
         """
         handle = Handle(requests)
         groups: dict[tuple, Group] = {}
+        on_device: dict[int, torch.Tensor] = {}  # one host-to-device copy per visual tokens object
         for i, req in enumerate(requests):
             try:
-                p = self._prepare(i, req, handle)
+                p = self._prepare(i, req, handle, on_device)
             except ValueError as exc:
                 handle.finish(i, error_result(req, str(exc)))
                 continue
@@ -194,7 +195,8 @@ class Engine:
         self._cur = self._session
 
     # ------------------------------------------------------------------ prompts
-    def _prepare(self, index: int, req: Request, handle: Handle | None = None) -> Prepared:
+    def _prepare(self, index: int, req: Request, handle: Handle | None = None,
+                 on_device: dict[int, torch.Tensor] | None = None) -> Prepared:
         llm = self.llm
         ids = llm.prompt_ids(req.question, req.system_prompt)
         p = ids.index(llm.video_token_id)
@@ -202,7 +204,11 @@ class Engine:
         if req.visual is None:
             prefix, vis_len = emb[:p], 0
         else:
-            vis = req.visual.tokens.to(llm.device, llm.dtype)
+            vis = None if on_device is None else on_device.get(id(req.visual))
+            if vis is None:
+                vis = req.visual.tokens.to(llm.device, llm.dtype)
+                if on_device is not None:
+                    on_device[id(req.visual)] = vis
             if vis.shape[-1] != emb.shape[-1]:
                 raise ValueError(f"visual tokens have width {vis.shape[-1]}, the model expects {emb.shape[-1]}")
             prefix, vis_len = torch.cat([emb[:p], vis]), req.visual.num_kept

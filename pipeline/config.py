@@ -276,14 +276,34 @@ class StagesConfig(_Section):
     decode_max_tasks: int | None = Field(None, ge=1, description="At most this many concurrent decode tasks; null = as many as the CPUs allow.")
     encode_batch_size: int = Field(8, ge=1, description="Videos per encode actor call.")
     encode_actors: int = Field(1, ge=1, description="Encode actors (split mode).")
-    generate_batch_size: int = Field(8, ge=1, description="Videos per generate actor call (all their tasks are generated together).")
+    generate_batch_size: int | None = Field(
+        None, ge=1, description="Videos per generate actor call; null = 32 with a GPU (several calls in flight keep the "
+        "engine full), 8 on CPU.")
     generate_actors: int = Field(1, ge=1, description="Generate actors (split mode).")
-    fused_batch_size: int = Field(4, ge=1, description="Videos per fused actor call.")
+    fused_batch_size: int | None = Field(
+        None, ge=1, description="Videos per fused actor call; null = 32 with a GPU, 4 on CPU.")
     fused_actors: int = Field(1, ge=1, description="Fused actors (fused mode).")
     max_actors: int | None = Field(None, ge=1, description="Let each actor pool autoscale up to this many actors; null = fixed size.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encode/generate/fused actor (0 runs the model on CPU, for tiny models).")
     actor_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model actor (preprocessing, batching).")
-    engine_max_batch_size: int = Field(16, ge=1, description="Sequences the generation engine decodes together.")
+    engine_max_batch_size: int | None = Field(
+        None, ge=1, description="Sequences (video x task rows) the generation engine decodes together; null = as many "
+        "as 60% of the free GPU memory holds in KV cache (at most 256), 16 on CPU.")
+    actor_concurrency: int = Field(
+        3, ge=1, description="Calls a generate or fused actor works on at once: their tasks join one running engine "
+        "(continuous batching), so the GPU does not wait between calls. 1 drains each call before the next.")
+
+    @property
+    def gpu(self) -> bool:
+        return self.gpus_per_actor > 0
+
+    @property
+    def resolved_fused_batch_size(self) -> int:
+        return self.fused_batch_size or (32 if self.gpu else 4)
+
+    @property
+    def resolved_generate_batch_size(self) -> int:
+        return self.generate_batch_size or (32 if self.gpu else 8)
 
     @property
     def resolved_mode(self) -> Literal["fused", "split"]:

@@ -4,7 +4,8 @@
 
     from_arrow(video list)                                     driver
       -> map_batches(decode_batch)        CPU tasks              num_cpus=decode_num_cpus, memory=decode_memory_gb
-      -> map_batches(FusedStage)          actor pool             num_gpus=gpus_per_actor       (fused mode)
+      -> map_batches(FusedStage)          actor pool             num_gpus=gpus_per_actor       (fused mode;
+                                          actor_concurrency calls per actor feed one running engine)
          or map_batches(EncodeStage) -> map_batches(GenerateStage)   two actor pools           (split mode)
       -> write_parquet(<output>/<run_id>/, deterministic names, sized files; OVERWRITE for a fresh run,
                        APPEND with new attempt names when a killed run is resumed)
@@ -60,10 +61,13 @@ def _source_blocks(videos: pa.Table, rows_per_block: int) -> list[pa.Table]:
     return [videos.slice(i, rows_per_block) for i in range(0, n, rows_per_block)] or [videos]
 
 
-def _actors(n: int, max_actors: int | None) -> ActorPoolStrategy:
+def _actors(n: int, max_actors: int | None, concurrency: int = 1) -> ActorPoolStrategy:
+    """A pool of ``n`` actors (autoscaling to ``max_actors``); ``concurrency > 1`` lets each actor run that many
+    calls at once on threads (the engine stages are thread-safe: their calls feed one engine loop)."""
+    threads = {"max_concurrent_calls_per_actor": concurrency, "enable_true_multi_threading": True} if concurrency > 1 else {}
     if max_actors and max_actors > n:
-        return ActorPoolStrategy(min_size=n, max_size=max_actors)
-    return ActorPoolStrategy(size=n)
+        return ActorPoolStrategy(min_size=n, max_size=max_actors, **threads)
+    return ActorPoolStrategy(size=n, **threads)
 
 
 def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings: ModelSettings,
@@ -92,8 +96,8 @@ def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings
         ds = ds.map_batches(
             FusedStage,
             fn_constructor_kwargs={"model": model_settings, "settings": gen_settings},
-            batch_size=st.fused_batch_size,
-            compute=_actors(st.fused_actors, st.max_actors),
+            batch_size=st.resolved_fused_batch_size,
+            compute=_actors(st.fused_actors, st.max_actors, st.actor_concurrency),
             **model_args,
         )
     else:
@@ -107,8 +111,8 @@ def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings
         ds = ds.map_batches(
             GenerateStage,
             fn_constructor_kwargs={"model": model_settings, "settings": gen_settings},
-            batch_size=st.generate_batch_size,
-            compute=_actors(st.generate_actors, st.max_actors),
+            batch_size=st.resolved_generate_batch_size,
+            compute=_actors(st.generate_actors, st.max_actors, st.actor_concurrency),
             **model_args,
         )
     return ds

@@ -63,7 +63,7 @@ class GenerateSettings:
     run_id: str
     tasks: Any  # pipeline.config.TasksConfig (a pydantic model, picklable)
     dycoke: Any  # pipeline.config.DyCokeSettings
-    engine_max_batch_size: int = 16
+    engine_max_batch_size: int | None = None  # None: sized from free device memory (16 rows on CPU)
     extra: dict = field(default_factory=dict)
 
 
@@ -186,6 +186,7 @@ class GenerateStage:
 
     def __init__(self, model: ModelSettings, settings: GenerateSettings, llm=None):
         from dycoke.engine import Engine
+        from dycoke.serving import EngineLoop
 
         self.model_settings = model
         self.settings = settings
@@ -193,6 +194,8 @@ class GenerateStage:
         self.dycoke = settings.dycoke.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
         self.compression = self.dycoke.to_json()
         self.engine = Engine(self.llm, self.dycoke, max_batch_size=settings.engine_max_batch_size)
+        # One thread owns the device: concurrent actor calls add their requests to the running engine.
+        self.loop = EngineLoop(self.engine)
 
     def _requests(self, video: Mapping[str, Any], tasks: Sequence[Task]):
         from dycoke.engine import GenerationSettings, Request
@@ -200,7 +203,7 @@ class GenerateStage:
         t = self.settings.tasks
         visual = video["visual"]
         if isinstance(visual, (bytes, bytearray, memoryview)):  # from an encode actor; in-actor tokens as they are
-            visual = unpack_visual(visual, device=self.llm.device)
+            visual = unpack_visual(visual)  # host tensor: the engine thread moves it to the device, once per video
         return [
             Request(request_id=f"{video['video_id']}:{task.task_id}", visual=visual, question=task.prompt,
                     settings=GenerationSettings(max_new_tokens=task.max_new_tokens, temperature=t.temperature, top_p=t.top_p))
@@ -208,7 +211,8 @@ class GenerateStage:
         ]
 
     def _generate(self, items: list[tuple[dict, Task, Any]]) -> list:
-        return self.engine.generate([req for _, _, req in items])
+        """Results of the items' requests, generated next to whatever other calls have in the engine."""
+        return self.loop.submit([req for _, _, req in items]).result()
 
     def generate_rows(self, rows: list[dict]) -> list[dict]:
         run_id, comp = self.settings.run_id, self.compression
@@ -284,7 +288,11 @@ def generate_error_type(message: str) -> str:
 
 
 class FusedStage:
-    """``decoded rows -> output rows``: encode and generate in one actor sharing one loaded model."""
+    """``decoded rows -> output rows``: encode and generate in one actor sharing one loaded model.
+
+    Thread-safe: an actor may run several calls at once; each call's videos are encoded on the engine
+    thread and their tasks join the running engine, so the device never waits for a call to drain.
+    """
 
     input_columns = EncodeStage.input_columns
     output_columns = GenerateStage.output_columns
@@ -295,7 +303,9 @@ class FusedStage:
         self.generate = GenerateStage(model, settings, llm=llm)
 
     def __call__(self, batch) -> pa.Table:
-        return rows_to_table(self.generate.generate_rows(self.encode.encode_rows(_rows(batch), pack=False)))
+        # Encoding runs on the engine's thread between decode steps (one thread launches all GPU work).
+        encoded = self.generate.loop.call(self.encode.encode_rows, _rows(batch), pack=False).result()
+        return rows_to_table(self.generate.generate_rows(encoded))
 
 
 def describe(stage) -> str:

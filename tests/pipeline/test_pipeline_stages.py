@@ -103,14 +103,14 @@ def test_prompt_too_long_is_an_error_row(tiny_model, llm, decoded):
 def test_engine_failure_is_isolated_per_video(tiny_model, llm, decoded, monkeypatch):
     ms = ModelSettings(source=tiny_model)
     stage = FusedStage(ms, _gen_settings(questions=[], mcq=[]), llm=llm)
-    real = stage.generate.engine.generate
+    real = stage.generate.engine.add
 
     def flaky(requests):
         if any(r.request_id.startswith("long_10fps") for r in requests):
             raise RuntimeError("device fell over")
         return real(requests)
 
-    monkeypatch.setattr(stage.generate.engine, "generate", flaky)
+    monkeypatch.setattr(stage.generate.engine, "add", flaky)
     rows = {r["video_id"]: r for r in stage(decoded).to_pylist()}
     assert rows["long_10fps.mp4"]["error_type"] == "generate_failed"
     assert "device fell over" in rows["long_10fps.mp4"]["error_message"]
