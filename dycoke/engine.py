@@ -307,6 +307,7 @@ class Engine:
         t2 = time.perf_counter()
         self.stats["prefix_prefill_s"] += t1 - t0
         self.stats["suffix_prefill_s"] += t2 - t1
+        self.stats["admissions"] += 1
         self.stats["prefixes"] += len(admitted)
         self.stats["rows_admitted"] += n
         for g, rows in admitted:
