@@ -38,6 +38,7 @@ class EngineLoop:
         self._inbox: queue.Queue = queue.Queue()
         self._pending: list[tuple[Any, Future]] = []  # (handle, future) of submitted, unfinished work
         self._closed = False
+        self._threads = torch.get_num_threads()  # the creator's CPU thread setting (per thread in OpenMP)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -65,6 +66,7 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         with torch.inference_mode():
             while True:
                 busy = self.engine.has_work()

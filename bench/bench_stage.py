@@ -1,0 +1,264 @@
+"""The job's GPU stage exactly as the job calls it, at the DEFAULT configuration, against its floor.
+
+Random weights at real LLaVA-OneVision shapes (speed does not depend on weight values), bf16, 32 frames at
+384 px per video, DyCoke K=0.7 L=3 P=0.7 (the config defaults). Input: decoded rows as the decode stage
+emits them (``pipeline.schema.DECODED_SCHEMA``, frames as bytes). The stage is built from a default
+``PipelineConfig`` with one GPU per actor, exactly as ``pipeline.run`` builds it: videos per call
+(``stages.fused_batch_size``), calls in flight per actor (``stages.actor_concurrency``, one thread each, as
+Ray's threaded actor runs them) and engine rows (``stages.engine_max_batch_size``: from free memory).
+Generation runs to each task's own limit (random weights practically never emit EOS).
+
+Variants per shape:
+  fused_mix            FusedStage, realistic mix: caption + 2 open questions (128 tokens) + 1 MCQ (8)
+  fused_caption        FusedStage, caption only (128 tokens)
+  fused_mix_drain      as fused_mix with actor_concurrency=1 (each call drains before the next)
+  split_mix            EncodeStage (tokens packed to bytes) then GenerateStage on its rows, each timed alone:
+                       rate of two actors on two GPUs = min of the two; on one GPU = harmonic sum
+
+Floor per video (DESIGN 7): vision FLOPs + ONE video prefill + the task suffix prefills at the measured
+bf16 matmul rate, plus decode bytes (decoder weights once per engine step, shared by the rows decoding
+together; KV read per row and step) at the measured copy bandwidth.
+
+    python bench/bench_stage.py --shape 7b --shape 0.5b      # table on stdout, $OUT/bench_stage_7b_0.5b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_engine import build_model, measure_peaks  # noqa: E402
+from dycoke.testing import build_tiny_tokenizer  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.schema import DECODED_SCHEMA  # noqa: E402
+from pipeline.stages import EncodeStage, FusedStage, GenerateSettings, GenerateStage, ModelSettings  # noqa: E402
+
+MIX = {"questions": ["What is the main person doing, and with which objects?",
+                     "How does the scene change from the beginning to the end of the clip?"],
+       "mcq": [{"question": "Where does the video take place?", "options": ["a kitchen", "a street", "a forest",
+                                                                             "an office"]}]}
+
+
+def job_config(tasks: dict, **stages):
+    """The default job configuration with one GPU per actor (what a user's GPU run starts from)."""
+    return load_config(data={"input": {"local_dir": "."}, "output": {"path": "out"}, "model": {"source": "random"},
+                             "tasks": tasks, "stages": {"gpus_per_actor": 1, **stages}})
+
+
+def decoded_rows(n: int, frames: int, size: int = 384, distinct: int = 8) -> list[dict]:
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8).tobytes() for _ in range(distinct)]
+    rows = [{"video_id": f"v{i:05d}", "video_uri": f"file:///v{i:05d}.mp4", "questions": None, "video_etag": "e",
+             "video_bytes": 1, "duration_s": 10.0, "num_frames": frames, "frame_timestamps_s": [0.0] * frames,
+             "frames": pool[i % distinct], "frames_shape": [frames, size, size, 3], "fetch_s": 0.0, "decode_s": 0.0,
+             "status": "ok", "error_type": None, "error_message": None} for i in range(n)]
+    return rows
+
+
+def batches(rows: list[dict], size: int) -> list[pa.Table]:
+    return [pa.Table.from_pylist(rows[i : i + size], schema=DECODED_SCHEMA) for i in range(0, len(rows), size)]
+
+
+def lm_stats(llm) -> dict:
+    lm = llm.language_model
+    c = lm.config
+    layer_params = sum(p.numel() for p in lm.layers.parameters())
+    head_params = llm.lm_head.weight.numel()
+    vis = sum(p.numel() for p in llm.model.model.vision_tower.parameters()) + \
+        sum(p.numel() for p in llm.model.model.multi_modal_projector.parameters())
+    head_dim = c.hidden_size // c.num_attention_heads
+    return {"layer_params": layer_params, "head_params": head_params, "vision_params": vis, "layers": c.num_hidden_layers,
+            "hidden": c.hidden_size, "kv_bytes_per_token": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2}
+
+
+def floor_per_video(st: dict, peaks: dict, frames: int, prefix: int, suffixes: list[int], new_tokens: list[int],
+                    rows: int) -> dict:
+    """Seconds per video at the speed of light for one video with tasks of ``suffixes`` / ``new_tokens``."""
+    attn = lambda q, k: 4 * st["layers"] * st["hidden"] * q * k  # noqa: E731  QK^T + PV
+    vision = 2 * st["vision_params"] * frames * 729
+    prefill = 2 * st["layer_params"] * prefix + attn(prefix, prefix) / 2
+    suffix = sum(2 * st["layer_params"] * s + attn(s, prefix + s) + 2 * st["head_params"] for s in suffixes)
+    row_steps = sum(n - 1 for n in new_tokens)
+    weights = (st["layer_params"] + st["head_params"]) * 2 * row_steps / rows  # one weight read per engine step
+    kv = sum(st["kv_bytes_per_token"] * (prefix + s + n / 2) * (n - 1) for s, n in zip(suffixes, new_tokens))
+    flops_s = (vision + prefill + suffix) / peaks["matmul_flops"]
+    bytes_s = (weights + kv) / peaks["copy_bytes_per_s"]
+    return {"floor_s": flops_s + bytes_s, "vision_s": vision / peaks["matmul_flops"],
+            "prefill_s": prefill / peaks["matmul_flops"], "suffix_s": suffix / peaks["matmul_flops"], "decode_s": bytes_s}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
+
+
+class Timed:
+    """Wraps a stage's ``encode_rows`` to add the vision time (synchronised) to a counter."""
+
+    def __init__(self, encode):
+        self.encode, self.total = encode, 0.0
+        self.real = encode.encode_rows
+
+    def __call__(self, rows, pack=True):
+        t0 = time.perf_counter()
+        out = self.real(rows, pack=pack)
+        _sync()
+        self.total += time.perf_counter() - t0
+        return out
+
+
+def run_fused(llm, cfg, rows: list[dict], warm: list[dict]) -> tuple[dict, list[dict]]:
+    st = cfg.stages
+    gs = GenerateSettings(run_id="bench", tasks=cfg.tasks, dycoke=cfg.dycoke, engine_max_batch_size=st.engine_max_batch_size)
+    stage = FusedStage(ModelSettings(source="random"), gs, llm=llm)
+    timer = Timed(stage.encode)
+    stage.encode.encode_rows = timer
+    size, threads = st.resolved_fused_batch_size, st.actor_concurrency
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # as Ray's threaded actor runs the calls
+        list(pool.map(stage, batches(warm, size)))  # warm-up: session allocation, graph capture
+        _sync()
+        stage.generate.engine.stats.clear()
+        timer.total = 0.0
+        _reset_peak()
+        t0 = time.perf_counter()
+        out = [r for t in pool.map(stage, batches(rows, size)) for r in t.to_pylist()]
+        wall = time.perf_counter() - t0
+    eng = stage.generate.engine
+    stage.generate.loop.close()
+    return {"wall_s": wall, "videos_per_s": len(rows) / wall, "vision_s": timer.total,
+            "prefix_prefill_s": eng.stats["prefix_prefill_s"], "suffix_prefill_s": eng.stats["suffix_prefill_s"],
+            "decode_s": eng.stats["decode_s"], "decode_steps": eng.stats["decode_steps"],
+            "admissions": eng.stats["admissions"], "prefixes": eng.stats["prefixes"], "rows": eng._session.rows,
+            "slots": eng._session.slots, "videos_per_call": size, "calls_in_flight": threads,
+            "peak_gib": _peak_gib()}, out
+
+
+def run_split(llm, cfg, rows: list[dict], warm: list[dict]) -> dict:
+    st = cfg.stages
+    enc = EncodeStage(ModelSettings(source="random"), cfg.dycoke, llm=llm)
+    gs = GenerateSettings(run_id="bench", tasks=cfg.tasks, dycoke=cfg.dycoke, engine_max_batch_size=st.engine_max_batch_size)
+    gen = GenerateStage(ModelSettings(source="random"), gs, llm=llm)
+    enc_batches = [enc(b) for b in batches(warm, st.encode_batch_size)]
+    with concurrent.futures.ThreadPoolExecutor(st.actor_concurrency) as pool:
+        list(pool.map(gen, [t for b in enc_batches for t in batches(b.to_pylist(), st.resolved_generate_batch_size)]))
+    _sync()
+    t0 = time.perf_counter()
+    encoded = [r for b in batches(rows, st.encode_batch_size) for r in enc(b).to_pylist()]
+    t_enc = time.perf_counter() - t0
+    gen.engine.stats.clear()
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(st.actor_concurrency) as pool:
+        list(pool.map(gen, batches_of(encoded, st.resolved_generate_batch_size)))
+    t_gen = time.perf_counter() - t0
+    gen.loop.close()
+    n = len(rows)
+    return {"encode_videos_per_s": n / t_enc, "generate_videos_per_s": n / t_gen,
+            "videos_per_s": min(n / t_enc, n / t_gen), "one_gpu_videos_per_s": n / (t_enc + t_gen),
+            "rows": gen.engine._session.rows, "peak_gib": _peak_gib()}
+
+
+def batches_of(rows: list[dict], size: int) -> list[pa.Table]:
+    from pipeline.schema import ENCODED_SCHEMA
+
+    return [pa.Table.from_pylist(rows[i : i + size], schema=ENCODED_SCHEMA) for i in range(0, len(rows), size)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", help="7b and/or 0.5b (default both)")
+    ap.add_argument("--videos", type=int, default=128)
+    ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--variants", default="fused_mix,fused_caption,fused_mix_drain,split_mix")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script on a tiny checkpoint (no figures)")
+    args = ap.parse_args()
+    shapes = ["tiny"] if args.tiny else (args.shape or ["7b", "0.5b"])
+    variants = args.variants.split(",")
+    out_dir = Path(os.environ.get("OUT", "."))
+    if args.tiny:  # nominal peaks: the run checks the script, its figures mean nothing
+        peaks, device = {"matmul_flops": 1e12, "copy_bytes_per_s": 1e11}, "cpu"
+    else:
+        peaks, device = measure_peaks(), torch.cuda.get_device_name()
+    print(f"device {device}  matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s  "
+          f"copy {peaks['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    tokenizer = build_tiny_tokenizer()
+    report = {"device": device, "peaks": peaks, "args": vars(args), "results": []}
+    for shape in shapes:
+        llm = _tiny_llm() if shape == "tiny" else build_model(shape, tokenizer)
+        rows = decoded_rows(args.videos, args.frames, llm.image_size)
+        st = lm_stats(llm)
+        for variant in variants:
+            tasks = {} if variant == "fused_caption" else MIX
+            cfg = job_config(tasks, **({"actor_concurrency": 1} if variant.endswith("drain") else {}))
+            warm = rows[: 2 * cfg.stages.resolved_fused_batch_size]
+            _reset_peak()
+            if variant.startswith("split"):
+                r = run_split(llm, cfg, rows, warm)
+            else:
+                r, out = run_fused(llm, cfg, rows, warm)
+                assert len(out) == len(rows) * (1 if tasks == {} else 4) and all(o["status"] == "ok" for o in out), \
+                    [o["error_message"] for o in out if o["status"] != "ok"][:3]
+                ok = [o for o in out if o["video_id"] == out[0]["video_id"]]
+                prefix = ok[0]["prompt_tokens"] - _suffix_len(llm, ok[0]["prompt"])
+                fl = floor_per_video(st, peaks, args.frames, prefix, [o["prompt_tokens"] - prefix for o in ok],
+                                     [o["output_tokens"] for o in ok], r["rows"])
+                r.update(floor=fl, x_floor=(1 / r["videos_per_s"]) / fl["floor_s"],
+                         output_tokens=statistics.mean(sum(o["output_tokens"] for o in out if o["video_id"] == v)
+                                                       for v in {o["video_id"] for o in out}),
+                         visual_tokens=ok[0]["visual_tokens_prefill"], prompt_tokens=[o["prompt_tokens"] for o in ok])
+            r.update(shape=shape, variant=variant)
+            report["results"].append(r)
+            print(shape, variant, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
+                  flush=True)
+        del llm
+        _reset_peak()
+    (out_dir / f"bench_stage_{'_'.join(shapes)}.json").write_text(json.dumps(report, indent=2, default=float))
+    print(f"\n{'shape':5} {'variant':16} {'videos/s':>9} {'x floor':>7} {'rows':>5} {'vision':>7} {'prefill':>8} "
+          f"{'suffix':>7} {'decode':>7} {'peak GiB':>8}")
+    for r in report["results"]:
+        if "floor" in r:
+            print(f"{r['shape']:5} {r['variant']:16} {r['videos_per_s']:9.3f} {r['x_floor']:7.2f} {r['rows']:>5} "
+                  f"{r['vision_s']:7.2f} {r['prefix_prefill_s']:8.2f} {r['suffix_prefill_s']:7.2f} {r['decode_s']:7.2f} "
+                  f"{r['peak_gib']:8.1f}")
+        else:
+            print(f"{r['shape']:5} {r['variant']:16} {r['videos_per_s']:9.3f} (encode {r['encode_videos_per_s']:.2f}/s, "
+                  f"generate {r['generate_videos_per_s']:.2f}/s, one GPU {r['one_gpu_videos_per_s']:.2f}/s)")
+
+
+def _tiny_llm():
+    import tempfile
+
+    from dycoke.llava import VideoLLM
+    from dycoke.testing import build_tiny_checkpoint
+
+    return VideoLLM.load(str(build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")), dtype="float32")
+
+
+def _suffix_len(llm, prompt: str) -> int:
+    ids = llm.prompt_ids(prompt)
+    return len(ids) - ids.index(llm.video_token_id) - 1
+
+
+if __name__ == "__main__":
+    main()
