@@ -366,7 +366,7 @@ class Engine:
         remaining = max(int(self._rows[r].request.settings.max_new_tokens) for r in live)
         if remaining < 2 * self.sync_every:
             return
-        new, perm = cur.compacted(torch.tensor(live, device=cur.out.device), done.to(cur.out.device))
+        new, perm = cur.compacted(torch.tensor(live, device=cur.out.device), done)
         rows = [self._rows[int(i)] for i in perm]
         self._rows = rows + [None] * (len(self._rows) - len(rows))
         self._cur = new

@@ -125,7 +125,7 @@ class Session:
                 self.ctx.state.prev, self.ctx.state.has_prev]
 
     # ------------------------------------------------------------------ compaction
-    def compacted(self, live: torch.Tensor, done: torch.Tensor) -> tuple[Session, torch.Tensor]:
+    def compacted(self, live: torch.Tensor, done: torch.Tensor) -> tuple[Session, torch.Tensor]:  # done: host [rows]
         """Move the ``live`` rows (``[n]`` long, on the device) to the front, in place, and return the session
         over the first ``m`` rows (``m``: the next power of two >= n, so a root sees at most log2(rows) prefix
         shapes, each captured once and reused) plus the permutation applied (``[m]``, host): live rows first,
