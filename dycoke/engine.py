@@ -265,7 +265,8 @@ class Engine:
         self._prefill(admitted)
 
     def _prefill(self, admitted: list[tuple[Group, list[int]]]) -> None:
-        """Prefix once per group (copied to its rows), then every admitted row's suffix in one forward."""
+        """Prefix once per group (copied to its rows), then the admitted rows' suffixes in a few batched forwards
+        (rows of similar suffix length together, :func:`_buckets`)."""
         s, llm, dev = self._session, self.llm, self.llm.device
         lm = llm.language_model
         t0 = time.perf_counter()
@@ -283,26 +284,12 @@ class Engine:
         _sync(dev)
         t1 = time.perf_counter()
         members = [(p, r) for g, rows in admitted for p, r in zip(g.members, rows)]
-        n, width = len(members), max(p.suffix.shape[0] for p, _ in members)
-        start = torch.tensor([p.prefix.shape[0] for p, _ in members], device=dev)
-        lengths = torch.tensor([p.suffix.shape[0] for p, _ in members], device=dev)
-        emb = torch.zeros(n, width, llm.hidden_size, dtype=llm.dtype, device=dev)
-        for i, (p, _) in enumerate(members):
-            emb[i, : p.suffix.shape[0]] = p.suffix
-        pos = start[:, None] + torch.arange(width, device=dev)[None]  # [n, width]
-        slots = pos.clamp(max=s.slots - 1)  # padding past a short suffix lands beyond its row's length (masked)
-        bias = torch.zeros(n, 1, width, s.slots, dtype=llm.dtype, device=dev)
-        bias.masked_fill_(s.slot_idx[None, None, None, :] > pos[:, None, :, None], float("-inf"))
+        members.sort(key=lambda m: m[0].suffix.shape[0])
+        logits = torch.cat([self._suffix_forward(b) for b in _buckets(members)])
         rows_t = torch.tensor([r for _, r in members], device=dev)
-        s.cache.begin_chunk(rows_t, slots)
-        try:
-            h = lm(inputs_embeds=emb, position_ids=pos, attention_mask={"full_attention": bias}, use_cache=True,
-                   **{self.cache_kwarg: s.cache}).last_hidden_state
-            s.cache.check_written("suffix prefill")
-        finally:
-            s.cache.end()
-        logits = llm.lm_head(h[torch.arange(n, device=dev), lengths - 1]).float()
-        self._start_rows(members, rows_t, start + lengths, logits)
+        ends = torch.tensor([p.length for p, _ in members], device=dev)
+        self._start_rows(members, rows_t, ends, logits)
+        n = len(members)
         _sync(dev)
         t2 = time.perf_counter()
         self.stats["prefix_prefill_s"] += t1 - t0
@@ -315,6 +302,29 @@ class Engine:
                 p.prefill_s = (t1 - t0) / n + (t2 - t1) / n
                 p.admitted_at = t2
                 self._rows[r] = p
+
+    def _suffix_forward(self, members: list[tuple[Prepared, int]]) -> torch.Tensor:
+        """One forward over the suffixes of ``members`` (padded to the longest), each row attending to its own
+        cached prefix; returns the next-token logits ``[n, V]`` (float32) at each suffix's last token."""
+        s, llm, dev = self._session, self.llm, self.llm.device
+        n, width = len(members), max(p.suffix.shape[0] for p, _ in members)
+        start = torch.tensor([p.prefix.shape[0] for p, _ in members], device=dev)
+        lengths = torch.tensor([p.suffix.shape[0] for p, _ in members], device=dev)
+        emb = torch.zeros(n, width, llm.hidden_size, dtype=llm.dtype, device=dev)
+        for i, (p, _) in enumerate(members):
+            emb[i, : p.suffix.shape[0]] = p.suffix
+        pos = start[:, None] + torch.arange(width, device=dev)[None]  # [n, width]
+        slots = pos.clamp(max=s.slots - 1)  # padding past a short suffix lands beyond its row's length (masked)
+        bias = torch.zeros(n, 1, width, s.slots, dtype=llm.dtype, device=dev)
+        bias.masked_fill_(s.slot_idx[None, None, None, :] > pos[:, None, :, None], float("-inf"))
+        s.cache.begin_chunk(torch.tensor([r for _, r in members], device=dev), slots)
+        try:
+            h = llm.language_model(inputs_embeds=emb, position_ids=pos, attention_mask={"full_attention": bias},
+                                   use_cache=True, **{self.cache_kwarg: s.cache}).last_hidden_state
+            s.cache.check_written("suffix prefill")
+        finally:
+            s.cache.end()
+        return llm.lm_head(h[torch.arange(n, device=dev), lengths - 1]).float()
 
     def _start_rows(self, members: list[tuple[Prepared, int]], rows: torch.Tensor, lengths: torch.Tensor,
                     logits: torch.Tensor) -> None:
@@ -371,6 +381,22 @@ class Engine:
         self._rows = rows + [None] * (len(self._rows) - len(rows))
         self._cur = new
         self.compactions += 1
+
+
+def _buckets(members: list, max_waste: float = 0.25) -> list[list]:
+    """Split ``members`` (sorted by suffix length) into runs padded with at most ``max_waste`` of their real
+    tokens, so one long suffix does not pad every short one (each run is one forward)."""
+    out: list[list] = []
+    real = 0
+    for m in members:
+        n = m[0].suffix.shape[0]
+        if out and (len(out[-1]) + 1) * n <= (1 + max_waste) * (real + n):
+            out[-1].append(m)
+            real += n
+        else:
+            out.append([m])
+            real = n
+    return out
 
 
 def _sync(device: torch.device) -> None:

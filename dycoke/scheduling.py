@@ -129,6 +129,7 @@ def auto_rows(llm, slots: int, *, memory_fraction: float = 0.6, max_rows: int = 
     if llm.device.type != "cuda":
         return cpu_rows
     free, _ = torch.cuda.mem_get_info(llm.device)
+    free += torch.cuda.memory_reserved(llm.device) - torch.cuda.memory_allocated(llm.device)  # the allocator's idle blocks
     per_row = slots * (kv_bytes_per_slot(llm) + 8 + 4)  # KV + generated ids + prune-state float per slot
     rows = int(free * memory_fraction // per_row)
     return max(8, min(max_rows, math.floor(rows / 8) * 8))
