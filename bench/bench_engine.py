@@ -167,11 +167,12 @@ def run_engine(llm: VideoLLM, cfg: DyCokeConfig, pixels: torch.Tensor, n_videos:
     with torch.inference_mode():
         one_pass(min(batch, n_videos))  # warm-up + graph capture at this shape
         torch.cuda.synchronize()
+        engine.stats.clear()
         torch.cuda.reset_peak_memory_stats()
         wall, t_vis, res = one_pass(n_videos)
     assert all(len(r.token_ids) == new_tokens for r in res), "engine must emit exactly new_tokens"
-    prefill = sum(r.prefill_s for r in res)
-    decode = sum({round(r.decode_s, 9) for r in res})  # one decode time per batch
+    prefill = engine.stats["prefix_prefill_s"] + engine.stats["suffix_prefill_s"]
+    decode = engine.stats["decode_s"]
     return {"videos_per_s": n_videos / wall, "ttft_s": t_vis / n_videos + statistics.median(r.prefill_s for r in res),
             "decode_tok_per_s": n_videos * (new_tokens - 1) / max(decode, 1e-9),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_s": wall, "vision_s": t_vis,
