@@ -128,6 +128,7 @@ class Engine:
         self._cur: Session | None = None  # the root or, after a compaction, a prefix of it
         self._rows: list[Prepared | None] = []  # root row -> its sequence
         self._waiting: collections.deque[Group] = collections.deque()
+        self._prompt_ids: dict[tuple[str, str | None], list[int]] = {}  # a job asks the same tasks of every video
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
@@ -198,7 +199,12 @@ class Engine:
     def _prepare(self, index: int, req: Request, handle: Handle | None = None,
                  on_device: dict[int, torch.Tensor] | None = None) -> Prepared:
         llm = self.llm
-        ids = llm.prompt_ids(req.question, req.system_prompt)
+        ids = self._prompt_ids.get((req.question, req.system_prompt))
+        if ids is None:
+            ids = llm.prompt_ids(req.question, req.system_prompt)
+            if len(self._prompt_ids) >= 4096:
+                self._prompt_ids.clear()
+            self._prompt_ids[(req.question, req.system_prompt)] = ids
         p = ids.index(llm.video_token_id)
         emb = llm.language_model.embed_tokens(torch.tensor(ids, device=llm.device))
         if req.visual is None:
