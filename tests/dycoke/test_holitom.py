@@ -1,0 +1,277 @@
+"""HoliTom outer stages (DESIGN 4.6, issue 11) against a deliberately simple per-video oracle.
+
+The oracle follows the structure of the authors' ``holitom/llava_arch.py`` step by step with Python
+loops (DP with strict '>' over the singleton then windows 2, 3, ...; per-segment static mask, mean,
+DPC-KNN, saliency top-k), written here from the description; it shares no code with
+:mod:`dycoke.holitom`. Where the authors leave a choice to unspecified ``topk`` ties or to random
+noise, it applies the documented rule (lower position wins) with a stable Python sort.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dycoke.holitom import frame_similarity, holitom_merge, plan_segments
+
+# --------------------------------------------------------------------------------------------------
+# Oracle
+# --------------------------------------------------------------------------------------------------
+
+
+def _oracle_dpc(z: torch.Tensor, c: int, k: int, beta: float) -> list[torch.Tensor]:
+    """Density-peak clustering of ``z [n, D]`` into ``c`` merged centres, in position order."""
+    n, d = z.shape
+    dist = torch.cdist(z[None], z[None], compute_mode="donot_use_mm_for_euclid_dist")[0] / (d ** 0.5)
+    nearest = torch.topk(dist, min(k, c), dim=-1, largest=False).values
+    density = (-(nearest ** 2).mean(dim=-1)).exp()
+    mask = (density[None, :] > density[:, None]).float()
+    parent = (dist * mask + dist.max() * (1 - mask)).min(dim=-1).values
+    score = (parent * density).tolist()
+    centres = sorted(sorted(range(n), key=lambda i: -score[i])[:c])
+    members: dict[int, list[int]] = {j: [] for j in centres}
+    for i in range(n):
+        if i not in members:
+            members[min(centres, key=lambda j: dist[i, j].item())].append(i)
+    return [beta * z[j] + (1 - beta) * z[members[j]].mean(dim=0) if members[j] else z[j] for j in centres]
+
+
+def oracle(x: torch.Tensor, a: torch.Tensor, r: float, tau: float = 0.8, beta: float = 0.6, k: int = 7,
+           max_window: int = 1024) -> tuple[torch.Tensor, list[tuple[int, int]], float]:
+    """One video ``x [F, T, D]``, ``a [F, T]`` -> (tokens [N, D], segments, retain ratio)."""
+    n_frames, t, d = x.shape
+    xn = F.normalize(x.float(), p=2, dim=-1)
+    above = (F.cosine_similarity(xn[:-1], xn[1:], dim=-1) > tau).tolist()  # [F-1][T]
+
+    def static_positions(s: int, e: int) -> list[int]:
+        return [p for p in range(t) if all(above[j][p] for j in range(s, e))] if e > s else []
+
+    dp, prev = [0] * n_frames, [0] * n_frames
+    for i in range(n_frames):
+        best, start = (dp[i - 1] if i > 0 else 0), i
+        for w in range(2, min(i + 1, max_window) + 1):
+            j = i - w
+            val = (dp[j] if j >= 0 else 0) + len(static_positions(j + 1, i)) * (w - 1)
+            if val > best:
+                best, start = val, j + 1
+        dp[i], prev[i] = best, start
+    segments, i = [], n_frames - 1
+    while i >= 0:
+        segments.append((prev[i], i))
+        i = prev[i] - 1
+    segments.reverse()
+    total = n_frames * t
+    ratio = min(r / ((total - dp[-1]) / total), 1)
+
+    out: list[torch.Tensor] = []
+    for s, e in segments:
+        static = static_positions(s, e)
+        dynamic = [p for p in range(t) if p not in static]
+        c = round(len(static) * ratio)
+        if c > 0:
+            out += _oracle_dpc(x[s : e + 1][:, static].mean(dim=0), c, k, beta)
+        m = math.ceil(len(dynamic) * ratio)
+        for f in range(s, e + 1):
+            sal = a[f].tolist()
+            chosen = sorted(sorted(dynamic, key=lambda p: -sal[p])[:m])
+            out += [x[f, p] for p in chosen]
+    tokens = torch.stack(out) if out else x.new_zeros(0, d)
+    return tokens, segments, ratio
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs with real temporal structure
+# --------------------------------------------------------------------------------------------------
+
+
+def scene_video(n_frames: int, t: int, d: int, seed: int, cuts: tuple[int, ...] = (), letterbox: int = 0,
+                quantized_saliency: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scenes separated by ``cuts``; in each scene some positions are static (tiny jitter around one of
+    three prototypes, so DPC-KNN sees several clusters) and the rest change every frame. The first
+    ``letterbox`` positions are one constant vector in every frame (exact duplicates). Saliency is
+    quantized to 4 levels when asked, so top-k ties occur."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(3, d, generator=g) * 3
+    x = torch.empty(n_frames, t, d)
+    bounds = [0, *cuts, n_frames]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        static = torch.rand(t, generator=g) < 0.6
+        base = protos[torch.randint(0, 3, (t,), generator=g)] + torch.randn(t, d, generator=g) * 0.5
+        for f in range(s, e):
+            jitter = torch.randn(t, d, generator=g)
+            x[f] = torch.where(static[:, None], base + 0.02 * jitter, base + 2.0 * jitter)
+    x[:, :letterbox] = protos[0] * 0.1
+    a = torch.rand(n_frames, t, generator=g)
+    if quantized_saliency:
+        a = torch.floor(a * 4) / 4
+    return x, a
+
+
+def walk_video(n_frames: int, t: int, d: int, seed: int, p_change: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position keeps its exact vector from frame to frame or jumps to a new random one: few
+    positions make many DP ties (equal gains) and exact duplicate static tokens."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n_frames, t, d)
+    x[0] = torch.randn(t, d, generator=g)
+    for f in range(1, n_frames):
+        jump = torch.rand(t, generator=g) < p_change
+        x[f] = torch.where(jump[:, None], torch.randn(t, d, generator=g), x[f - 1])
+    a = torch.floor(torch.rand(n_frames, t, generator=g) * 3) / 3
+    return x, a
+
+
+def _check(x, a, r, **kw):
+    got = holitom_merge(x[None], a[None], r, **kw)[0]
+    want, segments, ratio = oracle(x, a, r, **kw)
+    assert got.shape == want.shape, (got.shape, want.shape, segments)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return got, segments, ratio
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r,tau", [(0.10, 0.65), (0.15, 0.8), (0.25, 0.8), (0.5, 0.8), (1.0, 0.8)])
+def test_equals_oracle_on_scenes(r, tau):
+    x, a = scene_video(32, 49, 24, seed=int(r * 100), cuts=(5, 13, 14, 27), letterbox=5)
+    got, segments, _ = _check(x, a, r, tau=tau)
+    assert len(segments) >= 4 and any(e - s >= 3 for s, e in segments)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_equals_oracle_with_ties(seed):
+    """Random walks on 5 positions: equal DP gains, exact duplicate static tokens, saliency ties."""
+    x, a = walk_video(24, 5, 6, seed=seed)
+    _check(x, a, 0.3, tau=0.8)
+    _check(x, a, 0.6, tau=0.8, max_window=3)
+
+
+@pytest.mark.parametrize("n_frames", range(1, 41))
+def test_every_frame_count(n_frames):
+    x, a = walk_video(n_frames, 6, 8, seed=n_frames, p_change=0.3)
+    got, segments, ratio = _check(x, a, 0.2)
+    assert segments[0][0] == 0 and segments[-1][1] == n_frames - 1
+    assert all(e1 + 1 == s2 for (_, e1), (s2, _) in zip(segments[:-1], segments[1:]))
+
+
+def test_dp_prefers_singleton_then_shortest_window():
+    """Frames 0-2 identical at 2 of 4 positions, frame 1->2 identical at all 4: window [0, 1] gains 2,
+    [1, 2] gains 4, [0, 2] gains 2*2 = 4 as well. The DP keeps [0], [1, 2] (found before [0, 2])."""
+    g = torch.Generator().manual_seed(0)
+    f0 = torch.randn(4, 8, generator=g)
+    f1 = torch.cat([f0[:2], torch.randn(2, 8, generator=g)])
+    x = torch.stack([f0, f1, f1])
+    plan = plan_segments(frame_similarity(x[None]), 0.5)
+    assert plan.seg_start[0].tolist() == [0, 1, 1] and plan.seg_end[0].tolist() == [0, 2, 2]
+    assert oracle(x, torch.rand(3, 4), 0.5)[1] == [(0, 0), (1, 2)]
+
+
+def test_counts_of_a_designed_video():
+    """Frames 0-3 one static scene, frames 4-7 all dynamic: removed 16*3 = 48 of 128, r' = 0.25 / (80/128)
+    = 0.4; static centres round(16*0.4) = 6; each singleton keeps ceil(16*0.4) = 7; total 6 + 4*7 = 34."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 16, 32, generator=g)
+    x[:4] = x[0] + 0.001 * torch.randn(4, 16, 32, generator=g)
+    plan = plan_segments(frame_similarity(x[None]), 0.25)
+    assert plan.removed.tolist() == [48] and plan.ratio.tolist() == [0.25 / (80 / 128)]
+    assert plan.centres[0].tolist() == [6, 0, 0, 0, 0, 0, 0, 0]
+    assert plan.dynamic[0].tolist() == [0, 0, 0, 0, 7, 7, 7, 7]
+    out = holitom_merge(x[None], torch.rand(1, 8, 16, generator=g), 0.25)[0]
+    assert out.shape == (34, 32)
+
+
+def test_round_half_even_and_zero_centres():
+    """round(n_static * r') is Python's round: 2.5 -> 2, 0.5 -> 0 (the segment's static tokens dropped)."""
+    g = torch.Generator().manual_seed(4)
+    # 2 frames, 4 positions, 1 static: removed 1 of 8 -> r' = r * 8 / 7; r = 0.4375 gives r' = 0.5.
+    x = torch.randn(2, 4, 8, generator=g)
+    x[1, 0] = x[0, 0]
+    plan = plan_segments(frame_similarity(x[None]), 0.4375)
+    assert plan.ratio.tolist() == [0.5] and plan.centres[0].tolist() == [0, 0]  # round(1 * 0.5) = 0
+    assert plan.dynamic[0].tolist() == [2, 2]  # ceil(3 * 0.5)
+    _check(x, torch.rand(2, 4, generator=g), 0.4375)
+    # 5 static positions at r' = 0.5 -> round(2.5) = 2.
+    x = torch.randn(2, 8, 8, generator=g)
+    x[1, :5] = x[0, :5]
+    r = 0.5 * (16 - 5) / 16
+    plan = plan_segments(frame_similarity(x[None]), r)
+    assert plan.ratio.tolist() == [r / (11 / 16)] and plan.centres[0, 0].item() == round(5 * (r / (11 / 16)))
+    _check(x, torch.rand(2, 8, generator=g), r)
+
+
+def test_single_centre_is_the_first_static_position():
+    """c == 1: all densities are exp(0); the documented rule picks the first static position."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 10, 8, generator=g)
+    x[1:, :6] = x[0, :6]  # 6 static positions over 4 frames: removed 18 of 40
+    r = 0.1
+    plan = plan_segments(frame_similarity(x[None]), r)
+    assert plan.centres[0, 0].item() == round(6 * r / (22 / 40)) == 1
+    got, _, _ = _check(x, torch.rand(4, 10, generator=g), r)
+    want_centre = 0.6 * x[0, 0] + 0.4 * x[0, 1:6].mean(0)
+    torch.testing.assert_close(got[0], want_centre)
+
+
+def test_batch_equals_per_video_and_does_not_compound_the_ratio():
+    videos = [scene_video(16, 49, 24, seed=s, cuts=c, letterbox=lb)
+              for s, c, lb in [(10, (4,), 3), (11, (), 0), (12, (2, 3, 9), 7), (13, (8,), 0)]]
+    x = torch.stack([v[0] for v in videos])
+    a = torch.stack([v[1] for v in videos])
+    batch = holitom_merge(x, a, 0.15)
+    plan = plan_segments(frame_similarity(x), 0.15)
+    for i in range(len(videos)):
+        alone = holitom_merge(x[i : i + 1], a[i : i + 1], 0.15)[0]
+        assert torch.equal(batch[i], alone), i
+        assert plan.ratio[i].item() == oracle(x[i], a[i], 0.15)[2]
+    # The authors' loop reassigns retain_ratio per video: video 1 would see r' of video 0 as its r.
+    assert len({round(v, 12) for v in plan.ratio.tolist()}) > 1
+
+
+def test_max_window_one_is_per_frame_saliency_pruning():
+    x, a = scene_video(8, 16, 8, seed=7, cuts=(3,))
+    out = holitom_merge(x[None], a[None], 0.25, max_window=1)[0]
+    assert out.shape[0] == 8 * math.ceil(16 * 0.25)
+    _check(x, a, 0.25, max_window=1)
+
+
+def test_bfloat16_keeps_dtype_and_dynamic_tokens_exactly():
+    x, a = scene_video(12, 16, 16, seed=8, cuts=(6,))
+    out = holitom_merge(x[None].bfloat16(), a[None], 0.2)[0]
+    ref = holitom_merge(x[None].bfloat16().float(), a[None], 0.2)[0]
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_noise_only_changes_tie_breaks():
+    x, a = scene_video(16, 49, 24, seed=9, cuts=(7,))
+    base = holitom_merge(x[None], a[None], 0.15)[0]
+    noisy = holitom_merge(x[None], a[None], 0.15, noise=1e-6)[0]
+    assert noisy.shape == base.shape
+
+
+def test_rejects_bad_inputs():
+    x = torch.randn(1, 4, 4, 8)
+    with pytest.raises(ValueError, match="saliency"):
+        holitom_merge(x, torch.rand(1, 4, 5), 0.2)
+    with pytest.raises(ValueError, match="retain_ratio"):
+        holitom_merge(x, torch.rand(1, 4, 4), 0.0)
+    assert holitom_merge(x[:0], torch.rand(0, 4, 4), 0.2) == []
+
+
+def test_static_test_is_strict():
+    """cos((1,0,0,0), (1,1,1,1)) is exactly 0.5 in fp32: at tau = 0.5 the position is NOT static."""
+    x = torch.zeros(2, 3, 4)
+    x[0, :, 0] = 1.0
+    x[1, :] = 1.0
+    x[1, 2, 1:] = 0.0  # position 2 identical in both frames (cos 1)
+    sim = frame_similarity(x[None])
+    assert sim[0, 0].tolist() == [0.5, 0.5, 1.0]
+    assert plan_segments(sim, 0.5, tau=0.5).static[0].sum().item() == 2  # position 2, in both frames
+    assert plan_segments(sim, 0.5, tau=0.4999).static[0].sum().item() == 6
+    a = torch.rand(2, 3)
+    _check(x, a, 0.5, tau=0.5)
