@@ -275,3 +275,121 @@ def test_static_test_is_strict():
     assert plan_segments(sim, 0.5, tau=0.4999).static[0].sum().item() == 6
     a = torch.rand(2, 3)
     _check(x, a, 0.5, tau=0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model wiring: saliency from the vision tower, encode, engine end to end (tiny random checkpoint)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    from dycoke.llava import VideoLLM
+
+    return VideoLLM.load(tiny_model, dtype="float32")
+
+
+def _static_video(seed: int, n_frames: int = 8, side: int = 56) -> torch.Tensor:
+    """Two shots: frame A for the first 5 frames, frame B after; one corner of the frame changes in
+    every frame of the second shot (dynamic positions next to static ones)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = (torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8) for _ in range(2))
+    video = torch.stack([a] * 5 + [b] * (n_frames - 5))
+    video[5:, : side // 2, : side // 2] = torch.randint(0, 256, (n_frames - 5, side // 2, side // 2, 3), generator=g,
+                                                        dtype=torch.uint8)
+    return video
+
+
+def test_saliency_equals_eager_attentions_of_the_feature_layer(tiny_model, llm):
+    """Our hooked saliency == the eager model's output_attentions of the selected layer, mean over heads
+    then queries, pooled with the model's own bilinear interpolation."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    eager = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32,
+                                                                   attn_implementation="eager").eval()
+    pixels = torch.stack([llm.preprocess(_static_video(s)) for s in (1, 2)])  # [2, 8, 3, S, S]
+    attn = llm.saliency_probe.attention
+    feats, sal = llm.video_features(pixels, saliency=True)
+    with torch.no_grad():
+        out = eager.model.vision_tower(pixels.flatten(0, 1), output_attentions=True, output_hidden_states=True)
+    layer = llm.model.config.vision_feature_layer
+    index = layer % (len(out.hidden_states)) - 1  # attentions[i] belongs to hidden_states[i + 1]
+    att = out.attentions[index].mean(dim=1).mean(dim=1)  # [N, P]
+    grid = int(att.shape[-1] ** 0.5)
+    pooled = F.interpolate(att.view(-1, 1, grid, grid), size=(math.ceil(grid / 2),) * 2, mode="bilinear")
+    assert sal.shape == feats.shape[:3] and sal.dtype == torch.float32
+    torch.testing.assert_close(sal, pooled.flatten(1).view(sal.shape), rtol=1e-5, atol=1e-6)
+    # the hooks are gone afterwards and plain features are unchanged
+    ours = [h for m in (attn, attn.q_proj, attn.k_proj) for h in m._forward_hooks.values()
+            if h.__module__ == "dycoke.saliency"]
+    assert not ours
+    torch.testing.assert_close(llm.video_features(pixels), feats)
+
+
+def test_encode_holitom_matches_holitom_merge(llm):
+    from dycoke import DyCokeConfig
+
+    cfg = DyCokeConfig(ttm_method="holitom", holitom_retain_ratio=0.2, holitom_tau=0.8)
+    videos = [_static_video(3), _static_video(4, n_frames=11)]
+    vis = llm.encode(videos, cfg)
+    for v, out in zip(videos, vis):
+        feats, sal = llm.video_features(llm.preprocess(v)[None], saliency=True)
+        want = holitom_merge(feats, sal, 0.2, tau=0.8)[0]
+        assert out.num_kept == want.shape[0] < out.num_full == v.shape[0] * llm.tokens_per_frame
+        torch.testing.assert_close(out.tokens[:-1], want)
+        torch.testing.assert_close(out.tokens[-1], llm.model.model.image_newline)
+
+
+def test_engine_generates_with_a_holitom_span(tiny_model, llm):
+    """DP off: the engine on a HoliTom span equals HF generate fed the same embeddings. DP on: it runs
+    on the shorter span and attends to fewer visual tokens than it holds."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from dycoke import DyCokeConfig
+    from dycoke.engine import Engine, GenerationSettings, Request
+
+    videos = [_static_video(5), _static_video(6, n_frames=11), _static_video(7, n_frames=6)]
+    question = "Describe the video."
+    no_dp = DyCokeConfig(ttm_method="holitom", holitom_retain_ratio=0.2, dp_enabled=False)
+    vis = llm.encode(videos, no_dp)
+    reqs = [Request(f"r{i}", v, question, GenerationSettings(max_new_tokens=8)) for i, v in enumerate(vis)]
+    results = Engine(llm, no_dp, max_batch_size=4).generate(reqs)
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32,
+                                                                attn_implementation="sdpa").eval()
+    ids = llm.prompt_ids(question)
+    p = ids.index(llm.video_token_id)
+    for v, res in zip(vis, results):
+        assert res.error is None and res.visual_tokens == v.num_kept
+        emb = hf.get_input_embeddings()(torch.tensor(ids))
+        embeds = torch.cat([emb[:p], v.tokens, emb[p + 1 :]])[None]
+        with torch.no_grad():
+            out = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                              max_new_tokens=8, do_sample=False)
+        want = out[0].tolist()
+        stop = next((i for i, t in enumerate(want) if t in set(Engine(llm, no_dp).default_stop_ids)), len(want))
+        assert res.token_ids == want[:stop]
+
+    with_dp = DyCokeConfig(ttm_method="holitom", holitom_retain_ratio=0.2, dp_enabled=True, dp_layer=1,
+                           dp_prune_ratio=0.7)
+    reqs = [Request(f"d{i}", v, question, GenerationSettings(max_new_tokens=6, ignore_eos=True))
+            for i, v in enumerate(llm.encode(videos, with_dp))]
+    for v, res in zip(reqs, Engine(llm, with_dp, max_batch_size=4).generate(reqs)):
+        assert res.error is None and res.output_tokens == 6 and res.visual_tokens == v.visual.num_kept
+        assert res.visual_tokens_attended < v.visual.num_kept
+
+
+def test_config_validates_holitom_settings():
+    from dycoke import ConfigError, DyCokeConfig
+
+    cfg = DyCokeConfig(ttm_method="holitom", holitom_retain_ratio=0.1, holitom_tau=0.65)
+    assert '"ttm_method":"holitom"' in cfg.to_json() and '"holitom_retain_ratio":0.1' in cfg.to_json()
+    for bad, message in [({"ttm_method": "fastv"}, "ttm_method must be one of"),
+                         ({"holitom_retain_ratio": 0.0}, "holitom_retain_ratio"),
+                         ({"holitom_retain_ratio": 1.5}, "holitom_retain_ratio"),
+                         ({"holitom_tau": 1.2}, "holitom_tau"),
+                         ({"holitom_max_window": 0}, "holitom_max_window"),
+                         ({"holitom_k": 0}, "holitom_k"),
+                         ({"holitom_k": 7.0}, "holitom_k must be an integer"),
+                         ({"holitom_beta": -0.1}, "holitom_beta")]:
+        with pytest.raises(ConfigError, match=message):
+            DyCokeConfig(**bad)
