@@ -14,9 +14,9 @@ outputs, and a hook on the attention module (after it ran with the model's own k
 probabilities in chunks of frames, reduces them to ``[N, P]`` and drops q and k. Hooks exist only inside
 :meth:`PatchSaliency.capture`, so the tower costs nothing extra when HoliTom is not used.
 
-Precision: scores are a matmul in the model dtype (as the authors', as SDPA's), softmax and the means
-are fp32 (the authors cast probabilities back to bf16 before averaging, which creates many exact ties
-between nearby saliencies; fp32 keeps the ranking finer).
+Precision: as the authors', scores are a matmul in the model dtype scaled in the model dtype, and the
+softmax runs in fp32; unlike theirs, the probabilities stay fp32 for the two means (they cast them back
+to bf16 first, which makes many nearby saliencies exactly equal; fp32 keeps the ranking finer).
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ class PatchSaliency:
         step = max(1, self.chunk_elements // (h * p * p))
         out = []
         for i in range(0, n, step):  # chunks of frames, not a loop over tokens
-            scores = torch.matmul(q[i : i + step], k[i : i + step].transpose(-1, -2)).float() * self.attention.scale
+            scores = torch.matmul(q[i : i + step], k[i : i + step].transpose(-1, -2)).mul_(self.attention.scale)
             if mask is not None:
-                scores = scores + mask[i : i + step].float()
-            out.append(scores.softmax(-1).mean(dim=(1, 2)))
+                scores = scores + mask[i : i + step]
+            out.append(scores.softmax(-1, dtype=torch.float32).mean(dim=(1, 2)))
         return torch.cat(out)
 
     @contextmanager

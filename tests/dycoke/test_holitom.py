@@ -393,3 +393,13 @@ def test_config_validates_holitom_settings():
                          ({"holitom_beta": -0.1}, "holitom_beta")]:
         with pytest.raises(ConfigError, match=message):
             DyCokeConfig(**bad)
+
+
+def test_bench_smoke_cpu():
+    """The benchmark's tiny CPU path (bench/bench_holitom.py --shape tiny), so it cannot rot."""
+    from bench.bench_holitom import run
+
+    report = run("tiny", videos=2, frames=8, reps=1, warmup=0, cpu=True, profile=False)
+    assert report["ok"] and len(report["holitom"]) == 3
+    for row in report["holitom"]:
+        assert 0 < row["tokens_kept_min"] <= row["tokens_kept_max"] < row["tokens_full"] == 8 * 16
