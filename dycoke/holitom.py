@@ -160,7 +160,10 @@ def _dpc_knn_merge(z: torch.Tensor, valid: torch.Tensor, c: torch.Tensor, k: int
     kmax = min(k, n)
     near = dist.masked_fill(~valid[:, None, :], float("inf")).topk(kmax, dim=-1, largest=False).values
     kk = c.clamp(max=k)  # the authors' neighbourhood is min(k, number of centres)
-    sums = near.square().cumsum(-1).gather(-1, (kk - 1)[:, None, None].expand(g, n, 1)).squeeze(-1)
+    sq = near.square()
+    sums = sq[..., 0]
+    for j in range(1, kmax):  # nearest first, one column at a time: the same sum whatever the padding
+        sums = torch.where(j < kk[:, None], sums + sq[..., j], sums)
     density = torch.exp(-(sums / kk[:, None]))
     if noise > 0:
         density = density + torch.rand(density.shape, device=dev, dtype=density.dtype) * noise
@@ -174,9 +177,11 @@ def _dpc_knn_merge(z: torch.Tensor, valid: torch.Tensor, c: torch.Tensor, k: int
     member = valid & ~is_centre
     nearest = dist.masked_fill(~is_centre[:, None, :], float("inf")).argmin(-1)  # [G, N]
     flat = (torch.arange(g, device=dev)[:, None] * n + nearest)[member]
-    msum = torch.zeros(g * n, d, dtype=z.dtype, device=dev).index_add_(0, flat, z[member]).view(g, n, d)
+    # float64 accumulation: the GPU adds members in no fixed order; in float64 the order cannot show in
+    # the float32 result (short of a 1e-16 coincidence), so a centre is the same in any batch.
+    msum = torch.zeros(g * n, d, dtype=torch.float64, device=dev).index_add_(0, flat, z[member].double())
     mcount = torch.zeros(g * n, dtype=torch.long, device=dev).index_add_(0, flat, torch.ones_like(flat)).view(g, n)
-    mean = msum / mcount.clamp(min=1)[..., None]
+    mean = msum.view(g, n, d).to(z.dtype) / mcount.clamp(min=1)[..., None]
     merged = torch.where((mcount > 0)[..., None], beta * z + (1 - beta) * mean, z)
     return merged, is_centre
 
