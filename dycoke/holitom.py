@@ -99,29 +99,36 @@ def plan_segments(similarity: torch.Tensor, retain_ratio: float, tau: float = 0.
     count = hist.flip(2).cumsum(2).flip(2)  # count[b, s, e] = #{t : run[b, s, t] >= e}
     gain = count * (frames.view(1, 1, -1) - frames.view(1, -1, 1)).clamp(min=0)  # [B, s, e]
 
-    best = torch.zeros(b, n_frames + 1, dtype=torch.long, device=dev)  # best[:, i + 1] = DP value of frames 0..i
-    first = torch.empty(b, n_frames, dtype=torch.long, device=dev)  # first frame of the segment ending at i
+    # by_len[b, i, w - 1]: gain of the window of length w ending at frame i (read only for w <= i + 1).
+    w_max = min(n_frames, max_window)
+    starts = (frames[:, None] - torch.arange(w_max, device=dev)[None]).clamp(min=0)  # [F, W]
+    by_len = gain.transpose(1, 2).gather(2, starts[None].expand(b, -1, -1))
+    # rbest[:, F - j] = best total of frames 0..j-1 (rbest[:, F] = 0), so the candidates of frame i,
+    # window lengths 1, 2, ..., are the contiguous slice rbest[:, F-i : F-i+W].
+    rbest = torch.zeros(b, n_frames + 1, dtype=torch.long, device=dev)
+    pick = torch.empty(b, n_frames, dtype=torch.long, device=dev)
     for i in range(n_frames):
-        starts = torch.arange(i, i - min(i + 1, max_window), -1, device=dev)  # window lengths 1, 2, ...
-        vals = best[:, starts] + gain[:, starts, i]
-        pick = vals.argmax(1)  # first maximum = shortest window among the best (strict '>' in order)
-        best[:, i + 1] = vals.gather(1, pick[:, None]).squeeze(1)
-        first[:, i] = i - pick
+        w = min(i + 1, max_window)
+        # max(dim) returns the first maximum: the shortest window among the best (the authors' strict '>')
+        best, pick[:, i] = (rbest[:, n_frames - i : n_frames - i + w] + by_len[:, i, :w]).max(1)
+        rbest[:, n_frames - i - 1] = best
+    first = frames - pick  # first frame of the best segment ending at each frame
 
-    is_end = torch.zeros(b, n_frames, dtype=torch.bool, device=dev)
-    cur = torch.full((b,), n_frames - 1, dtype=torch.long, device=dev)
-    for _ in range(n_frames):  # walk back along the chosen segments (at most F of them)
-        ok = cur >= 0
-        at = cur.clamp(min=0)[:, None]
-        is_end.scatter_(1, at, is_end.gather(1, at) | ok[:, None])
-        cur = torch.where(ok, first.gather(1, at).squeeze(1) - 1, cur)
+    # Segment ends = frames on the chain F-1 -> first(F-1) - 1 -> ...; found by pointer doubling.
+    jump = torch.cat([torch.where(first > 0, first - 1, n_frames), first.new_full((b, 1), n_frames)], 1)
+    on = torch.zeros(b, n_frames + 1, dtype=torch.long, device=dev)
+    on[:, n_frames - 1] = 1
+    for _ in range(n_frames.bit_length()):
+        on = on.scatter_reduce(1, jump, on, reduce="amax")
+        jump = jump.gather(1, jump)
+    is_end = on[:, :n_frames].bool()
     is_start = torch.cat([is_end.new_ones(b, 1), is_end[:, :-1]], 1)
     seg_start = torch.where(is_start, frames, 0).cummax(1).values
     seg_end = torch.where(is_end, frames, n_frames - 1).flip(1).cummin(1).values.flip(1)
     longer = (seg_end > seg_start)[:, :, None]
     static = longer & (run.gather(1, seg_start[:, :, None].expand(b, n_frames, t)) >= seg_end[:, :, None])
 
-    removed = best[:, n_frames]
+    removed = rbest[:, 0]
     total = n_frames * t
     frac = (total - removed).double() / total
     ratio = torch.clamp(torch.full_like(frac, retain_ratio) / frac, max=1.0)
@@ -131,19 +138,24 @@ def plan_segments(similarity: torch.Tensor, retain_ratio: float, tau: float = 0.
     return HoliTomPlan(seg_start, seg_end, static, removed, ratio, centres, dynamic)
 
 
-def _segment_means(features: torch.Tensor, gb: torch.Tensor, gs: torch.Tensor, length: torch.Tensor,
+def _segment_means(xf: torch.Tensor, gb: torch.Tensor, gs: torch.Tensor, length: torch.Tensor,
                    tpos: torch.Tensor) -> torch.Tensor:
-    """Mean over frames ``gs .. gs+length-1`` of video ``gb`` at positions ``tpos [G, N]`` -> ``[G, N, D]`` fp32.
+    """Mean over frames ``gs .. gs+length-1`` of video ``gb`` at positions ``tpos [G, N]`` -> ``[G, N, D]``.
 
-    Summed frame by frame in time order (elementwise, so identical inputs give identical sums), then
-    divided by the length.
+    ``xf`` is ``[B, F, T, D]`` fp32. Summed frame by frame in time order (elementwise: the same sums in
+    any batch, identical inputs give identical sums), then divided by the length.
     """
-    n_frames = features.shape[1]
-    bi, ti = gb[:, None].expand_as(tpos), tpos
-    acc = features[bi, gs[:, None].expand_as(tpos), ti].float()
-    for w in range(1, int(length.max())):
-        on = (w < length)[:, None, None]
-        acc = torch.where(on, acc + features[bi, (gs + w).clamp(max=n_frames - 1)[:, None].expand_as(tpos), ti].float(), acc)
+    _, n_frames, t, d = xf.shape
+    flat = xf.reshape(-1, d)
+    base = ((gb * n_frames + gs) * t)[:, None] + tpos  # [G, N] rows of the segment's first frame
+    last = base + ((length - 1) * t)[:, None]
+    steps = int(length.max())
+    offsets = torch.arange(steps, device=xf.device)
+    rows = torch.minimum(base[:, None] + offsets[None, :, None] * t, last[:, None])  # [G, L, N]
+    on = (offsets[None] < length[:, None]).to(xf.dtype)[:, :, None, None]  # [G, L, 1, 1]
+    acc = flat[base]
+    for w in range(1, steps):
+        acc.addcmul_(flat[rows[:, w]], on[:, w])  # + x * 1 or + x * 0: exact either way
     return acc / length[:, None, None]
 
 
@@ -160,10 +172,10 @@ def _dpc_knn_merge(z: torch.Tensor, valid: torch.Tensor, c: torch.Tensor, k: int
     kmax = min(k, n)
     near = dist.masked_fill(~valid[:, None, :], float("inf")).topk(kmax, dim=-1, largest=False).values
     kk = c.clamp(max=k)  # the authors' neighbourhood is min(k, number of centres)
-    sq = near.square()
+    sq = torch.where(torch.arange(kmax, device=dev) < kk[:, None, None], near.square(), 0.0)
     sums = sq[..., 0]
     for j in range(1, kmax):  # nearest first, one column at a time: the same sum whatever the padding
-        sums = torch.where(j < kk[:, None], sums + sq[..., j], sums)
+        sums = sums + sq[..., j]
     density = torch.exp(-(sums / kk[:, None]))
     if noise > 0:
         density = density + torch.rand(density.shape, device=dev, dtype=density.dtype) * noise
@@ -217,7 +229,8 @@ def holitom_merge(features: torch.Tensor, saliency: torch.Tensor, retain_ratio: 
         raise ValueError(f"invalid HoliTom settings: retain_ratio={retain_ratio} (0, 1], max_window={max_window} "
                          f">= 1, k={k} >= 1, beta={beta} [0, 1]")
     dev = features.device
-    plan = plan_segments(frame_similarity(features), retain_ratio, tau, max_window)
+    xf = features.float()  # no copy when already fp32
+    plan = plan_segments(frame_similarity(xf), retain_ratio, tau, max_window)
 
     # Dynamic tokens: per frame, the `dynamic` most salient non-static positions (lower position on ties).
     key = saliency.float().masked_fill(plan.static, float("-inf"))
@@ -238,7 +251,7 @@ def holitom_merge(features: torch.Tensor, saliency: torch.Tensor, retain_ratio: 
         tpos[gi, slot[gi, ti]] = ti
         valid = torch.arange(n, device=dev)[None] < n_static[:, None]
         length = plan.seg_end[gb, gs] - gs + 1
-        z = _segment_means(features, gb, gs, length, tpos)
+        z = _segment_means(xf, gb, gs, length, tpos)
         merged, is_centre = _dpc_knn_merge(z, valid, plan.centres[gb, gs], k, beta, noise)
         cg, cj = is_centre.nonzero(as_tuple=True)
         keep_static[gb[cg], gs[cg], tpos[cg, cj]] = True
