@@ -364,6 +364,9 @@ class PipelineConfig(_Section):
         relevant["model"].pop("cache_dir", None)
         for name in OPERATIONAL_DECODE_FIELDS:  # how decoding runs, not what it produces
             relevant["decode"].pop(name, None)
+        if relevant["dycoke"]["ttm_method"] == "dycoke":  # HoliTom settings unused (and run ids as before they existed)
+            for name in [n for n in relevant["dycoke"] if n == "ttm_method" or n.startswith("holitom_")]:
+                relevant["dycoke"].pop(name)
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return f"run-{digest}"
 
