@@ -32,6 +32,11 @@ other. With ``c == 1`` the neighbourhood is the token itself, so every density i
 token is a density peak and all scores tie at the largest distance: the authors' noise then picks a
 uniformly random static token; we pick the first static position (one of their possible outcomes).
 
+Precision: similarities, segment means and the clustering run in fp32 (member sums in fp64) whatever
+the input dtype, and the merged centres are cast to the input dtype once at the end; the authors run
+all of it in the model dtype (bf16), where ``S > 0.8`` compares against bf16(0.8). Kept dynamic tokens
+are the input rows, bit for bit.
+
 Every ``F >= 1`` is defined: ``F = 1`` is a single singleton segment (no static tokens, ``r' = r``).
 Videos are independent: a batch never changes a video's result (no shared retain ratio, no padding
 leaking into sums). Loops run over frames (DP, backtracking, segment sums), never over positions.

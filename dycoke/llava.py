@@ -283,15 +283,14 @@ class VideoLLM:
         HoliTom spans differ in length from video to video; each video's result is independent of the batch.
         """
         n_frames = pixels.shape[1]
-        if config.ttm_enabled and config.ttm_method == "holitom":
-            feats, sal = self.video_features(pixels, saliency=True)
+        holitom = config.ttm_enabled and config.ttm_method == "holitom"
+        feats, sal = self.video_features(pixels, saliency=True) if holitom else (self.video_features(pixels), None)
+        if holitom:  # feats [B, F, T, D], sal [B, F, T]
             merged = holitom_merge(feats, sal, config.holitom_retain_ratio, tau=config.holitom_tau,
                                    beta=config.holitom_beta, k=config.holitom_k, max_window=config.holitom_max_window)
         elif config.ttm_enabled:
-            feats = self.video_features(pixels)  # [B, F, T, D]
             merged = temporal_merge(feats, config.prune_ratio_k, config.ttm_mode).tokens
         else:
-            feats = self.video_features(pixels)
             merged = feats.flatten(1, 2)
         newline = self.model.model.image_newline.to(self.dtype)[None]
         return [VisualTokens(tokens=torch.cat([m, newline], dim=0), num_full=n_frames * feats.shape[2],
