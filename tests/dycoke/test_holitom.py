@@ -353,7 +353,9 @@ def test_engine_generates_with_a_holitom_span(tiny_model, llm):
     no_dp = DyCokeConfig(ttm_method="holitom", holitom_retain_ratio=0.2, dp_enabled=False)
     vis = llm.encode(videos, no_dp)
     reqs = [Request(f"r{i}", v, question, GenerationSettings(max_new_tokens=8)) for i, v in enumerate(vis)]
-    results = Engine(llm, no_dp, max_batch_size=4).generate(reqs)
+    engine = Engine(llm, no_dp, max_batch_size=4)
+    results = engine.generate(reqs)
+    stops = set(engine.default_stop_ids)
     hf = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32,
                                                                 attn_implementation="sdpa").eval()
     ids = llm.prompt_ids(question)
@@ -366,7 +368,7 @@ def test_engine_generates_with_a_holitom_span(tiny_model, llm):
             out = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                               max_new_tokens=8, do_sample=False)
         want = out[0].tolist()
-        stop = next((i for i, t in enumerate(want) if t in set(Engine(llm, no_dp).default_stop_ids)), len(want))
+        stop = next((i for i, t in enumerate(want) if t in stops), len(want))
         assert res.token_ids == want[:stop]
 
     with_dp = DyCokeConfig(ttm_method="holitom", holitom_retain_ratio=0.2, dp_enabled=True, dp_layer=1,
