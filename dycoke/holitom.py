@@ -52,6 +52,8 @@ import torch.nn.functional as F_
 
 __all__ = ["HoliTomPlan", "frame_similarity", "holitom_merge", "plan_segments"]
 
+_SIMILARITY_CHUNK = 1 << 27  # feature elements per similarity call (~0.5 GiB per fp32 temporary)
+
 
 @dataclass(frozen=True)
 class HoliTomPlan:
@@ -143,24 +145,24 @@ def plan_segments(similarity: torch.Tensor, retain_ratio: float, tau: float = 0.
     return HoliTomPlan(seg_start, seg_end, static, removed, ratio, centres, dynamic)
 
 
-def _segment_means(xf: torch.Tensor, gb: torch.Tensor, gs: torch.Tensor, length: torch.Tensor,
+def _segment_means(features: torch.Tensor, gb: torch.Tensor, gs: torch.Tensor, length: torch.Tensor,
                    tpos: torch.Tensor) -> torch.Tensor:
-    """Mean over frames ``gs .. gs+length-1`` of video ``gb`` at positions ``tpos [G, N]`` -> ``[G, N, D]``.
+    """Mean over frames ``gs .. gs+length-1`` of video ``gb`` at positions ``tpos [G, N]`` -> ``[G, N, D]`` fp32.
 
-    ``xf`` is ``[B, F, T, D]`` fp32. Summed frame by frame in time order (elementwise: the same sums in
-    any batch, identical inputs give identical sums), then divided by the length.
+    ``features`` is ``[B, F, T, D]``. Summed in fp32 frame by frame in time order (elementwise: the same
+    sums in any batch, identical inputs give identical sums), then divided by the length.
     """
-    _, n_frames, t, d = xf.shape
-    flat = xf.reshape(-1, d)
+    _, n_frames, t, d = features.shape
+    flat = features.reshape(-1, d)
     base = ((gb * n_frames + gs) * t)[:, None] + tpos  # [G, N] rows of the segment's first frame
     last = base + ((length - 1) * t)[:, None]
     steps = int(length.max())
-    offsets = torch.arange(steps, device=xf.device)
+    offsets = torch.arange(steps, device=features.device)
     rows = torch.minimum(base[:, None] + offsets[None, :, None] * t, last[:, None])  # [G, L, N]
-    on = (offsets[None] < length[:, None]).to(xf.dtype)[:, :, None, None]  # [G, L, 1, 1]
-    acc = flat[base]
+    on = (offsets[None] < length[:, None]).float()[:, :, None, None]  # [G, L, 1, 1]
+    acc = flat[base].float()
     for w in range(1, steps):
-        acc.addcmul_(flat[rows[:, w]], on[:, w])  # + x * 1 or + x * 0: exact either way
+        acc.addcmul_(flat[rows[:, w]].float(), on[:, w])  # + x * 1 or + x * 0: exact either way
     return acc / length[:, None, None]
 
 
@@ -234,8 +236,9 @@ def holitom_merge(features: torch.Tensor, saliency: torch.Tensor, retain_ratio: 
         raise ValueError(f"invalid HoliTom settings: retain_ratio={retain_ratio} (0, 1], max_window={max_window} "
                          f">= 1, k={k} >= 1, beta={beta} [0, 1]")
     dev = features.device
-    xf = features.float()  # no copy when already fp32
-    plan = plan_segments(frame_similarity(xf), retain_ratio, tau, max_window)
+    step = max(1, _SIMILARITY_CHUNK // (n_frames * t * d))  # bounds the fp32 temporaries of the cosine
+    sim = torch.cat([frame_similarity(features[i : i + step]) for i in range(0, b, step)])
+    plan = plan_segments(sim, retain_ratio, tau, max_window)
 
     # Dynamic tokens: per frame, the `dynamic` most salient non-static positions (lower position on ties).
     key = saliency.float().masked_fill(plan.static, float("-inf"))
@@ -256,7 +259,7 @@ def holitom_merge(features: torch.Tensor, saliency: torch.Tensor, retain_ratio: 
         tpos[gi, slot[gi, ti]] = ti
         valid = torch.arange(n, device=dev)[None] < n_static[:, None]
         length = plan.seg_end[gb, gs] - gs + 1
-        z = _segment_means(xf, gb, gs, length, tpos)
+        z = _segment_means(features, gb, gs, length, tpos)
         merged, is_centre = _dpc_knn_merge(z, valid, plan.centres[gb, gs], k, beta, noise)
         cg, cj = is_centre.nonzero(as_tuple=True)
         keep_static[gb[cg], gs[cg], tpos[cg, cj]] = True

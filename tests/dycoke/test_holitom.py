@@ -424,3 +424,15 @@ def test_cuda_equals_cpu():
             assert bf16[i].shape == ref16[i].shape
             alone = holitom_merge(x[i : i + 1].cuda(), a[i : i + 1].cuda(), r, tau=tau)[0]
             torch.testing.assert_close(alone, got, rtol=1e-6, atol=1e-6)
+
+
+def test_similarity_in_chunks_of_videos_changes_nothing(monkeypatch):
+    import dycoke.holitom as holitom
+
+    videos = [scene_video(8, 16, 8, seed=30 + s, cuts=(3,)) for s in range(5)]
+    x = torch.stack([v[0] for v in videos])
+    a = torch.stack([v[1] for v in videos])
+    whole = holitom_merge(x, a, 0.2)
+    monkeypatch.setattr(holitom, "_SIMILARITY_CHUNK", 2 * 8 * 16 * 8)  # two videos per call
+    for got, want in zip(holitom_merge(x, a, 0.2), whole):
+        assert torch.equal(got, want)
