@@ -39,7 +39,8 @@ are the input rows, bit for bit.
 
 Every ``F >= 1`` is defined: ``F = 1`` is a single singleton segment (no static tokens, ``r' = r``).
 Videos are independent: a batch never changes a video's result (no shared retain ratio, no padding
-leaking into sums). Loops run over frames (DP, backtracking, segment sums), never over positions.
+leaking into sums). Python loops run over frames (the DP, the segment sums), log2(F) pointer-doubling
+steps (segment ends) and the k <= 7 neighbours, never over positions or tokens.
 Shapes in a batch must agree (``[B, F, T, D]``); outputs are ragged (one ``[N_b, D]`` per video).
 """
 
