@@ -12,6 +12,8 @@ from typing import Literal
 
 TTMMode = Literal["reference", "complete"]
 _MODES = ("reference", "complete")
+TTMMethod = Literal["dycoke", "holitom"]
+_METHODS = ("dycoke", "holitom")
 
 
 class ConfigError(ValueError):
@@ -23,7 +25,9 @@ class DyCokeConfig:
     """DyCoke settings (DESIGN 4).
 
     Attributes:
-        ttm_enabled: run temporal token merging before the LLM.
+        ttm_enabled: compress the visual tokens before the LLM (False = all ``F * T`` tokens).
+        ttm_method: the pre-LLM compressor: ``"dycoke"`` (DyCoke TTM, DESIGN 4.2, settings ``prune_ratio_k``
+            and ``ttm_mode``) or ``"holitom"`` (HoliTom's outer stages, DESIGN 4.6, settings ``holitom_*``).
         prune_ratio_k: K, the fraction of tokens DROPPED from each pruned frame; a pruned frame keeps
             ``int((1 - K) * tokens_per_frame)`` tokens.
         ttm_mode: ``"reference"`` reproduces the reference implementation token for token (order
@@ -35,6 +39,12 @@ class DyCokeConfig:
         dp_prune_ratio: P, the fraction of candidate visual positions NOT attended at a pruning step.
         dp_threshold: cosine similarity with the previous step's attention vector at or above which
             the step attends to the full cache.
+        holitom_retain_ratio: r, the target fraction of visual tokens kept (paper: 0.10, 0.15, 0.25).
+        holitom_tau: similarity above which a position is static between frames (paper: 0.8; 0.65 at r=0.10).
+        holitom_max_window: longest temporal segment, in frames.
+        holitom_k: DPC-KNN neighbourhood (capped at the number of centres).
+        holitom_beta: weight of a cluster centre against the mean of its members.
+    DP (decode-time pruning) applies on top of either method: the visual span is just shorter.
     """
 
     ttm_enabled: bool = True
@@ -45,6 +55,12 @@ class DyCokeConfig:
     dp_layer: int = 3
     dp_prune_ratio: float = 0.7
     dp_threshold: float = 0.9
+    ttm_method: TTMMethod = "dycoke"
+    holitom_retain_ratio: float = 0.15
+    holitom_tau: float = 0.8
+    holitom_max_window: int = 1024
+    holitom_k: int = 7
+    holitom_beta: float = 0.6
 
     def __post_init__(self) -> None:
         problems = []
@@ -71,6 +87,18 @@ class DyCokeConfig:
             problems.append(f"dp_prune_ratio (P) must be in [0, 1), got {self.dp_prune_ratio}")
         if not -1.0 <= self.dp_threshold <= 1.0:
             problems.append(f"dp_threshold must be in [-1, 1], got {self.dp_threshold}")
+        if self.ttm_method not in _METHODS:
+            problems.append(f"ttm_method must be one of {_METHODS}, got {self.ttm_method!r}")
+        if not 0.0 < self.holitom_retain_ratio <= 1.0:
+            problems.append(f"holitom_retain_ratio (r) must be in (0, 1], got {self.holitom_retain_ratio}")
+        if not -1.0 <= self.holitom_tau <= 1.0:
+            problems.append(f"holitom_tau must be a cosine similarity in [-1, 1], got {self.holitom_tau}")
+        if self.holitom_max_window < 1:
+            problems.append(f"holitom_max_window must be an integer >= 1 (frames), got {self.holitom_max_window}")
+        if self.holitom_k < 1:
+            problems.append(f"holitom_k must be an integer >= 1, got {self.holitom_k}")
+        if not 0.0 <= self.holitom_beta <= 1.0:
+            problems.append(f"holitom_beta must be in [0, 1], got {self.holitom_beta}")
         if problems:
             raise ConfigError("invalid DyCoke config: " + "; ".join(problems))
 

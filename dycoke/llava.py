@@ -6,8 +6,9 @@ config for resize / mean / std, and ``model.get_video_features`` for vision towe
 bilinear pooling. Only preprocessing is reimplemented, in plain torch (no torchvision).
 
 Shapes: frames ``[F, H, W, 3]`` uint8 -> pixels ``[F, 3, S, S]`` -> features ``[B, F, T, D]``
-(T = 196 for the real 384 px SigLIP) -> :func:`dycoke.temporal_merge` -> ``[N, D]`` -> with the
-newline embedding appended, the ``[N + 1, D]`` visual span spliced at the prompt's ``<video>``.
+(T = 196 for the real 384 px SigLIP) -> :func:`dycoke.temporal_merge` (DyCoke) or
+:func:`dycoke.holitom_merge` (HoliTom, with the patch saliency of :mod:`dycoke.saliency`) -> ``[N, D]`` ->
+with the newline embedding appended, the ``[N + 1, D]`` visual span spliced at the prompt's ``<video>``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from dycoke.config import DyCokeConfig
+from dycoke.holitom import holitom_merge
+from dycoke.saliency import PatchSaliency, feature_layer_index
 from dycoke.ttm import temporal_merge
 
 log = logging.getLogger(__name__)
@@ -178,6 +181,17 @@ class VideoLLM:
         self.max_context = int(getattr(cfg.text_config, "max_position_embeddings", 32768))
         # Adapted per instance (see BilinearPooling): the model's get_video_features calls self.apply_pooling.
         model.model.apply_pooling = BilinearPooling(grid)
+        self._saliency: PatchSaliency | None = None  # built on first HoliTom use
+
+    @property
+    def saliency_probe(self) -> PatchSaliency:
+        """Hooks on the SigLIP layer that produces the selected features (see :mod:`dycoke.saliency`)."""
+        if self._saliency is None:
+            tower = self.model.model.vision_tower
+            layers = getattr(tower, "vision_model", tower).encoder.layers  # older transformers nest a vision_model
+            index = feature_layer_index(len(layers), self.model.config.vision_feature_layer)
+            self._saliency = PatchSaliency(layers[index].self_attn)
+        return self._saliency
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -224,9 +238,18 @@ class VideoLLM:
         return preprocess_frames(frames.to(self.device), self.pixel_spec, self.dtype)
 
     @torch.inference_mode()
-    def video_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, F, 3, S, S]`` pixels -> ``[B, F, T, D]`` per-frame visual tokens, exactly as the model computes them."""
+    def video_features(self, pixels: torch.Tensor, saliency: bool = False):
+        """``[B, F, 3, S, S]`` pixels -> ``[B, F, T, D]`` per-frame visual tokens, exactly as the model computes them.
+
+        With ``saliency=True`` returns ``(features, saliency [B, F, T] fp32)``: the attention each patch
+        receives in the feature layer, pooled to T like the features.
+        """
         b, f = pixels.shape[:2]
+        if saliency:
+            with self.saliency_probe.capture() as captured:
+                feats = self.video_features(pixels)
+            pooled = self.model.model.apply_pooling(captured.value[..., None])  # [B*F, T, 1]
+            return feats, pooled.reshape(b, f, -1)
         out = self.model.model.get_video_features(pixels.to(self.device, self.dtype))
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         if isinstance(feats, (list, tuple)):
@@ -255,16 +278,23 @@ class VideoLLM:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor, config: DyCokeConfig) -> list[VisualTokens]:
-        """``[B, F, 3, S, S]`` preprocessed pixels -> one :class:`VisualTokens` per video (TTM if enabled)."""
+        """``[B, F, 3, S, S]`` preprocessed pixels -> one :class:`VisualTokens` per video, compressed per ``config``.
+
+        HoliTom spans differ in length from video to video; each video's result is independent of the batch.
+        """
         n_frames = pixels.shape[1]
-        feats = self.video_features(pixels)  # [B, F, T, D]
-        if config.ttm_enabled:
+        holitom = config.ttm_enabled and config.ttm_method == "holitom"
+        feats, sal = self.video_features(pixels, saliency=True) if holitom else (self.video_features(pixels), None)
+        if holitom:  # feats [B, F, T, D], sal [B, F, T]
+            merged = holitom_merge(feats, sal, config.holitom_retain_ratio, tau=config.holitom_tau,
+                                   beta=config.holitom_beta, k=config.holitom_k, max_window=config.holitom_max_window)
+        elif config.ttm_enabled:
             merged = temporal_merge(feats, config.prune_ratio_k, config.ttm_mode).tokens
         else:
             merged = feats.flatten(1, 2)
         newline = self.model.model.image_newline.to(self.dtype)[None]
         return [VisualTokens(tokens=torch.cat([m, newline], dim=0), num_full=n_frames * feats.shape[2],
-                             num_kept=merged.shape[1], num_frames=n_frames) for m in merged]
+                             num_kept=m.shape[0], num_frames=n_frames) for m in merged]
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, question: str, system_prompt: str | None = None) -> list[int]:

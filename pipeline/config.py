@@ -234,7 +234,7 @@ class DecodeConfig(_Section):
 
 
 class DyCokeSettings(_Section):
-    """DyCoke compression (DESIGN 4); mirrors :class:`dycoke.DyCokeConfig`."""
+    """Token compression (DESIGN 4: DyCoke; 4.6: HoliTom); mirrors :class:`dycoke.DyCokeConfig`."""
 
     ttm_enabled: bool = Field(True, description="Temporal token merging before the LLM.")
     prune_ratio_k: float = Field(0.7, ge=0.0, lt=1.0, description="K, fraction of tokens dropped from each pruned frame, in [0, 1).")
@@ -244,6 +244,12 @@ class DyCokeSettings(_Section):
     dp_layer: int = Field(3, ge=1, description="L, layer whose attention selects the visual tokens later layers attend to (>= 1).")
     dp_prune_ratio: float = Field(0.7, ge=0.0, lt=1.0, description="P, fraction of candidate visual tokens not attended at a pruning step, in [0, 1).")
     dp_threshold: float = Field(0.9, ge=-1.0, le=1.0, description="Attention-vector cosine similarity at or above which a step attends to the full cache.")
+    ttm_method: Literal["dycoke", "holitom"] = Field("dycoke", description="Pre-LLM compressor when ttm_enabled: dycoke = DyCoke TTM (prune_ratio_k, ttm_mode, ~50% of the tokens); holitom = HoliTom (holitom_*, DESIGN 4.6). DP works on top of either.")
+    holitom_retain_ratio: float = Field(0.15, gt=0.0, le=1.0, description="HoliTom r, target fraction of visual tokens kept, in (0, 1] (paper: 0.10, 0.15, 0.25).")
+    holitom_tau: float = Field(0.8, ge=-1.0, le=1.0, description="HoliTom tau, frame-to-frame cosine above which a position is static (paper: 0.8; 0.65 at r=0.10).")
+    holitom_max_window: int = Field(1024, ge=1, description="HoliTom's longest temporal segment, in frames.")
+    holitom_k: int = Field(7, ge=1, description="HoliTom DPC-KNN neighbourhood (capped at the number of centres).")
+    holitom_beta: float = Field(0.6, ge=0.0, le=1.0, description="HoliTom weight of a cluster centre against the mean of its members.")
 
     @model_validator(mode="after")
     def _valid(self) -> DyCokeSettings:
@@ -378,6 +384,9 @@ class PipelineConfig(_Section):
         relevant["model"].pop("cache_dir", None)
         for name in OPERATIONAL_DECODE_FIELDS:  # how decoding runs, not what it produces
             relevant["decode"].pop(name, None)
+        if relevant["dycoke"]["ttm_method"] == "dycoke":  # HoliTom settings unused (and run ids as before they existed)
+            for name in [n for n in relevant["dycoke"] if n == "ttm_method" or n.startswith("holitom_")]:
+                relevant["dycoke"].pop(name)
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return f"run-{digest}"
 

@@ -4,8 +4,8 @@ The evaluation manifest (``input.manifest``; .jsonl/.json/.csv/.parquet) has one
 VideoMME / MVBench style: ``video_uri``, ``question``, ``options`` (a list, or '|'-separated in CSV),
 ``answer`` (the correct letter, A, B, ...), optional ``video_id`` and ``question_id``.
 
-For each setting (:data:`PRESETS`: DyCoke off and DyCoke presets) the job runs the ordinary pipeline
-over the videos, with each video's questions passed as its per-video prompts (task ids ``vq:<i>``,
+For each setting (:data:`PRESETS`: compression off, DyCoke and HoliTom presets) the job runs the
+ordinary pipeline over the videos, with each video's questions passed as its per-video prompts (task ids ``vq:<i>``,
 prompt text built exactly as a configured ``tasks.mcq`` prompt is, by :func:`pipeline.tasks.mcq_prompt`),
 parses the option letter from each answer with :func:`pipeline.tasks.parse_choice`, and compares it
 with the correct letter. A question whose video or generation failed, or whose answer names no
@@ -32,8 +32,14 @@ log = logging.getLogger(__name__)
 #: setting name -> DyCoke field values (on top of the configured ``dycoke`` section).
 PRESETS: dict[str, dict] = {
     "off": {"ttm_enabled": False, "dp_enabled": False},
-    "dycoke-k0.7-p0.7": {"ttm_enabled": True, "dp_enabled": True, "prune_ratio_k": 0.7, "dp_prune_ratio": 0.7},
-    "dycoke-k0.5-p0.7": {"ttm_enabled": True, "dp_enabled": True, "prune_ratio_k": 0.5, "dp_prune_ratio": 0.7},
+    "dycoke-k0.7-p0.7": {"ttm_enabled": True, "ttm_method": "dycoke", "dp_enabled": True, "prune_ratio_k": 0.7,
+                         "dp_prune_ratio": 0.7},
+    "dycoke-k0.5-p0.7": {"ttm_enabled": True, "ttm_method": "dycoke", "dp_enabled": True, "prune_ratio_k": 0.5,
+                         "dp_prune_ratio": 0.7},
+    # HoliTom's outer stages as its authors run LLaVA-OV-7B (tau 0.65 at r = 0.10), without DP
+    **{f"holitom-r{r:.2f}": {"ttm_enabled": True, "ttm_method": "holitom", "dp_enabled": False,
+                             "holitom_retain_ratio": r, "holitom_tau": 0.65 if r <= 0.10 else 0.8}
+       for r in (0.10, 0.15, 0.25)},
 }
 
 TABLE_SCHEMA = pa.schema([

@@ -71,15 +71,17 @@ ray: {{num_cpus: 2, progress_bars: false}}
     import ray
 
     try:
-        assert evaluate_job.main(["--config", str(cfg), "--settings", "off,dycoke-k0.7-p0.7"]) == 0
+        assert evaluate_job.main(["--config", str(cfg), "--settings", "off,dycoke-k0.7-p0.7,holitom-r0.25"]) == 0
     finally:
         ray.shutdown()
     table = pq.read_table(tmp_path / "out" / "accuracy.parquet").to_pylist()
-    assert [r["setting"] for r in table] == ["off", "dycoke-k0.7-p0.7"]
+    assert [r["setting"] for r in table] == ["off", "dycoke-k0.7-p0.7", "holitom-r0.25"]
     for r in table:
         assert (r["videos"], r["questions"], r["answered"]) == (3, 4, 3)  # the missing video: error rows
         assert r["accuracy"] == r["correct"] / 4 and 0 <= r["correct"] <= r["parsed"] <= 3
     assert table[0]["mean_visual_tokens_prefill"] > table[1]["mean_visual_tokens_prefill"]  # TTM compresses
+    assert table[0]["mean_visual_tokens_prefill"] > table[2]["mean_visual_tokens_prefill"]  # so does HoliTom
+    assert json.loads(table[2]["compression"])["ttm_method"] == "holitom"
     out = capsys.readouterr().out
     assert "accuracy" in out and "dycoke-k0.7-p0.7" in out
-    assert render(pq.read_table(tmp_path / "out" / "accuracy.parquet")).count("\n") == 3
+    assert render(pq.read_table(tmp_path / "out" / "accuracy.parquet")).count("\n") == 4

@@ -102,3 +102,22 @@ def test_task_ids_are_unique_and_output_path_not_empty():
             load_config(data={**base, "tasks": {"mcq": mcq}})
     with pytest.raises(ConfigurationError, match="output.path"):
         load_config(data={**base, "output": {"path": ""}})
+
+
+def test_holitom_section_reaches_the_compressor():
+    cfg = load_config(data={**BASE, "dycoke": {"ttm_method": "holitom", "holitom_retain_ratio": 0.1, "holitom_tau": 0.65}},
+                      overrides=["dycoke.holitom_max_window=16"])
+    dy = cfg.dycoke.to_dycoke(196)
+    assert (dy.ttm_method, dy.holitom_retain_ratio, dy.holitom_tau, dy.holitom_max_window) == ("holitom", 0.1, 0.65, 16)
+    assert '"ttm_method":"holitom"' in dy.to_json()
+    assert cfg.effective_run_id() != load_config(data=BASE).effective_run_id()
+    # HoliTom settings name the output folder only when HoliTom runs
+    tau = {**BASE, "dycoke": {"holitom_tau": 0.5}}
+    assert load_config(data=tau).effective_run_id() == load_config(data=BASE).effective_run_id()
+    holitom = {**BASE, "dycoke": {"ttm_method": "holitom"}}
+    holitom_tau = {**BASE, "dycoke": {"ttm_method": "holitom", "holitom_tau": 0.5}}
+    assert load_config(data=holitom).effective_run_id() != load_config(data=holitom_tau).effective_run_id()
+    with pytest.raises(ConfigurationError, match="dycoke.ttm_method"):
+        load_config(data={**BASE, "dycoke": {"ttm_method": "fastv"}})
+    with pytest.raises(ConfigurationError, match="dycoke.holitom_retain_ratio"):
+        load_config(data={**BASE, "dycoke": {"holitom_retain_ratio": 0}})
