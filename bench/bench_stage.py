@@ -14,12 +14,15 @@ Variants per shape:
   fused_mix_drain      as fused_mix with actor_concurrency=1 (each call drains before the next)
   split_mix            EncodeStage (tokens packed to bytes) then GenerateStage on its rows, each timed alone:
                        rate of two actors on two GPUs = min of the two; on one GPU = harmonic sum
+  mix:<preset>         fused_mix with a compression preset of the evaluation job: off, dycoke-k0.7-p0.7,
+                       holitom-r0.10 / holitom-r0.15 / holitom-r0.25 (the method axis)
 
 Floor per video (DESIGN 7): vision FLOPs + ONE video prefill + the task suffix prefills at the measured
 bf16 matmul rate, plus decode bytes (decoder weights once per engine step, shared by the rows decoding
 together; KV read per row and step) at the measured copy bandwidth.
 
     python bench/bench_stage.py --shape 7b --shape 0.5b      # table on stdout, $OUT/bench_stage_7b_0.5b.json
+    python bench/bench_stage.py --shape 7b --variants mix:off,mix:dycoke-k0.7-p0.7,mix:holitom-r0.15
 """
 
 from __future__ import annotations
@@ -51,10 +54,23 @@ MIX = {"questions": ["What is the main person doing, and with which objects?",
                                                                              "an office"]}]}
 
 
-def job_config(tasks: dict, **stages):
-    """The default job configuration with one GPU per actor (what a user's GPU run starts from)."""
+def job_config(tasks: dict, dycoke: dict | None = None, **stages):
+    """The default job configuration with one GPU per actor (what a user's GPU run starts from); ``dycoke``:
+    compression fields on top of the defaults (an evaluation preset)."""
     return load_config(data={"input": {"local_dir": "."}, "output": {"path": "out"}, "model": {"source": "random"},
-                             "tasks": tasks, "stages": {"gpus_per_actor": 1, **stages}})
+                             "tasks": tasks, "dycoke": dycoke or {}, "stages": {"gpus_per_actor": 1, **stages}})
+
+
+def variant_config(variant: str):
+    """``fused_mix``, ``fused_caption``, ``fused_mix_drain``, ``split_mix`` at the default compression, or
+    ``mix:<preset>`` (the realistic mix, fused, with an evaluation preset of ``pipeline.evaluate.PRESETS``:
+    off, dycoke-k0.7-p0.7, holitom-r0.10 / r0.15 / r0.25)."""
+    from pipeline.evaluate import PRESETS
+
+    if variant.startswith("mix:"):
+        return job_config(MIX, PRESETS[variant[4:]])
+    return job_config({} if variant == "fused_caption" else MIX,
+                      **({"actor_concurrency": 1} if variant.endswith("drain") else {}))
 
 
 def decoded_rows(n: int, frames: int, size: int = 384, distinct: int = 8) -> list[dict]:
@@ -209,8 +225,8 @@ def main() -> None:
         rows = decoded_rows(args.videos, args.frames, llm.image_size)
         st = lm_stats(llm)
         for variant in variants:
+            cfg = variant_config(variant)
             tasks = {} if variant == "fused_caption" else MIX
-            cfg = job_config(tasks, **({"actor_concurrency": 1} if variant.endswith("drain") else {}))
             warm = rows[: 2 * cfg.stages.resolved_fused_batch_size]
             _reset_peak()
             if variant.startswith("split"):
@@ -226,7 +242,8 @@ def main() -> None:
                 r.update(floor=fl, x_floor=(1 / r["videos_per_s"]) / fl["floor_s"],
                          output_tokens=statistics.mean(sum(o["output_tokens"] for o in out if o["video_id"] == v)
                                                        for v in {o["video_id"] for o in out}),
-                         visual_tokens=ok[0]["visual_tokens_prefill"], prompt_tokens=[o["prompt_tokens"] for o in ok])
+                         visual_tokens=statistics.mean(o["visual_tokens_prefill"] for o in out),
+                         prompt_tokens=[o["prompt_tokens"] for o in ok])
             r.update(shape=shape, variant=variant)
             report["results"].append(r)
             print(shape, variant, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
@@ -234,15 +251,15 @@ def main() -> None:
         del llm
         _reset_peak()
     (out_dir / f"bench_stage_{'_'.join(shapes)}.json").write_text(json.dumps(report, indent=2, default=float))
-    print(f"\n{'shape':5} {'variant':16} {'videos/s':>9} {'x floor':>7} {'rows':>5} {'vision':>7} {'prefill':>8} "
+    print(f"\n{'shape':5} {'variant':22} {'videos/s':>9} {'x floor':>7} {'rows':>5} {'vis tok':>7} {'vision':>7} {'prefill':>8} "
           f"{'suffix':>7} {'decode':>7} {'peak GiB':>8}")
     for r in report["results"]:
         if "floor" in r:
-            print(f"{r['shape']:5} {r['variant']:16} {r['videos_per_s']:9.3f} {r['x_floor']:7.2f} {r['rows']:>5} "
+            print(f"{r['shape']:5} {r['variant']:22} {r['videos_per_s']:9.3f} {r['x_floor']:7.2f} {r['rows']:>5} {r['visual_tokens']:7.0f} "
                   f"{r['vision_s']:7.2f} {r['prefix_prefill_s']:8.2f} {r['suffix_prefill_s']:7.2f} {r['decode_s']:7.2f} "
                   f"{r['peak_gib']:8.1f}")
         else:
-            print(f"{r['shape']:5} {r['variant']:16} {r['videos_per_s']:9.3f} (encode {r['encode_videos_per_s']:.2f}/s, "
+            print(f"{r['shape']:5} {r['variant']:22} {r['videos_per_s']:9.3f} (encode {r['encode_videos_per_s']:.2f}/s, "
                   f"generate {r['generate_videos_per_s']:.2f}/s, one GPU {r['one_gpu_videos_per_s']:.2f}/s)")
 
 
