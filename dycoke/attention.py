@@ -13,6 +13,9 @@ With a context and a single query per row (a decode step) it:
 * layers ``>= L``: attend with that bias (unselected visual positions at ``-inf``);
 * other layers: plain masked SDPA.
 
+With ``dycoke_grouped_mask`` in the kwargs (the engine's batched suffix prefill: several tokens per row over
+the cache) it attends with the query heads of a group stacked, so K and V are never repeated per head.
+
 Grouped-query attention is handled by viewing the ``H`` query heads as ``H_kv`` groups of ``G``
 queries, so K and V are read once and never repeated.
 """
@@ -67,6 +70,9 @@ def _sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, 
 def dycoke_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention function with transformers' signature; returns ``([B, q, H, d], None)``."""
     ctx: DecodeContext | None = kwargs.pop("dycoke_ctx", None)
+    grouped_mask: torch.Tensor | None = kwargs.pop("dycoke_grouped_mask", None)
+    if grouped_mask is not None:
+        return _grouped_chunk_attention(query, key, value, grouped_mask, scaling)
     if ctx is None or query.shape[2] != 1:
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     bsz, heads, _, dim = query.shape
@@ -88,6 +94,24 @@ def dycoke_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             mask = ctx.dp_bias
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(bsz, 1, heads, dim), None
+
+
+def grouped_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, 1, q, S]`` chunk mask -> ``[B, 1, G * q, S]`` for :func:`_grouped_chunk_attention` (built once per
+    forward by the caller, shared by every layer)."""
+    return mask.repeat(1, 1, groups, 1)
+
+
+def _grouped_chunk_attention(query, key, value, mask, scaling):
+    """A multi-token chunk (``query [B, H, q, d]``) over a cache with ``H_kv < H`` heads, without repeating K and
+    V per query head: the ``G = H / H_kv`` query heads of a group are stacked along the query axis
+    (``[B, H_kv, G*q, d]``), ``mask`` is the caller's ``[B, 1, G*q, S]`` (:func:`grouped_mask`). Returns
+    ``([B, q, H, d], None)``."""
+    bsz, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(bsz, kv_heads, heads // kv_heads * q_len, dim)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(bsz, heads, q_len, dim).transpose(1, 2), None
 
 
 def install(language_model) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dycoke.attention import install
+from dycoke.attention import grouped_mask, install
 from dycoke.config import DyCokeConfig
 from dycoke.llava import VideoLLM, VisualTokens
 from dycoke.sampling import greedy, sample
@@ -325,8 +325,11 @@ class Engine:
         bias.masked_fill_(s.slot_idx[None, None, None, :] > pos[:, None, :, None], float("-inf"))
         s.cache.begin_chunk(torch.tensor([r for _, r in members], device=dev), slots)
         try:
+            cfg = llm.language_model.config
             h = llm.language_model(inputs_embeds=emb, position_ids=pos, attention_mask={"full_attention": bias},
-                                   use_cache=True, **{self.cache_kwarg: s.cache}).last_hidden_state
+                                   use_cache=True, **{self.cache_kwarg: s.cache},
+                                   dycoke_grouped_mask=grouped_mask(bias, cfg.num_attention_heads // cfg.num_key_value_heads),
+                                   ).last_hidden_state
             s.cache.check_written("suffix prefill")
         finally:
             s.cache.end()
