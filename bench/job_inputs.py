@@ -69,16 +69,21 @@ def make_videos(out: Path, clips: dict, fps: int = FPS, kbps: int = 450, preset:
 
 
 def link_inputs(clips: list[Path], folder: Path, n: int) -> dict[str, str]:
-    """``n`` inputs under distinct names, hard links (else copies) of ``clips`` round robin; name -> clip kind."""
+    """``n`` inputs in ``folder`` under distinct names (so distinct ``video_id``), hard links to ``clips`` round
+    robin (each clip is copied next to ``folder`` first, so the links never cross file systems; symlinks would
+    not do: the local source resolves them to one path). Returns input file name -> clip kind."""
+    own = folder.with_name(folder.name + "_clips")
+    own.mkdir(parents=True, exist_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
+    local = []
+    for c in clips:
+        shutil.copyfile(c, own / c.name)
+        local.append(own / c.name)
     kinds = {}
     for i in range(n):
-        src = clips[i % len(clips)]
+        src = local[i % len(local)]
         dst = folder / f"v{i:05d}_{src.stem}.mp4"
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
+        os.link(src, dst)
         kinds[dst.name] = src.stem.removeprefix("clip_")
     return kinds
 

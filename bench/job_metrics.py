@@ -99,13 +99,21 @@ def parse_events(lines: list[tuple[float, str]], t0: float) -> dict:
     return out
 
 
+def completion_events(done: np.ndarray, gap_s: float = 0.05) -> np.ndarray:
+    """Each completion time snapped to the end of its event: the rows of one actor call are produced in one
+    loop when the call returns, so times less than ``gap_s`` apart belong to one event."""
+    t = np.sort(done)
+    ends = np.append(t[:-1][np.diff(t) > gap_s], t[-1])
+    return ends[np.searchsorted(ends, t, side="left")]
+
+
 def steady_rate(done: np.ndarray, q_lo: float, q_hi: float) -> dict:
     """Videos per second between two completion events; ``done`` holds each video's completion time (s).
 
-    The window runs from the completion time at quantile ``q_lo`` to the one at ``q_hi`` and counts the videos
+    The window runs from the completion event at quantile ``q_lo`` to the one at ``q_hi`` and counts the videos
     completed after its start and up to its end, so completions that come in steps (one actor call's videos at
     once) are counted exactly."""
-    t = np.sort(done)
+    t = completion_events(done)
     n = len(t)
     a, b = t[int(np.floor(q_lo * (n - 1)))], t[int(np.ceil(q_hi * (n - 1)))]
     events = np.unique(t)
