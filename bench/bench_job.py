@@ -67,6 +67,16 @@ from bench.job_inputs import (  # noqa: E402
 from bench.job_metrics import Samplers, analyse, parse_events  # noqa: E402
 
 
+def stop_job(proc: subprocess.Popen) -> int:
+    """SIGINT to the job's process group (the driver shuts its local Ray down), SIGKILL after 30 s."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
 def run_job(cfg_path: Path, log_path: Path, timeout_s: float, extra: list[str]) -> dict:
     """``python -m jobs.corpus --config cfg_path`` with its log streamed (and timestamped) into ``log_path``."""
     env = dict(os.environ)
@@ -101,12 +111,10 @@ def run_job(cfg_path: Path, log_path: Path, timeout_s: float, extra: list[str]) 
     except subprocess.TimeoutExpired:
         timed_out = True
         print(f"job still running after {timeout_s:.0f} s: interrupting it", flush=True)
-        os.killpg(proc.pid, signal.SIGINT)  # lets the driver shut its local Ray down
-        try:
-            rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
+        rc = stop_job(proc)
+    except BaseException:  # this script is being stopped (Ctrl-C, SIGTERM): never leave the job holding the GPU
+        stop_job(proc)
+        raise
     wall = time.time() - t0
     reader.join(timeout=10)
     return {"t0": t0, "wall_s": wall, "rc": rc, "timed_out": timed_out, "lines": lines}
@@ -199,8 +207,10 @@ def run(args) -> int:
         cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
         timeout = min(args.job_timeout or float("inf"), args.deadline_s - (time.time() - start) - 20)
         samplers = Samplers()
-        job = run_job(cfg_path, out_dir / f"bench_job_{tag}.log", timeout, [a for s in args.set for a in ("--set", s)])
-        samplers.stop()
+        try:
+            job = run_job(cfg_path, out_dir / f"bench_job_{tag}.log", timeout, [a for s in args.set for a in ("--set", s)])
+        finally:
+            samplers.stop()
         events = parse_events(job.pop("lines"), job["t0"])
         files = sorted((work / "output").rglob("*.parquet"))
         rows = pq.read_table(files, columns=["video_id", "video_uri", "task_id", "status", "error_type",
@@ -265,7 +275,12 @@ def main() -> int:
     if args.mode == "make-checkpoint":
         make_checkpoint(args.shape, Path(args.out))
         return 0
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM unwinds like Ctrl-C: the job is stopped, temp files go
     return run(args)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
