@@ -64,7 +64,7 @@ from bench.job_inputs import (  # noqa: E402
     make_checkpoint,
     make_videos,
 )
-from bench.job_metrics import Samplers, analyse, parse_events  # noqa: E402
+from bench.job_metrics import Samplers, analyse, layout, parse_events  # noqa: E402
 
 
 def stop_job(proc: subprocess.Popen) -> int:
@@ -146,7 +146,7 @@ def print_table(rep: dict) -> None:
         ("decode capacity videos/s", f"{_f(d['capacity_videos_per_s'])} ({d['decode_slots']:.0f} slots, {d['ray_cpus']:.0f} CPUs)"
          + "".join(f"  {k} {v['capacity_videos_per_s']:.2f}" for k, v in d["by_clip"].items())),
         ("decode in the job: all done at s / videos/s", f"{_f(d['all_decoded_by_s'], '{:.0f}')} / "
-                                                         f"{_f(d['job_videos_per_s'])}  (from progress lines, +-10 s)"),
+                                                         f"{_f(d['job_videos_per_s'])}  (progress lines, 10 s apart)"),
         ("decoded and waiting at window start / end", f"{_f(y.get('decoded_ahead_at_from'), '{:.0f}')} / "
                                                       f"{_f(y.get('decoded_ahead_at_to'), '{:.0f}')}"),
         ("host CPU busy / GPU util % (steady)", f"{_f(y.get('host_cpu_busy'))} / {_f(y.get('gpu_util_pct'), '{:.0f}')}"),
@@ -203,6 +203,7 @@ def run(args) -> int:
             data["stages"] = {"gpus_per_actor": 1}
         cfg = load_config(data=data, overrides=args.set or None)  # validates, and resolves the stage defaults
         tasks_per_video = int(bool(cfg.tasks.caption_prompt)) + len(cfg.tasks.questions) + len(cfg.tasks.mcq)
+        lay = layout(cfg)
         cfg_path = work / "job.yaml"
         cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
         timeout = min(args.job_timeout or float("inf"), args.deadline_s - (time.time() - start) - 20)
@@ -216,24 +217,22 @@ def run(args) -> int:
         rows = pq.read_table(files, columns=["video_id", "video_uri", "task_id", "status", "error_type",
                                              "error_message", "processed_at", "timings", "output_tokens",
                                              "visual_tokens_prefill"]).to_pylist() if files else []
-        st = cfg.stages
         summary = cfg_path.with_name("summary.json")
         rep = {"shape": tag, "args": vars(args), **_environment(), "checkpoint": {"path": str(ckpt), **ckpt_info},
                "clips": [c.name for c in clips], "job_yaml": data, "job_rc": job["rc"], "timed_out": job["timed_out"],
-               "config": {"mode": st.resolved_mode, "videos_per_call": st.resolved_fused_batch_size,
-                          "calls_in_flight": st.actor_concurrency, "engine_rows": st.engine_max_batch_size,
-                          "decode_batch_size": st.decode_batch_size},
-               "job_summary": json.loads(summary.read_text()) if summary.exists() else None,
-               "events": events}
-        rep["result"] = analyse(rows, job, events, kinds, cfg, samplers, n_inputs=n, tasks_per_video=tasks_per_video,
+               "config": lay, "job_summary": json.loads(summary.read_text()) if summary.exists() else None,
+               "events": events, "output_rows": len(rows)}
+        report = out_dir / f"bench_job_{tag}.json"
+        report.write_text(json.dumps(rep, indent=2, default=str))  # the raw figures, whatever happens next
+        rep["result"] = analyse(rows, job, events, kinds, lay, samplers, n_inputs=n, tasks_per_video=tasks_per_video,
                                 q_lo=args.q_lo, q_hi=args.q_hi, stage_videos_per_s=args.stage_videos_per_s)
         res = rep["result"]
         rep["ok"] = ok = (job["rc"] == 0 and res["videos"] == n and not res["error_rows"]
                           and not res["incomplete_videos"])
-        (out_dir / f"bench_job_{tag}.json").write_text(json.dumps(rep, indent=2, default=str))
+        report.write_text(json.dumps(rep, indent=2, default=str))
         print_table(rep)
         print(f"\n{'OK' if ok else 'FAILED'}: job exit {job['rc']}{' (interrupted at the deadline)' if job['timed_out'] else ''}"
-              f", {res['videos']} of {n} videos in the output; report {out_dir / f'bench_job_{tag}.json'}, "
+              f", {res['videos']} of {n} videos in the output; report {report}, "
               f"job log {out_dir / f'bench_job_{tag}.log'}")
         if res["errors"]:
             print("errors:", *res["errors"], sep="\n  ")

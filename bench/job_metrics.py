@@ -139,21 +139,32 @@ def progress_rate(progress: list[tuple[float, int]], per_video: int, q_lo: float
             "source": "Ray Data progress lines (10 s resolution)"}
 
 
-def count_at(progress: list[tuple[float, int]], t: float) -> int | None:
-    """Rows out at time ``t`` per the last progress sample at or before it."""
-    before = [n for s, n in progress if s <= t]
-    return before[-1] if before else None
+def count_at(progress: list[tuple[float, int]], t: float) -> float | None:
+    """Rows out at time ``t``, interpolated between progress samples (``None`` outside them)."""
+    if not progress or not progress[0][0] <= t <= progress[-1][0]:
+        return None
+    return float(np.interp(t, [s for s, _ in progress], [n for _, n in progress]))
 
 
-def decode_figures(per_video: dict, kinds: dict, events: dict, cfg, wall: float, window: float | None,
+def layout(cfg) -> dict:
+    """The stage layout the job resolves from its config (read defensively: a renamed field gives None)."""
+    st = cfg.stages
+    g = lambda name: getattr(st, name, None)  # noqa: E731
+    mode = g("resolved_mode")
+    return {"mode": mode, "videos_per_call": g("resolved_fused_batch_size") if mode == "fused" else g("resolved_generate_batch_size"),
+            "calls_in_flight": g("actor_concurrency"), "engine_rows": g("engine_max_batch_size"),
+            "decode_batch_size": g("decode_batch_size"), "decode_num_cpus": g("decode_num_cpus") or 1.0,
+            "decode_max_tasks": g("decode_max_tasks"), "actor_num_cpus": g("actor_num_cpus") or 1.0,
+            "model_actors": (g("fused_actors") if mode == "fused" else (g("encode_actors") or 1) + (g("generate_actors") or 1)) or 1}
+
+
+def decode_figures(per_video: dict, kinds: dict, events: dict, lay: dict, wall: float, window: float | None,
                    n_inputs: int) -> dict:
     """Decode's CPU share, its capacity from per-video CPU seconds, and its throughput in the job (progress)."""
     dec = {v: (r["timings"]["fetch_s"] or 0.0) + (r["timings"]["decode_s"] or 0.0) for v, r in per_video.items()}
     cpus = events.get("ray_cpus") or os.cpu_count()
-    st = cfg.stages
-    actors = st.fused_actors if st.resolved_mode == "fused" else st.encode_actors + st.generate_actors
-    slots = max(1.0, (cpus - actors * st.actor_num_cpus) // st.decode_num_cpus)
-    slots = min(slots, st.decode_max_tasks or slots)
+    slots = max(1.0, (cpus - lay["model_actors"] * lay["actor_num_cpus"]) // lay["decode_num_cpus"])
+    slots = min(slots, lay["decode_max_tasks"] or slots)
     by_kind: dict[str, list[float]] = {}
     for v, r in per_video.items():
         by_kind.setdefault(kinds.get(Path(r["video_uri"]).name, "?"), []).append(dec[v])
@@ -162,6 +173,7 @@ def decode_figures(per_video: dict, kinds: dict, events: dict, cfg, wall: float,
     prog = events["progress"]["decode"]
     start = events.get("dataset_start") or 0.0
     finished = next((t for t, n in prog if n >= n_inputs), None)
+    upto = next(((t, n) for t, n in prog if n >= n_inputs), prog[-1] if prog else None)  # decode's last sample
     return {
         "cpu_s_total": total, "cpu_s_per_video": mean, "ray_cpus": cpus, "decode_slots": slots,
         "share_of_wall": total / (wall * cpus) if dec else None,
@@ -170,7 +182,7 @@ def decode_figures(per_video: dict, kinds: dict, events: dict, cfg, wall: float,
         "by_clip": {k: {"videos": len(v), "cpu_s_per_video": float(np.mean(v)),
                         "capacity_videos_per_s": slots / float(np.mean(v))} for k, v in sorted(by_kind.items())},
         "all_decoded_by_s": finished,
-        "job_videos_per_s": n_inputs / (finished - start) if finished and finished > start else None,
+        "job_videos_per_s": upto[1] / (upto[0] - start) if upto and upto[1] and upto[0] > start else None,
     }
 
 
@@ -185,7 +197,7 @@ def startup_figures(events: dict, first_done: float | None) -> dict:
             "first_video_done_s": first_done, "dataset_done_s": ev("dataset_done"), "sink_done_s": ev("sink_done")}
 
 
-def analyse(rows: list[dict], job: dict, events: dict, kinds: dict, cfg, samplers: Samplers, *, n_inputs: int,
+def analyse(rows: list[dict], job: dict, events: dict, kinds: dict, lay: dict, samplers: Samplers, *, n_inputs: int,
             tasks_per_video: int, q_lo: float, q_hi: float, stage_videos_per_s: float | None) -> dict:
     """Every figure of the report (see the module docstring and ``bench/bench_job.py``)."""
     t0, wall = job["t0"], job["wall_s"]
@@ -201,9 +213,9 @@ def analyse(rows: list[dict], job: dict, events: dict, kinds: dict, cfg, sampler
     if steady.get("videos_per_s"):
         steady |= samplers.window(t0 + steady["from_s"], t0 + steady["to_s"])
         for end in ("from_s", "to_s"):  # videos decoded and waiting (or in an actor call) at the window's ends
-            decoded = count_at(events["progress"]["decode"], steady[end])
+            decoded = count_at(events["progress"]["decode"], steady[end])  # +- one 10 s progress interval
             finished = int(np.sum(done <= steady[end])) if len(done) else None
-            steady[f"decoded_ahead_at_{end[:-2]}"] = decoded - finished if None not in (decoded, finished) else None
+            steady[f"decoded_ahead_at_{end[:-2]}"] = max(0.0, decoded - finished) if None not in (decoded, finished) else None
     window = float(done.max()) - (events.get("dataset_start") or 0.0) if len(done) else None
     first = float(done.min()) if len(done) else None
     res = {"videos": len(by_video), "rows": len(rows), "tasks_per_video": tasks_per_video, "error_rows": len(bad),
@@ -211,7 +223,7 @@ def analyse(rows: list[dict], job: dict, events: dict, kinds: dict, cfg, sampler
            "incomplete_videos": sum(len(rs) != tasks_per_video for rs in by_video.values()), "wall_s": wall,
            "end_to_end_videos_per_s": len(by_video) / wall, "startup": startup_figures(events, first),
            "steady": steady, "host_gpu_whole_job": samplers.window(t0, t0 + wall),
-           "decode": decode_figures({v: rs[0] for v, rs in by_video.items()}, kinds, events, cfg, wall, window, n_inputs),
+           "decode": decode_figures({v: rs[0] for v, rs in by_video.items()}, kinds, events, lay, wall, window, n_inputs),
            "output_tokens_per_video": float(np.mean([sum(r["output_tokens"] or 0 for r in rs)
                                                      for rs in by_video.values()])) if rows else None,
            "visual_tokens_prefill": rows[0]["visual_tokens_prefill"] if rows else None}
