@@ -138,13 +138,29 @@ def build_tiny_checkpoint(path: str | Path, *, seed: int = 0, image_size: int = 
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name:
                 p.normal_(0.0, 0.2)
+    save_checkpoint(model, tokenizer, path, image_size)
+    log.info("wrote tiny LLaVA-OneVision checkpoint to %s", path)
+    return path
+
+
+def save_checkpoint(model, tokenizer, path: str | Path, image_size: int,
+                    mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                    std: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> Path:
+    """Save a ``LlavaOnevisionForConditionalGeneration`` in the Hugging Face layout the real loading path reads.
+
+    Writes config + safetensors (``save_pretrained``), the tokenizer with its chat template, and a
+    ``preprocessor_config.json`` (square side ``image_size``, per-channel ``mean`` / ``std``, 1/255 rescale),
+    which :meth:`dycoke.llava.PixelSpec.from_checkpoint` reads. Returns ``path``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     preprocessor = {
         "image_processor_type": "LlavaOnevisionImageProcessor",
         "size": {"height": image_size, "width": image_size},
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
+        "image_mean": list(mean),
+        "image_std": list(std),
         "rescale_factor": 1 / 255,
         "do_resize": True,
         "do_rescale": True,
@@ -153,5 +169,4 @@ def build_tiny_checkpoint(path: str | Path, *, seed: int = 0, image_size: int = 
         "resample": 3,
     }
     (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
-    log.info("wrote tiny LLaVA-OneVision checkpoint to %s", path)
     return path
