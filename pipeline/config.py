@@ -288,7 +288,9 @@ class StagesConfig(_Section):
     generate_actors: int = Field(1, ge=1, description="Generate actors (split mode).")
     fused_batch_size: int | None = Field(
         None, ge=1, description="Videos per fused actor call; null = 32 with a GPU, 4 on CPU.")
-    fused_actors: int = Field(1, ge=1, description="Fused actors (fused mode).")
+    fused_actors: int | None = Field(
+        None, ge=1, description="Fused actors (fused mode); null = one per GPU the cluster has at start "
+        "(GPUs / gpus_per_actor, at least 1), 1 on CPU.")
     max_actors: int | None = Field(None, ge=1, description="Let each actor pool autoscale up to this many actors; null = fixed size.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encode/generate/fused actor (0 runs the model on CPU, for tiny models).")
     actor_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model actor (preprocessing, batching).")
@@ -302,6 +304,13 @@ class StagesConfig(_Section):
     @property
     def gpu(self) -> bool:
         return self.gpus_per_actor > 0
+
+    def resolved_fused_actors(self, cluster_gpus: float) -> int:
+        """``fused_actors``, or one actor per ``gpus_per_actor`` of the cluster's GPUs (measured: fused beats a
+        split of the same GPUs, see docs/scaling.md)."""
+        if self.fused_actors:
+            return self.fused_actors
+        return max(1, int(cluster_gpus // self.gpus_per_actor)) if self.gpu else 1
 
     @property
     def resolved_fused_batch_size(self) -> int:

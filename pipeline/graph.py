@@ -21,6 +21,7 @@ import logging
 import math
 
 import pyarrow as pa
+import ray
 import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from ray.data.datasource import FilenameProvider
@@ -93,11 +94,14 @@ def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings
     )
     model_args = {"num_gpus": st.gpus_per_actor, "num_cpus": st.actor_num_cpus, "batch_format": "pyarrow"}
     if st.resolved_mode == "fused":
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if st.gpu and st.fused_actors is None and gpus < st.gpus_per_actor:
+            log.warning("the cluster shows no GPU yet (autoscaling?): starting 1 fused actor; set stages.fused_actors")
         ds = ds.map_batches(
             FusedStage,
             fn_constructor_kwargs={"model": model_settings, "settings": gen_settings},
             batch_size=st.resolved_fused_batch_size,
-            compute=_actors(st.fused_actors, st.max_actors, st.actor_concurrency),
+            compute=_actors(st.resolved_fused_actors(gpus), st.max_actors, st.actor_concurrency),
             **model_args,
         )
     else:

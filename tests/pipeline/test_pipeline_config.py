@@ -121,3 +121,16 @@ def test_holitom_section_reaches_the_compressor():
         load_config(data={**BASE, "dycoke": {"ttm_method": "fastv"}})
     with pytest.raises(ConfigurationError, match="dycoke.holitom_retain_ratio"):
         load_config(data={**BASE, "dycoke": {"holitom_retain_ratio": 0}})
+
+
+def test_gpu_defaults_fill_the_device_and_fields_override():
+    from pipeline.config import StagesConfig
+
+    cpu, gpu = StagesConfig(), StagesConfig(gpus_per_actor=1)
+    assert (cpu.resolved_fused_batch_size, cpu.resolved_generate_batch_size, cpu.resolved_fused_actors(8)) == (4, 8, 1)
+    assert (gpu.resolved_fused_batch_size, gpu.resolved_generate_batch_size) == (32, 32)
+    assert gpu.resolved_fused_actors(8) == 8 and gpu.resolved_fused_actors(0) == 1
+    assert StagesConfig(gpus_per_actor=2).resolved_fused_actors(8) == 4
+    fixed = StagesConfig(gpus_per_actor=1, fused_actors=2, fused_batch_size=6, engine_max_batch_size=64)
+    assert (fixed.resolved_fused_actors(8), fixed.resolved_fused_batch_size, fixed.engine_max_batch_size) == (2, 6, 64)
+    assert gpu.engine_max_batch_size is None and gpu.actor_concurrency == 3  # rows from free memory, 3 calls in flight
