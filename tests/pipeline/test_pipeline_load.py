@@ -45,9 +45,11 @@ class StoreSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> None:
+        import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        stats = get_memory_info_reply(get_state_from_address()).store_stats
+        # this run's own cluster by address (another Ray on the machine would make "auto" ambiguous)
+        stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
         self.peak_used = max(self.peak_used, stats.object_store_bytes_used)
         self.spilled_bytes = max(self.spilled_bytes, stats.spilled_bytes_total)
         self.spilled_objects = max(self.spilled_objects, stats.spilled_objects_total)
