@@ -24,52 +24,27 @@ import collections
 import inspect
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from dycoke.attention import grouped_mask, install
 from dycoke.config import DyCokeConfig
-from dycoke.llava import VideoLLM, VisualTokens
+from dycoke.llava import VideoLLM
 from dycoke.sampling import greedy, sample
-from dycoke.scheduling import Group, Handle, Prepared, Result, auto_rows, error_result
+from dycoke.scheduling import (  # noqa: F401 - GenerationSettings, Request, Result: the engine's public API
+    GenerationSettings,
+    Group,
+    Handle,
+    Prepared,
+    Request,
+    Result,
+    auto_rows,
+    buckets,
+    error_result,
+)
 from dycoke.session import Session
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Per-request decoding settings.
-
-    ``stop_token_ids=None`` stops on the tokenizer's end-of-turn / EOS tokens; ``ignore_eos`` always
-    generates exactly ``max_new_tokens`` (benchmarks).
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class Request:
-    """One prompt about one video. ``visual=None`` makes a text-only prompt (placeholder removed)."""
-
-    request_id: str
-    visual: VisualTokens | None
-    question: str
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
-    system_prompt: str | None = None
 
 
 def cache_keyword(language_model) -> str:
@@ -272,7 +247,7 @@ class Engine:
 
     def _prefill(self, admitted: list[tuple[Group, list[int]]]) -> None:
         """Prefix once per group (copied to its rows), then the admitted rows' suffixes in a few batched forwards
-        (rows of similar suffix length together, :func:`_buckets`)."""
+        (rows of similar suffix length together, :func:`~dycoke.scheduling.buckets`)."""
         s, llm, dev = self._session, self.llm, self.llm.device
         lm = llm.language_model
         t0 = time.perf_counter()
@@ -291,7 +266,7 @@ class Engine:
         t1 = time.perf_counter()
         members = [(p, r) for g, rows in admitted for p, r in zip(g.members, rows)]
         members.sort(key=lambda m: m[0].suffix.shape[0])
-        logits = torch.cat([self._suffix_forward(b) for b in _buckets(members)])
+        logits = torch.cat([self._suffix_forward(b) for b in buckets(members)])
         rows_t = torch.tensor([r for _, r in members], device=dev)
         ends = torch.tensor([p.length for p, _ in members], device=dev)
         self._start_rows(members, rows_t, ends, logits)
@@ -390,22 +365,6 @@ class Engine:
         self._rows = rows + [None] * (len(self._rows) - len(rows))
         self._cur = new
         self.compactions += 1
-
-
-def _buckets(members: list, max_waste: float = 0.25) -> list[list]:
-    """Split ``members`` (sorted by suffix length) into runs padded with at most ``max_waste`` of their real
-    tokens, so one long suffix does not pad every short one (each run is one forward)."""
-    out: list[list] = []
-    real = 0
-    for m in members:
-        n = m[0].suffix.shape[0]
-        if out and (len(out[-1]) + 1) * n <= (1 + max_waste) * (real + n):
-            out[-1].append(m)
-            real += n
-        else:
-            out.append([m])
-            real = n
-    return out
 
 
 def _sync(device: torch.device) -> None:

@@ -1,4 +1,5 @@
-"""Host-side bookkeeping of the engine: prepared sequences, prefix-sharing groups, handles, results.
+"""Host-side bookkeeping of the engine: requests and their settings, prepared sequences, prefix-sharing
+groups, handles, results, and the sizing rules (rows from free memory, suffix buckets).
 
 Nothing here runs on the device except the embedding tensors a :class:`Prepared` carries (its prefix
 ``[Lp, D]`` and suffix ``[Ls, D]``, already on the model's device).
@@ -8,9 +9,46 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from dycoke.llava import VisualTokens
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Per-request decoding settings.
+
+    ``stop_token_ids=None`` stops on the tokenizer's end-of-turn / EOS tokens; ``ignore_eos`` always
+    generates exactly ``max_new_tokens`` (benchmarks).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Request:
+    """One prompt about one video. ``visual=None`` makes a text-only prompt (placeholder removed)."""
+
+    request_id: str
+    visual: VisualTokens | None
+    question: str
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -133,3 +171,19 @@ def auto_rows(llm, slots: int, *, memory_fraction: float = 0.6, max_rows: int = 
     per_row = slots * (kv_bytes_per_slot(llm) + 8 + 4)  # KV + generated ids + prune-state float per slot
     rows = int(free * memory_fraction // per_row)
     return max(8, min(max_rows, math.floor(rows / 8) * 8))
+
+
+def buckets(members: list, max_waste: float = 0.25) -> list[list]:
+    """Split ``members`` (sorted by suffix length) into runs padded with at most ``max_waste`` of their real
+    tokens, so one long suffix does not pad every short one (each run is one forward)."""
+    out: list[list] = []
+    real = 0
+    for m in members:
+        n = m[0].suffix.shape[0]
+        if out and (len(out[-1]) + 1) * n <= (1 + max_waste) * (real + n):
+            out[-1].append(m)
+            real += n
+        else:
+            out.append([m])
+            real = n
+    return out
