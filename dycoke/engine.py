@@ -89,6 +89,7 @@ class Engine:
         self.use_cuda_graph = llm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self.sync_every, self.slot_multiple = max(1, sync_every), slot_multiple
         self.compact_ratio, self.admit_fraction = compact_ratio, admit_fraction
+        self.slot_headroom = 0.125
         self.compactions = 0  # figures for benchmarks and logs
         self.stats = collections.Counter()
         tok = llm.tokenizer
@@ -208,6 +209,11 @@ class Engine:
         return self._session.rows if self._session is not None else (self.max_batch_size or 16)
 
     def _new_session(self, slots: int, max_stop: int) -> None:
+        """A session for sequences of up to ``slots`` positions. When it replaces a session that was too short
+        (spans vary per video: HoliTom, short clips), it gets :attr:`slot_headroom` more, so that growing, which
+        costs a drain, stays rare; the first session fits exactly (every slot is read at every decode step)."""
+        if self._session is not None:
+            slots = int(slots * (1 + self.slot_headroom))
         slots = -(-slots // self.slot_multiple) * self.slot_multiple
         rows = self.max_batch_size or auto_rows(self.llm, slots)
         if self.max_batch_tokens is not None:

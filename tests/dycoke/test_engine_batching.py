@@ -175,3 +175,16 @@ def test_cache_keyword_follows_transformers_and_an_ignored_one_fails_loudly(llm,
     engine.cache_kwarg = "past_key_values_renamed_away"  # what an unknown keyword looks like: silently ignored
     with pytest.raises(RuntimeError, match="wrote 0 of .* layers of the KV cache"):
         engine.generate([Request("a", vis, "Describe.", GenerationSettings(max_new_tokens=3))])
+
+
+def test_a_longer_request_grows_the_session_after_a_drain(llm, videos, cfg):
+    vis = llm.encode(videos, cfg)
+    short = Request("short", vis[1], "Describe.", GenerationSettings(max_new_tokens=4, ignore_eos=True))
+    long = Request("long", vis[2], TASKS[1][0], GenerationSettings(max_new_tokens=40, ignore_eos=True))
+    engine = Engine(llm, cfg, max_batch_size=4)
+    first = engine.generate([short])[0]
+    slots = engine._session.slots
+    both = engine.generate([short, long])
+    assert engine._session.slots > slots >= first.prompt_tokens + 4  # grown, with headroom
+    _same(both[1], _alone(llm, cfg, long))
+    assert both[0].token_ids == first.token_ids
