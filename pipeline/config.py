@@ -224,6 +224,12 @@ class DecodeConfig(_Section):
         description="Per-video limit on fetch + decode, in seconds; a video over it becomes an error row (decode_timeout) "
         "and its decoder process is killed. Enforced only with isolation: process.",
     )
+    backend: Literal["auto", "decord", "pyav"] = Field(
+        "auto",
+        description="Decoder for the pixels (frame numbers and timestamps always come from the container's packets). "
+        "auto: decord, and per video PyAV when decord cannot open the file (a codec it lacks such as AV1, a live "
+        "WebM without duration). decord or pyav: only that one.",
+    )
     isolation: Literal["process", "none"] = Field(
         "process",
         description="process: fetch + decode each video in a long-lived decoder subprocess per decode worker, so a hang "

@@ -53,7 +53,7 @@ from pathlib import Path
 import pyarrow as pa
 from pyarrow import fs
 
-from pipeline import s3, sink
+from pipeline import localfs, s3, sink
 from pipeline.schema import VIDEO_SCHEMA
 from pipeline.sources import list_videos, video_id_for
 from pipeline.tasks import global_tasks
@@ -193,11 +193,19 @@ def read_committed(output: str, columns: list[str] | None = None, *, latest: boo
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def _local_etag(path: str) -> str | None:
+def _local_etag(uri: str) -> str | None:
+    path = localfs.path_of(uri)  # file:// URIs of non-UTF-8 names
     try:
         st = os.stat(path)
     except OSError:
-        return None
+        try:  # a path longer than PATH_MAX
+            fd = localfs.open_file(path, getattr(os, "O_PATH", os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
     return f"{int(st.st_mtime)}-{st.st_size}"  # the same fingerprint the decode stage writes to video_etag
 
 
