@@ -2,7 +2,7 @@
 
 Contract::
 
-    frames, backend = decode_frames(source, index, indices, size, backends=("decord", "pyav"), num_threads=1)
+    frames, backend = decode_frames(source, index, indices, size, backends=("pyav", "decord"), num_threads=1)
 
 * ``source``: a path or a seekable binary file object; ``index``: its :class:`pipeline.media.VideoIndex`
   (the frame numbering every backend shares: frame ``i`` is the ``i``-th in presentation order);
@@ -39,7 +39,9 @@ from pipeline.media import VideoError, VideoIndex, clean_message
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("decord", "pyav")
+#: decode.backend ``auto``: PyAV first (right frames where decord returns wrong ones: HEVC and open-GOP H.264
+#: with B-frames; faster on long-GOP H.264 and HEVC, see bench/bench_decode.py), decord when PyAV cannot open a file
+BACKENDS = ("pyav", "decord")
 #: codecs whose FFmpeg decoder reads ``skip_frame`` per frame (so it can be lifted for one packet)
 SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})
 
@@ -65,7 +67,7 @@ def decode_frames(source, index: VideoIndex, indices: np.ndarray, size: int, uri
         if hasattr(source, "seek"):
             source.seek(0)
         try:
-            frames = _BACKENDS[name](source, index, np.asarray(indices), size, num_threads)
+            frames = backend(name)(source, index, np.asarray(indices), size, num_threads)
         except CannotOpen as exc:
             log.debug("%s: %s cannot open it: %s", uri, name, exc.reason)
             reasons.append((name, exc))
@@ -195,7 +197,7 @@ def _decode_group(container, stream, ctx, index: VideoIndex, targets: np.ndarray
 
     def frames_of(packet):
         nonlocal mode
-        if skip:
+        if skip and packet is not None:
             p = _position(index, packet.pts)
             want = "DEFAULT" if p is None or p in wanted else "NONREF"
             if want != mode:
@@ -237,6 +239,15 @@ def _position(index: VideoIndex, pts) -> int | None:
 
 
 _BACKENDS = {"decord": decord_frames, "pyav": pyav_frames, "pyav_sequential": pyav_sequential_frames}
+
+
+def backend(name: str):
+    """The frames function of a backend name (``nvdec`` is imported on first use: GPU hosts only)."""
+    if name == "nvdec":
+        from pipeline.nvdec import nvdec_frames
+
+        return nvdec_frames
+    return _BACKENDS[name]
 
 
 def as_source(data: bytes | None, path: str | None):

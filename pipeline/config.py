@@ -224,11 +224,13 @@ class DecodeConfig(_Section):
         description="Per-video limit on fetch + decode, in seconds; a video over it becomes an error row (decode_timeout) "
         "and its decoder process is killed. Enforced only with isolation: process.",
     )
-    backend: Literal["auto", "decord", "pyav"] = Field(
+    backend: Literal["auto", "decord", "pyav", "nvdec"] = Field(
         "auto",
         description="Decoder for the pixels (frame numbers and timestamps always come from the container's packets). "
-        "auto: decord, and per video PyAV when decord cannot open the file (a codec it lacks such as AV1, a live "
-        "WebM without duration). decord or pyav: only that one.",
+        "auto: PyAV (exact frames: seeks per group of targets, skips non-reference frames of H.264/HEVC), and per "
+        "video decord when PyAV cannot open the file. decord (returns wrong frames on HEVC and open-GOP H.264 with "
+        "B-frames; no AV1) or pyav: only that one. nvdec (GPU nodes, PyNvVideoCodec): NVDEC, and per video the "
+        "auto order for what NVDEC cannot decode.",
     )
     isolation: Literal["process", "none"] = Field(
         "process",

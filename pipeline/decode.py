@@ -9,7 +9,7 @@ full-size RGB frames.
 Per video: :func:`pipeline.media.probe` reads the container's packets (no decoding) and gives the frame
 count, every frame's presentation time (from 0) and the duration (end of the last frame), so metadata is
 the stream's own whatever backend makes the pixels; :func:`pipeline.backends.decode_frames` then decodes
-the sampled frames with ``decode.backend`` (``auto``: decord, and PyAV for a file decord cannot open).
+the sampled frames with ``decode.backend`` (``auto``: PyAV, and decord for a file PyAV cannot open).
 
 Sampling (``decode.sampling``):
 
@@ -71,7 +71,7 @@ class DecodeSettings:
     #: ``module:function`` with :func:`decode_video`'s signature. A test hook (a decoder that really crashes or
     #: hangs); deliberately not a config field, so a configuration file cannot choose code to run.
     decoder: str = "pipeline.decode:decode_video"
-    #: decode.backend: which decoder makes the pixels ("auto": decord, then PyAV when decord cannot open a file)
+    #: decode.backend: which decoder makes the pixels ("auto": PyAV, then decord when PyAV cannot open a file)
     backend: str = "auto"
 
     @classmethod
@@ -183,7 +183,9 @@ def decode_video(source, settings: DecodeSettings, uri: str = "<bytes>", head: b
 
 
 def backend_order(backend: str) -> tuple[str, ...]:
-    """``decode.backend`` -> the backends to try in order (``auto``: decord, then PyAV)."""
+    """``decode.backend`` -> the backends to try in order (``auto``: :data:`pipeline.backends.BACKENDS`)."""
+    if backend == "nvdec":  # a GPU node: the CPU backends take what NVDEC cannot (codec, profile, no GPU)
+        return ("nvdec", *BACKENDS)
     return BACKENDS if backend == "auto" else (backend,)
 
 
