@@ -78,6 +78,8 @@ def test_pyav_returns_exactly_the_asked_frames(clips, name, num_frames):
     assert _shown(reference, _truth(index.n)) == indices.tolist()
     fast = pyav_frames(io.BytesIO(data), index, indices, S)
     assert np.array_equal(fast, reference)  # bit-identical: same decoder, same frames, same conversion
+    if num_frames == 32:  # frame threads: skip_frame is copied to each thread when its packet is submitted
+        assert np.array_equal(pyav_frames(io.BytesIO(data), index, indices, S, num_threads=3), reference)
     frames, used = decode_frames(io.BytesIO(data), index, indices, S)  # decode.backend: auto
     assert used == "pyav" and np.array_equal(frames, reference)
 
@@ -126,3 +128,44 @@ def test_nonref_skipping_really_skips(clips):
         s.codec_context.skip_frame = "NONREF"
         decoded_with_skip = sum(1 for _ in c.decode(s))
     assert decoded_with_skip <= 0.9 * 60
+
+
+#: NVDEC converts YUV to RGB itself and resizes with torch (bilinear, antialiased): provisional bounds, to be replaced
+#: by the figures the first GPU run prints (the frame identity check is exact regardless)
+NVDEC_MEAN_TOL, NVDEC_P99_TOL = 8.0, 64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["h264_bframes_gop12", "h264_open_gop", "hevc_gop12", "vp9"])
+def test_nvdec_returns_the_same_frames(clips, name):
+    pytest.importorskip("PyNvVideoCodec")
+    from pipeline import nvdec
+
+    if not nvdec.available():
+        pytest.skip("PyNvVideoCodec installed but no CUDA GPU")
+    data = clips[name]
+    index = probe(io.BytesIO(data))
+    indices = sample_indices(index.n, 32)
+    reference = pyav_sequential_frames(io.BytesIO(data), index, indices, S)
+    frames, used = decode_frames(io.BytesIO(data), index, indices, S, backends=("nvdec",))
+    assert used == "nvdec" and frames.shape == reference.shape and frames.dtype == np.uint8
+    assert _shown(frames, _truth(index.n)) == indices.tolist()
+    diff = np.abs(frames.astype(np.int16) - reference.astype(np.int16))
+    print(f"NVDEC_TOLERANCE {name}: mean {diff.mean():.2f} p99 {np.percentile(diff, 99):.0f} max {diff.max()}")
+    assert diff.mean() < NVDEC_MEAN_TOL and np.percentile(diff, 99) <= NVDEC_P99_TOL
+
+
+def test_nvdec_backend_falls_back_to_the_cpu_per_video(clips):
+    """``decode.backend: nvdec`` on a machine where NVDEC cannot open the video (no PyNvVideoCodec, no GPU, or a codec
+    NVDEC lacks): the CPU order takes it, with the same frames."""
+    from pipeline import nvdec
+    from pipeline.decode import backend_order
+
+    if nvdec.available():
+        pytest.skip("NVDEC is available here: test_nvdec_returns_the_same_frames covers it")
+    data = clips["h264_bframes_gop12"]
+    index = probe(io.BytesIO(data))
+    indices = sample_indices(index.n, 8)
+    assert backend_order("nvdec") == ("nvdec", "pyav", "decord")
+    frames, used = decode_frames(io.BytesIO(data), index, indices, S, backends=backend_order("nvdec"))
+    assert used == "pyav" and np.array_equal(frames, pyav_sequential_frames(io.BytesIO(data), index, indices, S))
