@@ -25,7 +25,9 @@ from dycoke import DyCokeConfig
 
 #: Decode settings that change how decoding runs but not its rows: not part of the default run_id, so
 #: changing them (say, a longer timeout after timeouts) and re-running resumes the same run.
-OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation")
+#: decode settings that change how decoding runs, not which frames it produces (``backend``: every backend returns
+#: the same frames in exact mode; pixels differ only by the decoder's scaler), so they are not part of the run id
+OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation", "backend")
 #: Error types retried when a run is resumed (``output.retry_error_types``): they may not recur.
 TRANSIENT_ERROR_TYPES = ("fetch_failed", "decode_timeout", "decoder_crashed", "encode_failed", "generate_failed",
                          "internal")
