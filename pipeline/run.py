@@ -37,11 +37,12 @@ RAY_TEMP_MAX = 30
 
 
 def local_ray_temp_dir() -> str:
-    """A fresh folder of the job's own for a local Ray's session files and sockets, under the system temp folder
-    when its path is short enough, else under ``/tmp``; raises :class:`ConfigurationError` when neither is."""
+    """A fresh folder of the job's own for a local Ray's session files and sockets, under ``$RAY_TMPDIR`` (Ray's own
+    setting) or the system temp folder when its path is short enough, else under ``/tmp``; raises
+    :class:`ConfigurationError` when none is."""
     tried = []
-    for base in (tempfile.gettempdir(), "/tmp"):
-        if base in tried:
+    for base in (os.environ.get("RAY_TMPDIR"), tempfile.gettempdir(), "/tmp"):
+        if not base or base in tried:
             continue
         tried.append(base)
         if len(base) <= RAY_TEMP_MAX and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):

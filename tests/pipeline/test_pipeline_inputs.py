@@ -311,6 +311,7 @@ def test_13_local_ray_starts_under_a_long_tmpdir_and_leaves_nothing(tmp_path):
     assert len(str(long_tmp)) > 100
     env = {**os.environ, "TMPDIR": str(long_tmp), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_TMPDIR", None)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_LOCAL_RAY.format(root=str(ROOT)))], env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -325,6 +326,7 @@ def test_13_no_short_temp_folder_is_a_clear_configuration_error(monkeypatch, tmp
 
     long_tmp = tmp_path / ("y" * 80)
     long_tmp.mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(long_tmp))
     monkeypatch.setattr(run_module.tempfile, "gettempdir", lambda: str(long_tmp))
     monkeypatch.setattr(run_module.os, "access", lambda path, mode: path != "/tmp" and os.path.exists(path))
     with pytest.raises(ConfigurationError, match="set TMPDIR to a short folder"):
