@@ -130,6 +130,10 @@ def test_3_summary_counts_what_was_not_listed(tmp_path):
     assert summary.to_dict()["not_listed"] == {"folders not readable (permission denied)": 1,
                                                "duplicates (a symlink or hard link to a listed file)": 1}
     assert "not listed (no rows): duplicates" in summary.render() and "/data/private" in summary.render()
+    from pipeline.incremental import NightlyResult  # the nightly job says it too
+
+    nightly = NightlyResult(None, 3, 0, 0, 0, [], not_listed=dict(report.skipped))
+    assert "not listed: duplicates (a symlink or hard link to a listed file) 1, folders not readable" in nightly.render()
 
 
 # ------------------------------------------------------------------------------------------------ 4, 5: permissions
