@@ -29,7 +29,6 @@ Backends:
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 
@@ -176,7 +175,6 @@ def pyav_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_t
             t = _decode_group(container, stream, ctx, index, targets, t, size, got, skip)
     except _SeekMissed:
         log.info("seeking in this %s stream is unreliable; decoding it from the start", index.codec)
-        container.close()
         if hasattr(source, "seek"):
             source.seek(0)
         return pyav_sequential_frames(source, index, indices, size, num_threads)
@@ -248,8 +246,3 @@ def backend(name: str):
 
         return nvdec_frames
     return _BACKENDS[name]
-
-
-def as_source(data: bytes | None, path: str | None):
-    """A fresh decoder input: a BytesIO over ``data``, else ``path``."""
-    return io.BytesIO(data) if data is not None else path

@@ -20,7 +20,7 @@ a millisecond per thousand packets) and builds the frame index every decoder bac
 * ``keyframes``: the indices of keyframes (where a decoder can start).
 
 Errors: no video stream (``no_video_stream``, also for audio with cover art), a codec FFmpeg does not know
-(``unsupported_codec``), no frame at all (``too_few_frames``, "0 frames"), a container whose index promises
+(``unsupported_codec``), no frame at all (``too_few_frames``, "0 frames"), an MP4/MOV whose sample table promises
 more frames than the bytes hold (``corrupt_video``: a truncated upload).
 """
 
@@ -150,7 +150,11 @@ def _index(container, stream, uri: str) -> VideoIndex:
         raise VideoError("too_few_frames", f"{uri}: 0 frames (the video track has no samples)")
     declared = int(stream.frames or 0)
     if declared > n:
-        raise VideoError("corrupt_video", f"{uri}: truncated: the index lists {declared} frames, the file holds {n}")
+        # MP4/MOV count frames in their sample table: fewer packets than samples means bytes are missing. Other
+        # containers' counts are header estimates (AVI's can over-report): the packets are the truth there.
+        if "mp4" in container.format.name or "mov" in container.format.name:
+            raise VideoError("corrupt_video", f"{uri}: truncated: the index lists {declared} frames, the file holds {n}")
+        log.info("%s: the header says %d frames, the stream holds %d packets; using the packets", uri, declared, n)
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
     step = max(1, round(1 / (float(rate) * tb))) if rate else max(1, round(1 / (25 * tb)))  # one frame, in ticks
