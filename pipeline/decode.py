@@ -103,6 +103,7 @@ _SIGNATURES = (
     (0, b"OggS"),
     (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"),  # MPEG-PS / ES
     (0, b"\x30\x26\xb2\x75"),  # ASF / WMV
+    (0, b"ID3"), (0, b"fLaC"),  # audio (MP3 with ID3 tags, FLAC): media, even if without video
     (0, b"\x00\x00\x00\x01"), (0, b"\x00\x00\x01"),  # raw H.264 / H.265 Annex B
 )  # fmt: skip
 

@@ -6,7 +6,8 @@ Each maker returns the file's bytes; :func:`oddity_set` returns ``{file name: (b
 * ``av1.mp4``: an AV1 video (phones and browsers record it); decord's FFmpeg has no AV1 decoder.
 * ``unknown_codec.mp4``: a video track whose codec FFmpeg does not know (a proprietary camera codec),
   made by renaming the sample entry ``avc1`` to ``xvc1``.
-* ``audio_cover_art.m4a.mp4``: music with an attached picture (cover art): no video stream.
+* ``audio_cover_art.m4a.mp4``, ``song_with_cover.mp3``: music with an attached picture (cover art, in MP4 and as
+  an ID3 tag): no video stream.
 * ``mediarecorder_live.webm``: VP8 WebM written to a non-seekable sink with ``live=1`` (what a browser's
   MediaRecorder writes): no duration, no cues (index).
 * ``zero_samples.mp4``: a video track with zero samples (a recorder stopped before its first frame).
@@ -139,10 +140,10 @@ def rename_codec(data: bytes, old: bytes = b"avc1", new: bytes = b"xvc1") -> byt
     return bytes(b)
 
 
-def make_audio_with_cover_art() -> bytes:
+def make_audio_with_cover_art(fmt: str = "mp4", codec: str = "aac", rate: int = 8000, samples: int = 1024) -> bytes:
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        audio = out.add_stream("aac", rate=8000)
+    with av.open(buf, "w", format=fmt) as out:
+        audio = out.add_stream(codec, rate=rate)
         cover = out.add_stream("mjpeg", rate=1)
         cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
         cover.disposition = av.stream.Disposition.attached_pic
@@ -150,10 +151,10 @@ def make_audio_with_cover_art() -> bytes:
         picture = av.VideoFrame.from_ndarray(frame_image(0, 64, 64), format="rgb24").reformat(format="yuvj420p")
         for packet in cover.encode(picture) + cover.encode():
             out.mux(packet)
-        tone = (0.2 * np.sin(np.arange(1024, dtype=np.float32) / 3))[None, :]
+        tone = (0.2 * np.sin(np.arange(samples, dtype=np.float32) / 3))[None, :]
         for k in range(8):
             frame = av.AudioFrame.from_ndarray(tone.copy(), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 8000, k * 1024
+            frame.sample_rate, frame.pts = rate, k * samples
             for packet in audio.encode(frame):
                 out.mux(packet)
         for packet in audio.encode():
@@ -175,6 +176,7 @@ def oddity_set() -> dict[str, tuple[bytes, str]]:
         "av1.mp4": (encode("mp4", "libsvtav1", 12, width=64, height=64, codec_options={"preset": "12"}), "ok"),
         "unknown_codec.mp4": (rename_codec(faststart_path_free), "unsupported_codec"),
         "audio_cover_art.m4a.mp4": (make_audio_with_cover_art(), "no_video_stream"),
+        "song_with_cover.mp3": (make_audio_with_cover_art("mp3", "libmp3lame", 22050, 1152), "no_video_stream"),
         "mediarecorder_live.webm": (make_live_webm(), "ok"),
         "zero_samples.mp4": (empty_video_track(make_video(num_frames=5)), "too_few_frames"),
         "one_frame.mkv": (encode("matroska", "libx264", 1), "ok"),
