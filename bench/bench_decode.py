@@ -179,7 +179,11 @@ def run_cpu(args, clips: dict[str, Path]) -> list[dict]:
             for method in args.methods:
                 cmd = [sys.executable, __file__, "--one", method, str(clip), "--frames", str(args.frames), "--size",
                        str(args.size), "--repeats", "1"] + ([] if round_ == 0 else ["--no-check"])
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:  # e.g. decord on AV1: no decoder
+                    lines = proc.stderr.strip().splitlines() or ["no output"]
+                    best.setdefault(method, {"failed": lines[-1][-160:], "cpu_s": float("inf")})
+                    continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 if "check" in r:
                     checks[method] = r["check"]
@@ -189,7 +193,9 @@ def run_cpu(args, clips: dict[str, Path]) -> list[dict]:
         base = best.get("decord (before)", {}).get("frames_per_cpu_s")
         for method in args.methods:
             r = dict(best[method], content=spec, method=method, approximate=method.startswith("keyframe"))
-            if base:
+            if "failed" in r:
+                r["cpu_s"] = None
+            if base and "frames_per_cpu_s" in r:
                 r["vs_before"] = r["frames_per_cpu_s"] / base
             rows.append(r)
     return rows
@@ -277,6 +283,9 @@ def main(argv=None) -> int:
         print(f"{'content':<24}{'method':<20}{'frames/cpu-s':>13}{'cpu s':>8}{'wall s':>8}{'vs before':>10}"
               f"{'peak RSS':>10}  check")
         for r in rows:
+            if "failed" in r:
+                print(f"{r['content']:<24}{r['method']:<20}{'failed':>13}  {r['failed']}")
+                continue
             print(f"{r['content']:<24}{r['method']:<20}{r['frames_per_cpu_s']:>13.1f}{r['cpu_s']:>8.2f}{r['wall_s']:>8.2f}"
                   f"{r.get('vs_before', float('nan')):>9.2f}x{r['peak_rss_mib']:>8.0f}MB  {r.get('check', '')}")
     gpu_rows = run_gpu(args, clips) if args.gpu else []
