@@ -37,7 +37,6 @@ import io
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import threading
@@ -130,10 +129,12 @@ def _run(method: str, data: bytes, frames: int, size: int) -> np.ndarray:
     return decode_video(io.BytesIO(data), settings).frames
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident set (``VmRSS``) or its peak (``VmHWM``: per address space, so unlike ``ru_maxrss``
+    it does not carry the parent's peak across fork + exec)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -155,7 +156,7 @@ def measure_one(method: str, clip: Path, frames: int, size: int, repeats: int, c
             best = {"cpu_s": cpu, "wall_s": wall}
     assert best is not None and out is not None and out.shape[0] == frames
     best.update(frames_per_cpu_s=frames / best["cpu_s"], frames_per_wall_s=frames / best["wall_s"],
-                rss_before_mib=rss0, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                rss_before_mib=rss0, peak_rss_mib=_rss_mib("VmHWM"))
     if check and method not in ("decord plain", "pyav sequential"):
         index = probe(io.BytesIO(data))
         indices = sample_indices(index.n, frames)
