@@ -138,7 +138,10 @@ def _fetch_s3(uri: str, settings: DecodeSettings) -> Fetched:
             if len(data) != size:
                 raise VideoError("fetch_failed", f"{uri}: got {len(data)} of {size} bytes")
             return Fetched(size=size, etag=etag, data=data)
-        spool = tempfile.TemporaryFile(dir=settings.spool_dir)  # O_TMPFILE: no name to leave behind
+        if os.path.isdir("/proc/self/fd"):  # Linux: O_TMPFILE, no name to leave behind; decoded via /proc/self/fd
+            spool = tempfile.TemporaryFile(dir=settings.spool_dir)
+        else:  # elsewhere a named file, removed on close
+            spool = tempfile.NamedTemporaryFile(dir=settings.spool_dir, suffix=os.path.splitext(key)[1])
         try:
             for chunk in body.iter_chunks(8 * 1024 * 1024):
                 spool.write(chunk)
