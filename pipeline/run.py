@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,11 +47,49 @@ def local_ray_temp_dir() -> str:
             continue
         tried.append(base)
         if len(base) <= RAY_TEMP_MAX and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
-            return tempfile.mkdtemp(prefix="ray-", dir=base)
+            _remove_stale_ray_temp_dirs(base)
+            path = tempfile.mkdtemp(prefix="ray-", dir=base)
+            with open(os.path.join(path, _OWNER), "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            return path
     raise ConfigurationError(
         f"cannot start a local Ray: its sockets need a writable temp folder with a path of at most {RAY_TEMP_MAX} "
         f"characters (AF_UNIX paths are limited to 107 bytes), and {' and '.join(repr(t) for t in tried)} are too long "
         "or not writable; set TMPDIR to a short folder (e.g. TMPDIR=/tmp), or connect to a cluster (ray.address)")
+
+
+_OWNER = ".pipeline-owner"  # "<pid> <host>" of the job whose local Ray uses the folder
+
+
+def _remove_stale_ray_temp_dirs(base: str) -> None:
+    """Remove the temp folders of earlier jobs on this host that died before removing their own (a SIGKILLed job
+    runs no exit handler). Only folders carrying the owner file, of a process that is gone, on this host."""
+    host = socket.gethostname()
+    try:
+        entries = [e for e in os.scandir(base) if e.name.startswith("ray-") and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            with open(os.path.join(entry.path, _OWNER)) as f:
+                pid_text, owner_host = f.read().split()[:2]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue  # not a job's folder, or one being created
+        if owner_host != host or _alive(pid):
+            continue
+        log.info("removing %s: the local Ray temp folder of job process %d, which is gone", entry.path, pid)
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _stop_local_ray(temp_dir: str) -> None:

@@ -335,3 +335,30 @@ def test_13_no_short_temp_folder_is_a_clear_configuration_error(monkeypatch, tmp
     monkeypatch.setattr(run_module.os, "access", lambda path, mode: path != "/tmp" and os.path.exists(path))
     with pytest.raises(ConfigurationError, match="set TMPDIR to a short folder"):
         run_module.local_ray_temp_dir()
+
+
+def test_13_temp_folders_of_killed_jobs_are_removed_by_the_next_job(monkeypatch):
+    """A SIGKILLed job cannot remove its Ray temp folder; the next local job on the host removes folders whose owner
+    process is gone, and nothing else (a live job's, another host's, one without the owner file)."""
+    import shutil
+    import socket
+    import tempfile
+
+    import pipeline.run as run_module
+
+    base = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: RAY_TMPDIR is only used when it fits the sockets
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        owners = {"ray-dead": f"{dead.stdout.strip()} {socket.gethostname()}", "ray-live": f"{os.getpid()} {socket.gethostname()}",
+                  "ray-elsewhere": f"{dead.stdout.strip()} another-host", "ray-foreign": None}
+        for name, owner in owners.items():
+            os.makedirs(os.path.join(base, name, "session_x", "sockets"))
+            if owner:
+                Path(base, name, ".pipeline-owner").write_text(owner)
+        monkeypatch.setenv("RAY_TMPDIR", base)
+        mine = run_module.local_ray_temp_dir()
+        left = sorted(os.listdir(base))
+        assert left == sorted(["ray-live", "ray-elsewhere", "ray-foreign", os.path.basename(mine)])
+        assert Path(mine, ".pipeline-owner").read_text().split()[0] == str(os.getpid())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
