@@ -1,18 +1,33 @@
-"""CPU decode benchmark: sampled frames per second per core, 32 frames from 720p H.264 clips.
+"""Decode benchmark, the decode reference: sampled frames per CPU-second per backend and content (CPU rows), and NVDEC
+decoded frames per GPU-second with 1..7 concurrent sessions (GPU rows, ``--gpu``).
 
-Compares, on 10 s and 60 s clips (long GOP: one keyframe every 10 s):
+CPU methods (each run in a fresh subprocess, so its peak RSS is its own; one decoder thread; ``--repeats`` rounds
+that run every method once in turn, so all see the same machine load; per method the least CPU time is kept):
 
-* ``plain``          ``VideoReader(bytes).get_batch(indices)`` at native size (the usual way)
-* ``resize``         the same with decode-time resizing (decord ``width``/``height``)
-* ``pipeline``       what :mod:`pipeline.decode` does: decode-time resize + one forward pass
-                     (skip to each target, convert only targets), exact ``linspace`` frames
-* ``keyframe``       APPROXIMATE: each target snaps to the nearest keyframe; only keyframes decoded
+* ``decord plain``      ``VideoReader(bytes).get_batch(indices)`` at native size (the usual way)
+* ``decord (before)``   what the pipeline did before issue 13: decord with decode-time resize, ``get_batch``
+* ``decord``            the pipeline with ``decode.backend: decord`` (container probe + decord)
+* ``pyav``              the pipeline with ``decode.backend: auto`` (probe + PyAV: seek to the keyframe before each
+                        group of targets, skip non-reference frames of H.264/HEVC, convert only targets)
+* ``pyav sequential``   the reference every backend is checked against: decode every frame from the start
+* ``keyframe (approx.)`` APPROXIMATE: each target snapped to its nearest keyframe (pipeline, auto backend)
 
-"Per core" = sampled frames / CPU seconds of this process (decoder threads included), with one decoder
-thread, so it does not depend on how many cores the machine has. Each method runs ``--repeats`` times
-per clip; the best run is reported. Prints a table and writes JSON.
+Every exact method is checked against ``pyav sequential`` before it is timed: same frames (identical for PyAV, within
+the scaler tolerance for decord, which returns wrong frames on some HEVC / open-GOP files: flagged in the table).
 
-    python bench/bench_decode.py [--out demo_output/bench/decode.json] [--frames 32] [--size 384]
+GPU rows (``--gpu``, needs PyNvVideoCodec and a CUDA GPU): each session is a thread with its own NVDEC decoder that
+decodes the clip up to its last target and keeps the 32 targets (resized on the GPU); sessions run concurrently for
+``--gpu-seconds``; reported: decoded frames/s and videos/s for the GPU, CPU-seconds per video of this process.
+The NVDEC frames are checked against PyAV first (same indices; pixel difference printed).
+
+Contents: ``--content CODEC:RES:SECONDS:GOP_S:RATE`` (repeatable), CODEC in h264/hevc/vp9/av1, RES in
+720p/1080p/4k, RATE a bitrate in Mbit/s (``8``) or ``crfN``. Default: the issue's two clips, 720p H.264 at crf 23
+(~10.9 Mbit/s), a keyframe every 10 s, 10 s and 60 s long.
+
+    python bench/bench_decode.py                                  # CPU rows here
+    python bench/bench_decode.py --gpu --content h264:720p:60:10:crf23 --content h264:1080p:20:2:8   # GPU host
+
+Writes JSON to ``--out`` (default ``$OUT/bench_decode.json`` when ``$OUT`` is set, else demo_output/bench/decode.json).
 """
 
 from __future__ import annotations
@@ -20,8 +35,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,10 +47,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.backends import decode_frames, pyav_sequential_frames  # noqa: E402
 from pipeline.decode import DecodeSettings, decode_video, sample_indices  # noqa: E402
+from pipeline.media import probe  # noqa: E402
 from pipeline.samples import make_video  # noqa: E402
 
-W, H, FPS, GOP = 1280, 720, 30, 300
+RES = {"720p": (1280, 720), "1080p": (1920, 1080), "4k": (3840, 2160)}
+FPS = 30
+ENCODERS = {"h264": "libx264", "hevc": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
+DEFAULT_CONTENT = ["h264:720p:10:10:crf23", "h264:720p:60:10:crf23"]
+CPU_METHODS = ["decord plain", "decord (before)", "decord", "pyav", "pyav sequential", "keyframe (approx.)"]
 
 
 def _texture(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -41,106 +65,243 @@ def _texture(width: int, height: int, seed: int = 0) -> np.ndarray:
     return np.repeat(np.repeat(small, 8, axis=0), 8, axis=1)
 
 
-_TEX = None
+_TEX: dict[tuple[int, int], np.ndarray] = {}
 
 
 def _frame(i: int, width: int, height: int) -> np.ndarray:
     """Camera-pan-like content: a blocky texture moving 2 px/frame plus fine noise (gives B/P work)."""
-    global _TEX
-    if _TEX is None or _TEX.shape[1] < width + 1000:
-        _TEX = _texture(width + 1200, height + 16)
+    tex = _TEX.get((width, height))
+    if tex is None:
+        tex = _TEX[(width, height)] = _texture(width + 1200, height + 16)
     x = (2 * i) % 1000
-    img = _TEX[:height, x : x + width].copy()
+    img = tex[:height, x : x + width].copy()
     noise = np.random.default_rng(i).integers(0, 12, (height, width, 1), dtype=np.uint8)
     return img + noise
 
 
-def make_clip(seconds: int, cache: Path) -> bytes:
-    path = cache / f"bench_720p_{seconds}s_gop{GOP}.mp4"
+def make_clip(spec: str, cache: Path) -> Path:
+    """The file of a content spec (encoded once, cached). ``h264:720p:*:10:crf23`` are the issue's original clips."""
+    codec, res, seconds, gop_s, rate = spec.split(":")
+    width, height = RES[res]
+    gop = int(float(gop_s) * FPS)
+    legacy = codec == "h264" and res == "720p" and gop == 300 and rate == "crf23"
+    name = f"bench_720p_{seconds}s_gop{gop}.mp4" if legacy else f"bench_{spec.replace(':', '_')}.mp4"
+    path = cache / name
     if path.exists():
-        return path.read_bytes()
+        return path
+    options = {"h264": {"preset": "veryfast"}, "hevc": {"preset": "ultrafast", "x265-params": f"keyint={gop}:log-level=error"},
+               "vp9": {"deadline": "realtime", "cpu-used": "8", "g": str(gop)}, "av1": {"preset": "10", "g": str(gop)}}[codec]
+    if rate.startswith("crf"):
+        options["crf"] = rate[3:]
+        bit_rate = None
+    else:
+        bit_rate = int(float(rate) * 1e6)
     t0 = time.perf_counter()
-    data = make_video(num_frames=seconds * FPS, width=W, height=H, fps=FPS, gop=GOP, frame_fn=_frame,
-                      options={"preset": "veryfast", "crf": "23"})
+    data = make_video(num_frames=int(seconds) * FPS, width=width, height=height, fps=FPS, codec=ENCODERS[codec],
+                      gop=gop if codec == "h264" else None, frame_fn=_frame, options=options, bit_rate=bit_rate)
     cache.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    print(f"encoded {path.name}: {len(data) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return data
+    print(f"encoded {name}: {len(data) / 1e6:.1f} MB ({len(data) * 8 / int(seconds) / 1e6:.1f} Mbit/s) in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return path
 
 
-def plain(data: bytes, frames: int, size: int) -> np.ndarray:
+# ------------------------------------------------------------------------------------------------ CPU methods
+
+
+def _run(method: str, data: bytes, frames: int, size: int) -> np.ndarray:
     import decord
 
-    vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    return vr.get_batch(sample_indices(len(vr), frames)).asnumpy()
+    if method == "decord plain":
+        vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
+        return vr.get_batch(sample_indices(len(vr), frames)).asnumpy()
+    if method == "decord (before)":
+        vr = decord.VideoReader(io.BytesIO(data), width=size, height=size, num_threads=1)
+        out = vr.get_batch(sample_indices(len(vr), frames)).asnumpy()
+        vr.get_frame_timestamp(sample_indices(len(vr), frames))
+        return out
+    if method == "pyav sequential":
+        index = probe(io.BytesIO(data))
+        return pyav_sequential_frames(io.BytesIO(data), index, sample_indices(index.n, frames), size)
+    backend = {"decord": "decord", "pyav": "auto", "keyframe (approx.)": "auto"}[method]
+    sampling = "keyframe" if method.startswith("keyframe") else "uniform"
+    settings = DecodeSettings(num_frames=frames, frame_size=size, num_threads=1, backend=backend, sampling=sampling)
+    return decode_video(io.BytesIO(data), settings).frames
 
 
-def resize(data: bytes, frames: int, size: int) -> np.ndarray:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident set (``VmRSS``) or its peak (``VmHWM``: per address space, so unlike ``ru_maxrss``
+    it does not carry the parent's peak across fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_one(method: str, clip: Path, frames: int, size: int, repeats: int, check: bool = True) -> dict:
+    """One method on one clip in THIS process (the parent runs it as a subprocess): best of ``repeats``."""
     import decord
 
-    vr = decord.VideoReader(io.BytesIO(data), width=size, height=size, num_threads=1)
-    return vr.get_batch(sample_indices(len(vr), frames)).asnumpy()
-
-
-def pipeline_uniform(data: bytes, frames: int, size: int) -> np.ndarray:
-    return decode_video(io.BytesIO(data), DecodeSettings(num_frames=frames, frame_size=size, num_threads=1)).frames
-
-
-def pipeline_keyframe(data: bytes, frames: int, size: int) -> np.ndarray:
-    s = DecodeSettings(num_frames=frames, frame_size=size, num_threads=1, sampling="keyframe")
-    return decode_video(io.BytesIO(data), s).frames
-
-
-METHODS = {"plain": plain, "resize": resize, "pipeline": pipeline_uniform, "keyframe (approx.)": pipeline_keyframe}
-
-
-def measure(fn, data: bytes, frames: int, size: int, repeats: int) -> dict:
+    decord.logging.set_level(decord.logging.QUIET)
+    data = clip.read_bytes()
+    rss0 = _rss_mib()
     best = None
+    out = None
     for _ in range(repeats):
         c0, w0 = time.process_time(), time.perf_counter()
-        out = fn(data, frames, size)
+        out = _run(method, data, frames, size)
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-        assert out.shape[0] == frames
         if best is None or cpu < best["cpu_s"]:
-            best = {"cpu_s": cpu, "wall_s": wall, "shape": list(out.shape)}
-    best["frames_per_cpu_s"] = frames / best["cpu_s"]
-    best["frames_per_wall_s"] = frames / best["wall_s"]
+            best = {"cpu_s": cpu, "wall_s": wall}
+    assert best is not None and out is not None and out.shape[0] == frames
+    best.update(frames_per_cpu_s=frames / best["cpu_s"], frames_per_wall_s=frames / best["wall_s"],
+                rss_before_mib=rss0, peak_rss_mib=_rss_mib("VmHWM"))
+    if check and method not in ("decord plain", "pyav sequential"):
+        index = probe(io.BytesIO(data))
+        indices = sample_indices(index.n, frames)
+        if method.startswith("keyframe"):
+            best["check"] = "approximate"
+        else:
+            ref = pyav_sequential_frames(io.BytesIO(data), index, indices, size)
+            diff = np.abs(out.astype(np.int16) - ref.astype(np.int16))
+            best["check"] = "identical" if not diff.any() else f"mean diff {diff.mean():.2f}, max {int(diff.max())}"
     return best
+
+
+def run_cpu(args, clips: dict[str, Path]) -> list[dict]:
+    """Each repeat runs every method once, round robin (a fresh subprocess each), so that all methods see the same
+    machine load; per method the run with the least CPU time is kept."""
+    rows = []
+    for spec, clip in clips.items():
+        best: dict[str, dict] = {}
+        checks: dict[str, str] = {}
+        for round_ in range(args.repeats):
+            for method in args.methods:
+                cmd = [sys.executable, __file__, "--one", method, str(clip), "--frames", str(args.frames), "--size",
+                       str(args.size), "--repeats", "1"] + ([] if round_ == 0 else ["--no-check"])
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:  # e.g. decord on AV1: no decoder
+                    lines = proc.stderr.strip().splitlines() or ["no output"]
+                    best.setdefault(method, {"failed": lines[-1][-160:], "cpu_s": float("inf")})
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                if "check" in r:
+                    checks[method] = r["check"]
+                if method not in best or r["cpu_s"] < best[method]["cpu_s"]:
+                    best[method] = r
+                best[method]["check"] = checks.get(method, "")
+        base = best.get("decord (before)", {}).get("frames_per_cpu_s")
+        for method in args.methods:
+            r = dict(best[method], content=spec, method=method, approximate=method.startswith("keyframe"))
+            if "failed" in r:
+                r["cpu_s"] = None
+            if base and "frames_per_cpu_s" in r:
+                r["vs_before"] = r["frames_per_cpu_s"] / base
+            rows.append(r)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ GPU (NVDEC)
+
+
+def _nvdec_session(data: bytes, index, indices, size: int, stop: float, done: list[int], k: int) -> None:
+    """One NVDEC session: decode the clip again and again until ``stop``; count videos in ``done[k]``."""
+    from pipeline import nvdec
+
+    while time.perf_counter() < stop:
+        nvdec.nvdec_frames_gpu(io.BytesIO(data), index, indices, size)
+        done[k] += 1
+
+
+def run_gpu(args, clips: dict[str, Path]) -> list[dict]:
+    import torch
+
+    from pipeline import nvdec
+
+    if not nvdec.available():
+        raise SystemExit("--gpu needs PyNvVideoCodec and a CUDA GPU")
+    rows = []
+    for spec, clip in clips.items():
+        data = clip.read_bytes()
+        index = probe(io.BytesIO(data))
+        indices = sample_indices(index.n, args.frames)
+        ref = pyav_sequential_frames(io.BytesIO(data), index, indices, args.size)
+        got, used = decode_frames(io.BytesIO(data), index, indices, args.size, backends=("nvdec",))
+        diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+        print(f"{spec}: NVDEC vs PyAV reference: mean diff {diff.mean():.2f}, p99 {np.percentile(diff, 99):.0f}, "
+              f"max {diff.max()}", file=sys.stderr)
+        decoded_per_video = int(indices.max()) + 1
+        for sessions in args.sessions:
+            done = [0] * sessions
+            stop = time.perf_counter() + args.gpu_seconds
+            torch.cuda.synchronize()
+            c0, w0 = time.process_time(), time.perf_counter()
+            threads = [threading.Thread(target=_nvdec_session, args=(data, index, indices, args.size, stop, done, k))
+                       for k in range(sessions)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            torch.cuda.synchronize()
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            videos = sum(done)
+            rows.append({"content": spec, "method": "nvdec", "sessions": sessions, "videos": videos, "wall_s": wall,
+                         "videos_per_s": videos / wall, "decoded_frames_per_s": videos * decoded_per_video / wall,
+                         "sampled_frames_per_s": videos * args.frames / wall, "cpu_s_per_video": cpu / max(videos, 1),
+                         "check": f"mean diff {diff.mean():.2f}, max {int(diff.max())}"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ main
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--size", type=int, default=384, help="decode-time resize side (the model input)")
-    ap.add_argument("--seconds", type=int, nargs="+", default=[10, 60])
+    ap.add_argument("--content", action="append", help="CODEC:RES:SECONDS:GOP_S:RATE (repeatable)")
+    ap.add_argument("--methods", nargs="+", default=CPU_METHODS, choices=CPU_METHODS)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True, help="CPU rows (default on)")
+    ap.add_argument("--gpu", action="store_true", help="NVDEC rows (PyNvVideoCodec + CUDA GPU)")
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7])
+    ap.add_argument("--gpu-seconds", type=float, default=10.0, help="how long each session count runs")
     ap.add_argument("--cache", default="demo_output/bench/clips")
-    ap.add_argument("--out", default="demo_output/bench/decode.json")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", nargs=2, metavar=("METHOD", "CLIP"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-check", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    import decord
-
-    decord.logging.set_level(decord.logging.QUIET)
-    results = []
-    for seconds in args.seconds:
-        data = make_clip(seconds, Path(args.cache))
-        base = None
-        for name, fn in METHODS.items():
-            r = measure(fn, data, args.frames, args.size, args.repeats)
-            r.update(clip=f"{seconds}s", method=name, approximate=name.startswith("keyframe"))
-            base = base or r["frames_per_cpu_s"]
-            r["speedup_vs_plain"] = r["frames_per_cpu_s"] / base
-            results.append(r)
-    print(f"\nCPU decode, {args.frames} sampled frames from 720p H.264 ({FPS} fps, keyframe every {GOP // FPS} s), "
-          f"resize to {args.size}, 1 decoder thread")
-    print(f"{'clip':<6}{'method':<20}{'frames/s/core':>14}{'cpu s':>8}{'wall s':>8}{'vs plain':>10}")
-    for r in results:
-        print(f"{r['clip']:<6}{r['method']:<20}{r['frames_per_cpu_s']:>14.1f}{r['cpu_s']:>8.2f}{r['wall_s']:>8.2f}"
-              f"{r['speedup_vs_plain']:>9.2f}x")
-    out = Path(args.out)
+    if args.one:
+        print(json.dumps(measure_one(args.one[0], Path(args.one[1]), args.frames, args.size, args.repeats,
+                                     check=not args.no_check)))
+        return 0
+    clips = {spec: make_clip(spec, Path(args.cache)) for spec in (args.content or DEFAULT_CONTENT)}
+    rows = run_cpu(args, clips) if args.cpu else []
+    if rows:
+        print(f"\nCPU decode, {args.frames} sampled frames, resize to {args.size}, 1 decoder thread "
+              "(frames per CPU-second of the decoding process; best of repeats)")
+        print(f"{'content':<24}{'method':<20}{'frames/cpu-s':>13}{'cpu s':>8}{'wall s':>8}{'vs before':>10}"
+              f"{'peak RSS':>10}  check")
+        for r in rows:
+            if "failed" in r:
+                print(f"{r['content']:<24}{r['method']:<20}{'failed':>13}  {r['failed']}")
+                continue
+            print(f"{r['content']:<24}{r['method']:<20}{r['frames_per_cpu_s']:>13.1f}{r['cpu_s']:>8.2f}{r['wall_s']:>8.2f}"
+                  f"{r.get('vs_before', float('nan')):>9.2f}x{r['peak_rss_mib']:>8.0f}MB  {r.get('check', '')}")
+    gpu_rows = run_gpu(args, clips) if args.gpu else []
+    if gpu_rows:
+        print(f"\nNVDEC, {args.frames} sampled frames (every frame up to the last target decoded), resize to {args.size}")
+        print(f"{'content':<24}{'sessions':>9}{'decoded f/s':>13}{'videos/s':>10}{'CPU s/video':>12}  check")
+        for r in gpu_rows:
+            print(f"{r['content']:<24}{r['sessions']:>9}{r['decoded_frames_per_s']:>13.0f}{r['videos_per_s']:>10.2f}"
+                  f"{r['cpu_s_per_video']:>12.3f}  {r['check']}")
+    out = Path(args.out or (Path(os.environ["OUT"]) / "bench_decode.json" if os.environ.get("OUT")
+                            else "demo_output/bench/decode.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"frames": args.frames, "size": args.size, "source": f"{W}x{H} h264 {FPS}fps gop {GOP}",
-            "machine": platform.processor() or platform.machine(), "python": platform.python_version()}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    meta = {"frames": args.frames, "size": args.size, "fps": FPS, "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+    out.write_text(json.dumps({"meta": meta, "cpu": rows, "gpu": gpu_rows}, indent=2))
     print(f"\nwrote {out}")
     return 0
 

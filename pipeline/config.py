@@ -25,7 +25,9 @@ from dycoke import DyCokeConfig
 
 #: Decode settings that change how decoding runs but not its rows: not part of the default run_id, so
 #: changing them (say, a longer timeout after timeouts) and re-running resumes the same run.
-OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation")
+#: decode settings that change how decoding runs, not which frames it produces (``backend``: every backend returns
+#: the same frames in exact mode; pixels differ only by the decoder's scaler), so they are not part of the run id
+OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation", "backend")
 #: Error types retried when a run is resumed (``output.retry_error_types``): they may not recur.
 TRANSIENT_ERROR_TYPES = ("fetch_failed", "decode_timeout", "decoder_crashed", "encode_failed", "generate_failed",
                          "internal")
@@ -223,6 +225,14 @@ class DecodeConfig(_Section):
         gt=0,
         description="Per-video limit on fetch + decode, in seconds; a video over it becomes an error row (decode_timeout) "
         "and its decoder process is killed. Enforced only with isolation: process.",
+    )
+    backend: Literal["auto", "decord", "pyav", "nvdec"] = Field(
+        "auto",
+        description="Decoder for the pixels (frame numbers and timestamps always come from the container's packets). "
+        "auto: PyAV (exact frames: seeks per group of targets, skips non-reference frames of H.264/HEVC), and per "
+        "video decord when PyAV cannot open the file. decord (returns wrong frames on HEVC and open-GOP H.264 with "
+        "B-frames; no AV1) or pyav: only that one. nvdec (GPU nodes, PyNvVideoCodec): NVDEC, and per video the "
+        "auto order for what NVDEC cannot decode.",
     )
     isolation: Literal["process", "none"] = Field(
         "process",

@@ -2,15 +2,18 @@
 
 Every failure becomes an error row (``status="error"`` with an ``error_type`` from
 :data:`pipeline.schema.ERROR_TYPES`) and the batch carries on. Memory is bounded: a file larger than
-``max_video_bytes`` is never fetched; one larger than ``in_memory_bytes`` is spooled to a temp file and
-decoded from disk; frames are resized inside the decoder (decord ``width``/``height``), so a 4K stream
-never materialises full-size RGB frames.
+``max_video_bytes`` is never fetched; one larger than ``in_memory_bytes`` is decoded from disk
+(:mod:`pipeline.fetch`); frames are resized inside the decoder, so a 4K stream never materialises
+full-size RGB frames.
+
+Per video: :func:`pipeline.media.probe` reads the container's packets (no decoding) and gives the frame
+count, every frame's presentation time (from 0) and the duration (end of the last frame), so metadata is
+the stream's own whatever backend makes the pixels; :func:`pipeline.backends.decode_frames` then decodes
+the sampled frames with ``decode.backend`` (``auto``: PyAV, and decord for a file PyAV cannot open).
 
 Sampling (``decode.sampling``):
 
 * ``uniform`` (default, exact): frame indices ``linspace(0, n-1, F)`` truncated to int, as the reference.
-  Every frame up to the last target is decoded (inherent for exact frames in long-GOP video); the gain
-  over a plain ``get_batch`` at native size is the decode-time resize (see bench/bench_decode.py).
 * ``keyframe`` (APPROXIMATE, cheap): each uniform target snaps to its nearest keyframe, and only
   keyframes are decoded (one seek + one intra frame each). With fewer keyframes than F, frames repeat.
 
@@ -28,31 +31,24 @@ from __future__ import annotations
 import importlib
 import io
 import logging
-import os
-import re
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import s3
+from pipeline.backends import BACKENDS, decode_frames
+from pipeline.fetch import Fetched, check_uri, fetch
+from pipeline.media import VideoError, VideoIndex, probe
 from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK
 
+__all__ = ["DecodeSettings", "DecodeStage", "Decoded", "Fetched", "VideoError", "check_uri", "decode_video", "fetch",
+           "frames_from_row", "keyframe_indices", "looks_like_media", "sample_indices"]
+
 log = logging.getLogger(__name__)
-
-
-class VideoError(Exception):
-    """A per-video failure with an ``error_type`` (see :data:`pipeline.schema.ERROR_TYPES`)."""
-
-    def __init__(self, error_type: str, message: str):
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -75,6 +71,8 @@ class DecodeSettings:
     #: ``module:function`` with :func:`decode_video`'s signature. A test hook (a decoder that really crashes or
     #: hangs); deliberately not a config field, so a configuration file cannot choose code to run.
     decoder: str = "pipeline.decode:decode_video"
+    #: decode.backend: which decoder makes the pixels ("auto": PyAV, then decord when PyAV cannot open a file)
+    backend: str = "auto"
 
     @classmethod
     def from_config(cls, decode_cfg, frame_size: int, s3_cfg) -> DecodeSettings:
@@ -90,130 +88,8 @@ class DecodeSettings:
             s3=s3.S3Settings.from_config(s3_cfg),
             timeout_s=float(decode_cfg.timeout_s),
             isolation=decode_cfg.isolation,
+            backend=decode_cfg.backend,
         )
-
-
-# ------------------------------------------------------------------------------------------------ fetch
-
-
-@dataclass
-class Fetched:
-    """Video bytes in memory (``data``) or spooled to ``path`` (then the caller deletes it)."""
-
-    size: int
-    etag: str | None
-    data: bytes | None = None
-    path: str | None = None
-    spooled: bool = False
-
-    def source(self):
-        return io.BytesIO(self.data) if self.data is not None else self.path
-
-    def head(self, n: int = 4096) -> bytes:
-        if self.data is not None:
-            return self.data[:n]
-        with open(self.path, "rb") as f:  # type: ignore[arg-type]
-            return f.read(n)
-
-    def cleanup(self) -> None:
-        if self.spooled and self.path:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-
-
-_CREDENTIAL_ERRORS = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken",
-                      "TokenRefreshRequired")
-
-
-def _s3_error(exc: Exception, uri: str) -> VideoError:
-    code = s3.error_code(exc)
-    if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
-        return VideoError("not_found", f"{uri}: object does not exist ({code})")
-    if code in ("403", "AccessDenied", "Forbidden"):
-        return VideoError("access_denied", f"{uri}: access denied ({code})")
-    if code in _CREDENTIAL_ERRORS:  # the credentials themselves are wrong: no object can be read with them
-        return VideoError("access_denied", f"{uri}: S3 rejected the credentials ({code}); check the AWS "
-                          "credentials of the decode workers")
-    return VideoError("fetch_failed", f"{uri}: {type(exc).__name__}: {exc}")
-
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
-
-
-def check_uri(uri) -> None:
-    """Raise ``invalid_uri`` for a URI that names no object: ``s3://`` without bucket or key, ``s3:/x``,
-    another scheme (``http://``, ``ftp://``), an empty string or a NUL byte."""
-    if not isinstance(uri, str) or not uri.strip() or "\x00" in uri:
-        raise VideoError("invalid_uri", f"{uri!r}: empty or not a string")
-    if s3.is_s3(uri):
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        if not bucket or not key or key.endswith("/"):
-            raise VideoError("invalid_uri", f"{uri}: an s3:// URI needs a bucket and an object key")
-        return
-    if _SCHEME.match(uri) and not uri.startswith("file://"):
-        raise VideoError("invalid_uri", f"{uri}: unsupported scheme (use s3://, file:// or a path)")
-
-
-def fetch(uri: str, settings: DecodeSettings) -> Fetched:
-    """Get the video's bytes (or a spooled local copy); raises :class:`VideoError`."""
-    check_uri(uri)
-    if s3.is_s3(uri):
-        bucket, key = s3.split_uri(uri)
-        try:
-            resp = s3.client(settings.s3).get_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # botocore ClientError / EndpointConnectionError / ...
-            raise _s3_error(exc, uri) from exc
-        body = resp["Body"]
-        size = int(resp["ContentLength"])
-        etag = str(resp.get("ETag", "")).strip('"') or None
-        try:
-            _check_size(uri, size, settings)  # before reading a byte of the body
-            if size <= settings.in_memory_bytes:
-                data = body.read()
-                if len(data) != size:
-                    raise VideoError("fetch_failed", f"{uri}: got {len(data)} of {size} bytes")
-                return Fetched(size=size, etag=etag, data=data)
-            fd, path = tempfile.mkstemp(suffix=Path(key).suffix, dir=settings.spool_dir)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    for chunk in body.iter_chunks(8 * 1024 * 1024):
-                        f.write(chunk)
-            except BaseException:
-                os.unlink(path)
-                raise
-            return Fetched(size=size, etag=etag, path=path, spooled=True)
-        except VideoError:
-            raise
-        except Exception as exc:
-            raise _s3_error(exc, uri) from exc
-        finally:
-            body.close()
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise VideoError("not_found", f"{uri}: file does not exist") from None
-    except PermissionError as exc:
-        raise VideoError("access_denied", f"{uri}: {exc}") from exc
-    if not path.is_file():
-        raise VideoError("not_found", f"{uri}: not a regular file")
-    _check_size(uri, st.st_size, settings)
-    etag = f"{int(st.st_mtime)}-{st.st_size}"
-    if st.st_size <= settings.in_memory_bytes:
-        try:
-            return Fetched(size=st.st_size, etag=etag, data=path.read_bytes())
-        except OSError as exc:
-            raise VideoError("fetch_failed", f"{uri}: {exc}") from exc
-    return Fetched(size=st.st_size, etag=etag, path=str(path))  # decoded straight from disk
-
-
-def _check_size(uri: str, size: int, settings: DecodeSettings) -> None:
-    if size > settings.max_video_bytes:
-        raise VideoError("too_large", f"{uri}: {size} bytes exceeds decode.max_video_bytes={settings.max_video_bytes}")
-    if size == 0:
-        raise VideoError("not_a_video", f"{uri}: empty file")
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -227,6 +103,7 @@ _SIGNATURES = (
     (0, b"OggS"),
     (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"),  # MPEG-PS / ES
     (0, b"\x30\x26\xb2\x75"),  # ASF / WMV
+    (0, b"ID3"), (0, b"fLaC"),  # audio (MP3 with ID3 tags, FLAC): media, even if without video
     (0, b"\x00\x00\x00\x01"), (0, b"\x00\x00\x01"),  # raw H.264 / H.265 Annex B
 )  # fmt: skip
 
@@ -267,66 +144,50 @@ def looks_like_text(head: bytes) -> bool:
     return len(head) > 0 and b"\x00" not in head
 
 
-def _open(source, settings: DecodeSettings, uri: str, head: bytes):
-    import decord
-
+def _probe(source, uri: str, head: bytes) -> VideoIndex:
+    """The frame index (:func:`pipeline.media.probe`), after the cheap checks on the first bytes."""
     if looks_like_text(head):
-        # decord would echo the whole input to stderr when it fails to open it; never hand it text.
+        # a decoder may echo the whole input to stderr when it fails to open it; never hand it text.
         raise VideoError("not_a_video", f"{uri}: text, not a media file (first bytes {head[:8]!r})")
-
     try:
-        return decord.VideoReader(source, ctx=decord.cpu(0), width=settings.frame_size, height=settings.frame_size,
-                                  num_threads=settings.num_threads)
-    except Exception as exc:  # decord raises RuntimeError or DECORDError with ffmpeg's message
-        text = str(exc)
-        if "cannot find video stream" in text:
-            raise VideoError("no_video_stream", f"{uri}: no video stream") from exc
-        if not looks_like_media(head):
+        return probe(source, uri)
+    except VideoError as exc:
+        if head and not looks_like_media(head):  # FFmpeg guesses formats from random bytes too
             raise VideoError("not_a_video", f"{uri}: not a known media container (first bytes {head[:8]!r})") from exc
-        raise VideoError("corrupt_video", f"{uri}: cannot open: {_short(text)}") from exc
-
-
-# decord prefixes its messages with a time and its own build's source path: "[00:28:40] /src/x.cc:61: "
-_DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ")
-
-
-def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(_DECORD_PREFIX.sub("", text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise
 
 
 def decode_video(source, settings: DecodeSettings, uri: str = "<bytes>", head: bytes = b"") -> Decoded:
-    """Open, sample and read frames; raises :class:`VideoError`."""
-    vr = _open(source, settings, uri, head or (source.getvalue()[:4096] if isinstance(source, io.BytesIO) else b""))
-    n = len(vr)
+    """Probe, sample and read frames; raises :class:`VideoError`.
+
+    Frame numbers, timestamps and the duration come from the container's own packet timestamps
+    (:func:`pipeline.media.probe`); the backends (:func:`pipeline.backends.decode_frames`) only produce pixels."""
+    if not head and isinstance(source, io.BytesIO):
+        head = source.getvalue()[:4096]
+    index = _probe(source, uri, head)
+    n = index.n
     if n < max(1, settings.min_frames):
         raise VideoError("too_few_frames", f"{uri}: {n} frames, decode.min_frames={settings.min_frames}")
-    fps = float(vr.get_avg_fps() or 0.0)
     targets = sample_indices(n, settings.num_frames)
+    indices = keyframe_indices(targets, index.keyframes) if settings.sampling == "keyframe" else targets
     try:
-        if settings.sampling == "keyframe":
-            keys = np.asarray(vr.get_key_indices())
-            indices = keyframe_indices(targets, keys)
-            frames_by_key = {}
-            for k in np.unique(indices):
-                vr.seek(int(k))
-                frames_by_key[int(k)] = vr.next().asnumpy()
-            frames = np.stack([frames_by_key[int(i)] for i in indices])
-        else:
-            indices = targets
-            # decord decodes forward within a GOP and seeks only across keyframes; frames are already
-            # resized by the decoder, so only F small RGB frames are ever materialised.
-            frames = vr.get_batch(indices).asnumpy()
-        stamps = vr.get_frame_timestamp(indices)
-    except VideoError:
-        raise
-    except Exception as exc:  # decord errors while reading (truncated streams, broken packets)
-        raise VideoError("corrupt_video", f"{uri}: decoding failed: {_short(str(exc))}") from exc
+        frames, _backend = decode_frames(source, index, indices, settings.frame_size, uri,
+                                         backends=backend_order(settings.backend), num_threads=settings.num_threads)
+    except VideoError as exc:
+        if not exc.message.startswith(uri):
+            exc = VideoError(exc.error_type, f"{uri}: {exc.message}")
+        raise exc from None
     if frames.shape[0] != settings.num_frames or frames.dtype != np.uint8:
         raise VideoError("decode_failed", f"{uri}: decoder returned {frames.shape} {frames.dtype}")
-    timestamps = [round(float(s), 6) for s in np.asarray(stamps).reshape(len(indices), -1)[:, 0]]
-    duration = n / fps if fps > 0 else None
-    return Decoded(frames=np.ascontiguousarray(frames), timestamps=timestamps, duration_s=duration, total_frames=n)
+    timestamps = [round(float(s), 6) for s in index.timestamps_s[indices]]
+    return Decoded(frames=np.ascontiguousarray(frames), timestamps=timestamps, duration_s=index.duration_s, total_frames=n)
+
+
+def backend_order(backend: str) -> tuple[str, ...]:
+    """``decode.backend`` -> the backends to try in order (``auto``: :data:`pipeline.backends.BACKENDS`)."""
+    if backend == "nvdec":  # a GPU node: the CPU backends take what NVDEC cannot (codec, profile, no GPU)
+        return ("nvdec", *BACKENDS)
+    return BACKENDS if backend == "auto" else (backend,)
 
 
 # ------------------------------------------------------------------------------------------------ stage

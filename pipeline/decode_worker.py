@@ -30,8 +30,9 @@ raw bytes. Parent -> child: ``settings``, then one ``row`` (input columns) per v
 anonymous pipes. The child keeps a duplicate of its original stdout for the protocol and points fd 1 at
 fd 2, so anything ffmpeg, decord or Python prints goes to stderr and can never corrupt the stream.
 
-Spooled files (videos over ``in_memory_bytes``) go to a per-child temporary folder that the parent deletes
-when it reaps the child, so a killed child leaves no files behind.
+Nothing is left in the temp folder when the parent, the child or both are killed (a Ray worker and its
+decoder die together when Ray stops): the child spools large S3 objects to anonymous files
+(:mod:`pipeline.fetch`, ``O_TMPFILE``) and no folder is made for it.
 """
 
 from __future__ import annotations
@@ -42,12 +43,10 @@ import math
 import os
 import pickle
 import select
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -150,11 +149,10 @@ def _describe_exit(returncode: int | None) -> str:
 
 
 class _Child:
-    """One child process and its pipes and spool folder; :meth:`kill` is safe to call any number of times."""
+    """One child process and its pipes; :meth:`kill` is safe to call any number of times."""
 
-    def __init__(self, proc: subprocess.Popen, spool_dir: str):
+    def __init__(self, proc: subprocess.Popen):
         self.proc = proc
-        self.spool_dir = spool_dir
         self.owner = os.getpid()
         assert proc.stdin is not None and proc.stdout is not None
         self.to_child = proc.stdin.fileno()
@@ -169,7 +167,7 @@ class _Child:
 
     def kill(self, graceful: bool = False) -> int | None:
         """Stop the child (EOF first if ``graceful``, SIGKILL otherwise or if it lingers), reap it, remove its
-        spool folder; returns its exit status. Does nothing in a forked copy of the owning process."""
+        returns its exit status. Does nothing in a forked copy of the owning process."""
         if os.getpid() != self.owner:
             return None
         proc = self.proc
@@ -187,7 +185,6 @@ class _Child:
         rc = proc.wait()
         _close_quietly(proc.stdin)
         _close_quietly(proc.stdout)
-        shutil.rmtree(self.spool_dir, ignore_errors=True)
         return rc
 
 
@@ -263,7 +260,6 @@ class IsolatedDecoder:
 
     def _start(self) -> _Child:
         t0 = time.monotonic()
-        spool = tempfile.mkdtemp(prefix="decode-worker-", dir=self.settings.spool_dir)
         env = dict(os.environ)
         env["PYTHONPATH"] = _pythonpath()
         env[_PARENT_ENV] = str(os.getpid())
@@ -271,9 +267,8 @@ class IsolatedDecoder:
             proc = subprocess.Popen([sys.executable, "-m", "pipeline.decode_worker"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, env=env, close_fds=True, bufsize=0)
         except OSError as exc:
-            shutil.rmtree(spool, ignore_errors=True)
             raise WorkerStartError(f"cannot start {sys.executable} -m pipeline.decode_worker: {exc}") from exc
-        child = _Child(proc, spool)
+        child = _Child(proc)
         self._holder.child = child
         self.starts += 1
         try:
@@ -283,7 +278,7 @@ class IsolatedDecoder:
         except (ImportError, OSError) as exc:
             log.debug("pipe size unchanged: %s", exc)
         try:
-            _send(child.to_child, dataclasses.replace(self.settings, isolation="none", spool_dir=spool))
+            _send(child.to_child, dataclasses.replace(self.settings, isolation="none"))
             (kind, value), _ = _recv(child.from_child, time.monotonic() + self.startup_timeout_s)
         except (EOFError, OSError, TimeoutError) as exc:
             self._holder.child = None
@@ -370,16 +365,9 @@ def close_shared() -> None:
 # ------------------------------------------------------------------------------------------------ child
 
 
-def _remove_own_spool(spool: str | None) -> None:
-    """The child's spool folder (made by its parent, which normally removes it; not when both are killed)."""
-    if spool and os.path.basename(spool).startswith("decode-worker-"):
-        shutil.rmtree(spool, ignore_errors=True)
-
-
-def _watch_parent(parent: int, spool: list[str | None]) -> None:
+def _watch_parent(parent: int) -> None:
     while True:
         if os.getppid() != parent:
-            _remove_own_spool(spool[0])
             os._exit(0)  # parent gone (reparented); nobody will read our answer
         time.sleep(WATCHDOG_S)
 
@@ -392,12 +380,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"decode-worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     parent = int(os.environ.get(_PARENT_ENV) or os.getppid())
-    spool: list[str | None] = [None]
-    threading.Thread(target=_watch_parent, args=(parent, spool), name="parent-watchdog", daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     try:
         settings: DecodeSettings = _recv(0)[0]
-        spool[0] = settings.spool_dir
         stage = DecodeStage(settings)
     except EOFError:
         return 0
@@ -411,7 +397,6 @@ def main() -> int:
         try:
             row = _recv(0)[0]
         except EOFError:  # parent closed us or died
-            _remove_own_spool(spool[0])
             return 0
         signal.alarm(alarm_s)
         frames: bytes | None = None

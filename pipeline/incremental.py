@@ -53,7 +53,7 @@ from pathlib import Path
 import pyarrow as pa
 from pyarrow import fs
 
-from pipeline import s3, sink
+from pipeline import localfs, s3, sink
 from pipeline.schema import VIDEO_SCHEMA
 from pipeline.sources import list_videos, video_id_for
 from pipeline.tasks import global_tasks
@@ -193,16 +193,25 @@ def read_committed(output: str, columns: list[str] | None = None, *, latest: boo
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def _local_etag(path: str) -> str | None:
+def _local_etag(uri: str) -> str | None:
+    path = localfs.path_of(uri)  # file:// URIs of non-UTF-8 names
     try:
         st = os.stat(path)
     except OSError:
-        return None
+        try:  # a path longer than PATH_MAX
+            fd = localfs.open_file(path, getattr(os, "O_PATH", os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
     return f"{int(st.st_mtime)}-{st.st_size}"  # the same fingerprint the decode stage writes to video_etag
 
 
-def list_inputs(input_cfg, settings: s3.S3Settings) -> pa.Table:
-    """The input videos with their current ``etag`` (S3 ETag from the listing, or mtime-size locally)."""
+def list_inputs(input_cfg, settings: s3.S3Settings, report: localfs.ListingReport | None = None) -> pa.Table:
+    """The input videos with their current ``etag`` (S3 ETag from the listing, or mtime-size locally); what a local
+    listing could not list is counted in ``report``."""
     if input_cfg.s3_prefix:
         bucket, prefix = s3.split_uri(input_cfg.s3_prefix)
         rows = []
@@ -218,7 +227,7 @@ def list_inputs(input_cfg, settings: s3.S3Settings) -> pa.Table:
         if input_cfg.limit is not None:
             rows = rows[: input_cfg.limit]
         return pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA.append(pa.field("etag", pa.string())))
-    videos = list_videos(input_cfg, settings)
+    videos = list_videos(input_cfg, settings, report)
     etags = []
     for uri in videos.column("video_uri").to_pylist():
         if s3.is_s3(uri):
@@ -267,12 +276,15 @@ class NightlyResult:
     removed_uncommitted: list[str]
     summary: object | None = None  # pipeline.summary.Summary when something ran
     manifest_uri: str | None = None
+    not_listed: dict = field(default_factory=dict)  # reason -> count (pipeline.localfs.ListingReport)
 
     def render(self) -> str:
         head = (f"nightly: {self.listed} videos listed, {self.pending} to process "
                 f"({self.new} new, {self.changed} changed or not committed before)")
         if self.removed_uncommitted:
             head += f"; removed {len(self.removed_uncommitted)} uncommitted run folder(s)"
+        if self.not_listed:
+            head += "; not listed: " + ", ".join(f"{k} {v}" for k, v in sorted(self.not_listed.items()))
         if not self.pending:
             return head + "\nnothing new: no run was started"
         return head + "\n" + self.summary.render() + f"\ncommitted: {self.manifest_uri}"
@@ -314,7 +326,8 @@ def _run_nightly_locked(cfg, now: _dt.datetime, settings: s3.S3Settings, lock) -
         log.warning("deleting uncommitted run folder %s/%s (a run that did not finish)", root.uri, rel)
         root.filesystem.delete_dir(f"{root.path}/{rel}")
 
-    inputs = list_inputs(cfg.input, settings)
+    listing = localfs.ListingReport()
+    inputs = list_inputs(cfg.input, settings, listing)
     done = state.done()
     known_uris = {uri for uri, _ in done}
     pending_idx, new, changed = [], 0, 0
@@ -326,7 +339,8 @@ def _run_nightly_locked(cfg, now: _dt.datetime, settings: s3.S3Settings, lock) -
             changed += 1
         else:
             new += 1
-    result = NightlyResult(None, inputs.num_rows, len(pending_idx), new, changed, list(state.uncommitted_dirs))
+    result = NightlyResult(None, inputs.num_rows, len(pending_idx), new, changed, list(state.uncommitted_dirs),
+                           not_listed=dict(listing.skipped))
     if not pending_idx:
         log.info("nothing new under %s: %d videos all committed", cfg.output.path, inputs.num_rows)
         return result

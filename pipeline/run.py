@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import os
+import shutil
+import socket
+import tempfile
 import time
 from dataclasses import dataclass
 
 from pipeline import s3, sink
 from pipeline.config import ConfigurationError, PipelineConfig
 from pipeline.decode import DecodeSettings
+from pipeline.localfs import ListingReport
 from pipeline.lock import RunLock
 from pipeline.sources import SourceError, list_videos
 from pipeline.stages import GenerateSettings, ModelSettings
@@ -27,16 +32,93 @@ class RunResult:
     target: sink.SinkTarget
 
 
+#: the longest temp folder a local Ray's sockets fit under: AF_UNIX paths are at most 107 bytes and Ray adds
+#: "/ray-XXXXXXXX/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" (up to 77)
+RAY_TEMP_MAX = 30
+
+
+def local_ray_temp_dir() -> str:
+    """A fresh folder of the job's own for a local Ray's session files and sockets, under ``$RAY_TMPDIR`` (Ray's own
+    setting) or the system temp folder when its path is short enough, else under ``/tmp``; raises
+    :class:`ConfigurationError` when none is."""
+    tried = []
+    for base in (os.environ.get("RAY_TMPDIR"), tempfile.gettempdir(), "/tmp"):
+        if not base or base in tried:
+            continue
+        tried.append(base)
+        if len(base) <= RAY_TEMP_MAX and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+            _remove_stale_ray_temp_dirs(base)
+            path = tempfile.mkdtemp(prefix="ray-", dir=base)
+            with open(os.path.join(path, _OWNER), "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            return path
+    raise ConfigurationError(
+        f"cannot start a local Ray: its sockets need a writable temp folder with a path of at most {RAY_TEMP_MAX} "
+        f"characters (AF_UNIX paths are limited to 107 bytes), and {' and '.join(repr(t) for t in tried)} are too long "
+        "or not writable; set TMPDIR to a short folder (e.g. TMPDIR=/tmp), or connect to a cluster (ray.address)")
+
+
+_OWNER = ".pipeline-owner"  # "<pid> <host>" of the job whose local Ray uses the folder
+
+
+def _remove_stale_ray_temp_dirs(base: str) -> None:
+    """Remove the temp folders of earlier jobs on this host that died before removing their own (a SIGKILLed job
+    runs no exit handler). Only folders carrying the owner file, of a process that is gone, on this host."""
+    host = socket.gethostname()
+    try:
+        entries = [e for e in os.scandir(base) if e.name.startswith("ray-") and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            with open(os.path.join(entry.path, _OWNER)) as f:
+                pid_text, owner_host = f.read().split()[:2]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue  # not a job's folder, or one being created
+        if owner_host != host or _alive(pid):
+            continue
+        log.info("removing %s: the local Ray temp folder of job process %d, which is gone", entry.path, pid)
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _stop_local_ray(temp_dir: str) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def init_ray(cfg: PipelineConfig) -> None:
-    """Connect to ``ray.address`` / the ``ray job submit`` cluster, else start a local Ray (once)."""
+    """Connect to ``ray.address`` / the ``ray job submit`` cluster, else start a local Ray (once).
+
+    A local Ray keeps its session files and sockets in a short temp folder of the job's own
+    (:func:`local_ray_temp_dir`, whatever ``TMPDIR`` is), shut down and removed when the process exits."""
     import ray
 
     if ray.is_initialized():
         return
     address = cfg.ray.address
     if address is None and not os.environ.get("RAY_ADDRESS"):
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
-        log.info("started a local Ray: %s", ray.cluster_resources())
+        temp_dir = local_ray_temp_dir()
+        try:
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True, _temp_dir=temp_dir)
+        except BaseException:
+            _stop_local_ray(temp_dir)
+            raise
+        atexit.register(_stop_local_ray, temp_dir)
+        log.info("started a local Ray (temp folder %s): %s", temp_dir, ray.cluster_resources())
     else:
         ray.init(address=address, log_to_driver=True)
         log.info("connected to Ray at %s: %s", address or os.environ.get("RAY_ADDRESS"), ray.cluster_resources())
@@ -98,7 +180,8 @@ def run(cfg: PipelineConfig) -> RunResult:
     frame_size = model_image_size(cfg)
 
     t0 = time.perf_counter()
-    videos = list_videos(cfg.input, s3_settings)
+    listing = ListingReport()
+    videos = list_videos(cfg.input, s3_settings, listing)
     if videos.num_rows == 0:
         where = cfg.input.s3_prefix or cfg.input.manifest or cfg.input.local_dir
         raise SourceError(f"no videos found in {where} (extensions {cfg.input.extensions})")
@@ -120,9 +203,18 @@ def run(cfg: PipelineConfig) -> RunResult:
                 attempt, todo = plan.attempt, plan.todo
                 if todo.num_rows == 0:
                     log.info("run %s is complete: nothing to do", run_id)
-                    return RunResult(summary=_summary(target, run_id, time.perf_counter() - t0, 0), target=target)
+                    return RunResult(summary=_with_listing(_summary(target, run_id, time.perf_counter() - t0, 0), listing),
+                                     target=target)
         init_ray(cfg)
-        return execute(cfg, todo, target, run_id, frame_size=frame_size, t0=t0, attempt=attempt)
+        result = execute(cfg, todo, target, run_id, frame_size=frame_size, t0=t0, attempt=attempt)
+        _with_listing(result.summary, listing)
+        return result
+
+
+def _with_listing(summary: Summary, listing: ListingReport) -> Summary:
+    summary.not_listed = dict(listing.skipped)
+    summary.not_listed_examples = {k: list(v) for k, v in listing.examples.items()}
+    return summary
 
 
 def output_lock(cfg: PipelineConfig, name: str, s3_settings: s3.S3Settings):

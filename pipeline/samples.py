@@ -27,8 +27,9 @@ def frame_image(i: int, width: int, height: int) -> np.ndarray:
 
 def make_video(*, num_frames: int = 24, width: int = 64, height: int = 48, fps: int | Fraction = 24,
                codec: str = "libx264", container: str = "mp4", gop: int | None = None,
-               options: dict | None = None, frame_fn=frame_image) -> bytes:
-    """Encode ``num_frames`` synthetic frames; return the container bytes."""
+               options: dict | None = None, frame_fn=frame_image, bit_rate: int | None = None) -> bytes:
+    """Encode ``num_frames`` synthetic frames; return the container bytes (``bit_rate`` in bit/s, else the codec's
+    rate control from ``options``, e.g. ``crf``)."""
     import av
 
     buf = io.BytesIO()
@@ -36,6 +37,8 @@ def make_video(*, num_frames: int = 24, width: int = 64, height: int = 48, fps: 
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
+        if bit_rate is not None:
+            stream.bit_rate = bit_rate
         opts = {"preset": "ultrafast"} if codec == "libx264" else {}
         opts.update(options or {})
         if gop is not None:

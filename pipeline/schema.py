@@ -11,9 +11,9 @@ video_id               string                      manifest value, else ``sha1(v
 video_uri              string                      s3://... or a local path
 video_etag             string, null                S3 ETag (quotes stripped) or ``mtime-size`` for local files
 video_bytes            int64, null                 size of the video file
-duration_s             float64, null               container duration (frames / average fps)
+duration_s             float64, null               end of the last frame on the stream's own timestamps (from 0)
 num_frames             int32, null                 frames sampled and given to the model (F)
-frame_timestamps_s     list<float64>, null         presentation time of each sampled frame
+frame_timestamps_s     list<float64>, null         presentation time of each sampled frame, in [0, duration_s]
 task_id                string                      ``caption``, ``qa:<i>``, ``vq:<i>`` (manifest), ``mcq:<i>`` or MCQ id
 task_type              string                      caption | qa | mcq
 prompt                 string                      the user text given to the model (options included for mcq)
@@ -101,7 +101,8 @@ ERROR_TYPES = {
     "too_large": "the file is larger than decode.max_video_bytes",
     "not_a_video": "the bytes are not a known media container",
     "corrupt_video": "a media container that cannot be opened or read to the end (truncated, damaged)",
-    "no_video_stream": "a media file without a video stream (audio only)",
+    "no_video_stream": "a media file without a video stream (audio only, also audio with cover art)",
+    "unsupported_codec": "a video stream in a codec no available decoder can decode (the message names the codec)",
     "too_few_frames": "fewer decodable frames than decode.min_frames",
     "decode_failed": "the decoder failed on sampled frames",
     "decode_timeout": "fetch + decode took longer than decode.timeout_s; the decoder process was killed (isolation: process)",

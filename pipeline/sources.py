@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline import s3
+from pipeline import localfs, s3
 from pipeline.schema import VIDEO_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,17 @@ def s3_source(prefix_uri: str, extensions: list[str], settings: s3.S3Settings) -
 # ------------------------------------------------------------------------------------------------ local
 
 
-def local_source(folder: str, extensions: list[str]) -> Iterator[pa.Table]:
+def local_source(folder: str, extensions: list[str], report: localfs.ListingReport | None = None) -> Iterator[pa.Table]:
+    """Every matching file under ``folder`` once (see :func:`pipeline.localfs.walk`: symlinks and hard links
+    to a listed file are not listed again; unreadable folders are counted in ``report`` and logged)."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise SourceError(f"input.local_dir {folder!r} is not a folder")
-    paths = sorted(str(p.resolve()) for p in root.rglob("*") if p.is_file() and _has_ext(p.name, extensions))
-    rows = ({"video_id": video_id_for(p), "video_uri": p, "questions": None} for p in paths)
+    report = localfs.ListingReport() if report is None else report
+    uris = sorted(localfs.uri_for(p) for p in localfs.walk(os.path.realpath(root), extensions, report))
+    if report.skipped:
+        log.warning("input.local_dir %s: %d files listed; not listed: %s", folder, report.listed, "; ".join(report.lines()))
+    rows = ({"video_id": video_id_for(u), "video_uri": u, "questions": None} for u in uris)
     yield from _chunked(rows)
 
 
@@ -190,14 +195,15 @@ def manifest_source(uri: str, settings: s3.S3Settings, base_dir: str | None = No
 # ------------------------------------------------------------------------------------------------ entry
 
 
-def list_videos(input_cfg, settings: s3.S3Settings) -> pa.Table:
-    """All videos of the run as one table (sorted by URI, ``input.limit`` applied)."""
+def list_videos(input_cfg, settings: s3.S3Settings, report: localfs.ListingReport | None = None) -> pa.Table:
+    """All videos of the run as one table (sorted by URI, ``input.limit`` applied); what a local listing saw
+    but could not list is counted in ``report``."""
     if input_cfg.s3_prefix:
         chunks = list(s3_source(input_cfg.s3_prefix, input_cfg.extensions, settings))
     elif input_cfg.manifest:
         chunks = list(manifest_source(input_cfg.manifest, settings))
     else:
-        chunks = list(local_source(input_cfg.local_dir, input_cfg.extensions))
+        chunks = list(local_source(input_cfg.local_dir, input_cfg.extensions, report))
     table = pa.concat_tables(chunks) if chunks else VIDEO_SCHEMA.empty_table()
     if not input_cfg.manifest:
         table = table.sort_by("video_uri")

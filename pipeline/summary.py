@@ -42,6 +42,9 @@ class Summary:
     output_tokens: int = 0
     stages: list[StageFigures] = field(default_factory=list)
     videos_this_run: int | None = None  # processed by this run (a resumed run skips complete ones); None = all
+    #: what the input listing saw but did not list, by reason (unreadable folders, duplicates, special files)
+    not_listed: dict[str, int] = field(default_factory=dict)
+    not_listed_examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def videos_per_s(self) -> float:
@@ -69,6 +72,10 @@ class Summary:
             f"videos  {self.videos:>8}   ok {self.videos_ok}   error {self.videos_error}",
             f"rows    {self.rows:>8}   ok {self.rows_ok}   error {self.rows_error}",
         ]
+        if self.not_listed:
+            lines.append("not listed (no rows): " + "; ".join(
+                f"{k} {v}" + (f" (e.g. {', '.join(self.not_listed_examples.get(k, [])[:2])})" if self.not_listed_examples.get(k) else "")
+                for k, v in sorted(self.not_listed.items())))
         if self.errors_by_type:
             lines.append("errors by type (videos): " + ", ".join(f"{k}={v}" for k, v in sorted(self.errors_by_type.items())))
         ratio = self.compression_ratio

@@ -15,6 +15,7 @@ import av
 import numpy as np
 
 from pipeline.samples import frame_image, make_video
+from tests.pipeline.oddities import oddity_set
 from tests.pipeline.videos import NOT_A_VIDEO, make_audio_only, truncate
 
 #: the "long video": one hour at 2 fps and 32x32 (7200 frames, 1.5 MB, ~2 s to encode). Low resolution
@@ -107,4 +108,5 @@ def bad_input_set() -> dict[str, tuple[bytes, str]]:
         "vfr.mp4": (make_muxed(num_frames=len(VFR_PTS), pts=VFR_PTS, time_base=VFR_TIME_BASE), "ok"),
         "rotated_90.mp4": (make_muxed(num_frames=12, width=64, height=32, rotation=90), "ok"),
         "spaces and ünïcödé 视频.mp4": (make_video(num_frames=10), "ok"),
+        **oddity_set(),  # issue 14's classes and further real-world oddities (tests/pipeline/oddities.py)
     }

@@ -136,3 +136,17 @@ def test_s3_fetch_errors_and_spool(sample_videos, mocked_s3):
                  {"video_id": "c", "video_uri": "s3://no-such-bucket/x.mp4", "questions": None}]).to_pylist()
     assert out[0]["status"] == "ok" and out[0]["video_etag"]
     assert out[1]["error_type"] == "not_found" and out[2]["error_type"] == "not_found"
+
+
+def test_spooled_object_has_no_name(sample_videos, mocked_s3, tmp_path):
+    """A large S3 object is spooled to an anonymous file: while it is decoded the spool folder is empty, so a
+    process killed mid-video leaves nothing behind (issue 14, class 12)."""
+    mocked_s3.put_object(Bucket="bkt", Key="v.mp4", Body=sample_videos["short_24fps.mp4"])
+    settings = _settings(in_memory_bytes=100, spool_dir=str(tmp_path))
+    fetched = fetch("s3://bkt/v.mp4", settings)
+    try:
+        assert fetched.data is None and fetched.size == len(sample_videos["short_24fps.mp4"])
+        assert list(tmp_path.iterdir()) == []
+        assert decode_video(fetched.source(), settings, "s3://bkt/v.mp4", fetched.head()).frames.shape == (8, S, S, 3)
+    finally:
+        fetched.cleanup()

@@ -43,10 +43,13 @@ def test_every_bad_input_gives_the_expected_row(bad_dir, bad_inputs):
         got[name] = row["status"] if row["status"] == "ok" else row["error_type"]
         if row["status"] == "ok":
             assert frames_from_row(row).shape == (F, S, S, 3) and row["num_frames"] == F
-            assert len(row["frame_timestamps_s"]) == F and row["frame_timestamps_s"] == sorted(row["frame_timestamps_s"])
+            stamps = row["frame_timestamps_s"]
+            assert len(stamps) == F and stamps == sorted(stamps)
+            assert 0 <= stamps[0] and stamps[-1] <= row["duration_s"] < 1e6, (name, stamps, row["duration_s"])
         else:
             assert row["error_type"] in ERROR_TYPES and row.get("frames") is None
-            assert row["error_message"] and "/github/" not in row["error_message"]  # decord's build paths stripped
+            message = row["error_message"]  # no library internals: build paths, source lines, C++ assertions
+            assert message and not any(x in message for x in ("/github/", ".cc:", "Check failed", "Traceback")), message
     assert got == {name: expected for name, (_, expected) in bad_inputs.items()}
 
 

@@ -158,7 +158,7 @@ def test_operational_decode_settings_keep_the_run_id():
     """A longer timeout (or other threads, spool folder, isolation) re-runs into the same folder: it resumes."""
     base = load_config(data=_minimal())
     for change in ({"timeout_s": 900}, {"isolation": "none"}, {"num_threads": 4}, {"spool_dir": "/x"},
-                   {"in_memory_bytes": 1024}):
+                   {"in_memory_bytes": 1024}, {"backend": "decord"}):
         other = load_config(data={**_minimal(), "decode": change})
         assert other.effective_run_id() == base.effective_run_id(), change
     assert load_config(data={**_minimal(), "decode": {"num_frames": 16}}).effective_run_id() != base.effective_run_id()

@@ -1,0 +1,195 @@
+"""What a video file holds, read from its container without decoding a frame (PyAV demux).
+
+Contract::
+
+    probe(source, uri) -> VideoIndex       # raises VideoError with a specific error_type
+
+``source`` is a path or a seekable binary file object. The probe picks the video stream (an attached
+picture, i.e. an audio file's cover art, is not a video stream), demuxes its packets (no decoding: about
+a millisecond per thousand packets) and builds the frame index every decoder backend shares:
+
+* ``n`` frames: one per video packet carrying data, in presentation order (the same count decord's index
+  gives, so ``linspace(0, n-1, F)`` picks the same frames on every backend);
+* ``pts``: each frame's presentation time in stream ``time_base`` units, sorted (``int64 [n]``); packets
+  without a pts fall back to their dts, and a stream with neither gets ``index / frame rate``;
+* ``timestamps_s``: ``(pts - pts[0]) * time_base``, so the first frame is at 0 whatever the stream's start
+  time (an MPEG-TS capture starting at 1.4 s, an MP4 with an edit list);
+* ``duration_s``: the end of the last frame (its pts + its duration) on the same clock: the stream's real
+  timestamps, never ``frames / average fps`` (wrong for variable frame rate). The container's declared
+  duration is only a cross-check (logged when they disagree); every timestamp lies in ``[0, duration_s]``;
+* ``keyframes``: the indices of keyframes (where a decoder can start).
+
+Errors: no video stream (``no_video_stream``, also for audio with cover art), a codec FFmpeg does not know
+(``unsupported_codec``), no frame at all (``too_few_frames``, "0 frames"), an MP4/MOV whose sample table promises
+more frames than the bytes hold (``corrupt_video``: a truncated upload).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class VideoError(Exception):
+    """A per-video failure with an ``error_type`` (see :data:`pipeline.schema.ERROR_TYPES`)."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+# decord prefixes messages with a time and its build's source path ("[00:28:40] /src/x.cc:61: "); its C++
+# assertions read "Check failed: <expression> (-22 vs. 0) <text>"; FFmpeg/PyAV name file objects "[BytesIO]".
+_LIB_NOISE = (
+    re.compile(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: "),
+    re.compile(r"Check failed: .*?\(-?\d+ vs\. -?\d+\) ?"),
+    re.compile(r"\S+\.(?:cc|cpp|cxx|h|hpp|c|pyx|py):\d+:?"),
+    re.compile(r"Stack trace.*", re.S),
+    re.compile(r"\[(?:BytesIO|Errno -?\d+)\]:? ?"),
+    re.compile(r": '[^']*'$"),  # PyAV appends the file name (a /proc/self/fd path, or '<none>')
+)
+
+
+def clean_message(text: str, limit: int = 300) -> str:
+    """A library's error text without build paths, source lines, assertion expressions or stack traces."""
+    for pattern in _LIB_NOISE:
+        text = pattern.sub("", text)
+    text = " ".join(text.split()).strip(" :;,")
+    text = text or "the decoder gave no reason"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class VideoIndex:
+    """The frame index of one video stream (see the module docstring)."""
+
+    codec: str
+    stream_index: int  # which stream of the container (``container.streams[i]``)
+    width: int
+    height: int
+    time_base: Fraction
+    pts: np.ndarray  # int64 [n], presentation order
+    keyframes: np.ndarray  # int64 [k], indices into pts
+    timestamps_s: np.ndarray  # float64 [n], from 0
+    duration_s: float
+    container_duration_s: float | None
+    fps: float
+    pts_exact: bool = True  # every packet had a pts (else part of ``pts`` comes from dts or is estimated)
+
+    @property
+    def n(self) -> int:
+        return int(self.pts.shape[0])
+
+    @property
+    def pts_unique(self) -> bool:
+        """Frames can be identified by their pts (all known, no two equal)."""
+        return self.pts_exact and bool(np.all(np.diff(self.pts) > 0))
+
+
+def _video_stream(container, uri: str):
+    streams = [s for s in container.streams.video if not _is_attached_picture(s)]
+    if not streams:
+        what = "only cover art (an attached picture) and no video stream" if container.streams.video else "no video stream"
+        audio = " (an audio file)" if container.streams.audio else ""
+        raise VideoError("no_video_stream", f"{uri}: {what}{audio}")
+    return streams[0]
+
+
+def _is_attached_picture(stream) -> bool:
+    import av
+
+    return bool(int(stream.disposition) & int(av.stream.Disposition.attached_pic))
+
+
+def probe(source, uri: str = "<bytes>") -> VideoIndex:
+    """The :class:`VideoIndex` of ``source``'s first real video stream; raises :class:`VideoError`."""
+    import av
+
+    try:
+        container = av.open(source, mode="r")
+    except av.error.FFmpegError as exc:
+        raise VideoError("corrupt_video", f"{uri}: cannot open the container: {clean_message(str(exc))}") from exc
+    try:
+        return _index(container, _video_stream(container, uri), uri)
+    finally:
+        container.close()
+        if hasattr(source, "seek"):
+            source.seek(0)
+
+
+def _index(container, stream, uri: str) -> VideoIndex:
+    import av
+
+    ctx = stream.codec_context
+    codec = ctx.codec.canonical_name if ctx is not None and ctx.codec is not None else None  # "av1", not "libdav1d"
+    if codec is None:
+        raise VideoError("unsupported_codec", f"{uri}: unsupported codec: FFmpeg does not know this video stream's codec")
+    tb = stream.time_base or Fraction(1, 90_000)
+    pts, dts, durs, keys = [], [], [], []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's end-of-stream marker
+                continue
+            pts.append(packet.pts)
+            dts.append(packet.dts)
+            durs.append(packet.duration or 0)
+            keys.append(packet.is_keyframe)
+    except av.error.FFmpegError as exc:  # a damaged container: what was read before it is not trusted either
+        if not pts:
+            raise VideoError("corrupt_video", f"{uri}: cannot read packets: {clean_message(str(exc))}") from exc
+        raise VideoError("corrupt_video", f"{uri}: damaged after {len(pts)} packets: {clean_message(str(exc))}") from exc
+    n = len(pts)
+    if n == 0:
+        raise VideoError("too_few_frames", f"{uri}: 0 frames (the video track has no samples)")
+    declared = int(stream.frames or 0)
+    if declared > n:
+        # MP4/MOV count frames in their sample table: fewer packets than samples means bytes are missing. Other
+        # containers' counts are header estimates (AVI's can over-report): the packets are the truth there.
+        if "mp4" in container.format.name or "mov" in container.format.name:
+            raise VideoError("corrupt_video", f"{uri}: truncated: the index lists {declared} frames, the file holds {n}")
+        log.info("%s: the header says %d frames, the stream holds %d packets; using the packets", uri, declared, n)
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = float(rate) if rate else 0.0
+    step = max(1, round(1 / (float(rate) * tb))) if rate else max(1, round(1 / (25 * tb)))  # one frame, in ticks
+    ticks, order = _presentation_order(pts, dts, step)
+    exact = all(p is not None for p in pts)
+    keyframes = np.flatnonzero(np.asarray(keys, dtype=bool)[order])
+    if keyframes.size == 0:
+        keyframes = np.zeros(1, dtype=np.int64)
+    last_len = int(durs[int(order[-1])]) or step
+    rel = ticks - ticks[0]
+    duration = float((int(rel[-1]) + last_len) * tb)
+    container_s = float(container.duration) / 1e6 if container.duration else None
+    if container_s is not None and abs(container_s - duration) > max(1.0, 0.05 * duration):
+        log.info("%s: container says %.3fs, the stream's timestamps %.3fs; using the timestamps", uri, container_s, duration)
+    return VideoIndex(
+        codec=codec, stream_index=int(stream.index), width=int(ctx.width or 0), height=int(ctx.height or 0), time_base=tb, pts=ticks,
+        keyframes=keyframes.astype(np.int64), timestamps_s=rel.astype(np.float64) * float(tb), duration_s=duration,
+        container_duration_s=container_s, fps=fps, pts_exact=exact,
+    )  # fmt: skip
+
+
+def _presentation_order(pts: list, dts: list, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Presentation times in ticks, sorted (``int64 [n]``), and the packet order that sorts them (stable).
+
+    Missing pts fall back to dts; when most packets have neither (raw elementary streams) the decode order
+    is the presentation order, one ``step`` apart; a few holes are placed one ``step`` after their predecessor."""
+    times = [p if p is not None else d for p, d in zip(pts, dts)]
+    missing = sum(t is None for t in times)
+    if missing > len(times) // 2:
+        times = [i * step for i in range(len(times))]
+    elif missing:
+        prev = None
+        for i, t in enumerate(times):
+            times[i] = t if t is not None else (prev + step if prev is not None else 0)
+            prev = times[i]
+    arr = np.asarray(times, dtype=np.int64)
+    order = np.argsort(arr, kind="stable")
+    return arr[order], order
