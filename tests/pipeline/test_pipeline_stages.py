@@ -158,3 +158,25 @@ def test_stages_declare_columns():
     assert set(EncodeStage.output_columns) == set(ENCODED_SCHEMA.names)
     assert set(GenerateStage.output_columns) == set(OUTPUT_SCHEMA.names)
     assert FusedStage.input_columns == EncodeStage.input_columns
+
+
+def test_stage_bench_runs_on_cpu(tmp_path):
+    """bench/bench_stage.py's CPU path (tiny checkpoint), so the stage benchmark cannot rot: every variant kind
+    runs the stage as the job calls it and reports its phases, its floor and one ok row per (video, task)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "bench/bench_stage.py", "--tiny", "--videos", "4", "--frames", "4",
+                    "--variants", "fused_mix,mix:holitom-r0.15,split_mix"], cwd=root, check=True, timeout=600,
+                   env={**os.environ, "OUT": str(tmp_path)}, capture_output=True)
+    results = {r["variant"]: r for r in json.loads((tmp_path / "bench_stage_tiny.json").read_text())["results"]}
+    assert set(results) == {"fused_mix", "mix:holitom-r0.15", "split_mix"}
+    mix = results["fused_mix"]
+    assert mix["videos_per_s"] > 0 and mix["x_floor"] > 0 and mix["prefixes"] == 4 and mix["rows"] == 16
+    assert len(mix["prompt_tokens"]) == 4  # four tasks, one prefix each video
+    assert results["mix:holitom-r0.15"]["visual_tokens"] < mix["visual_tokens"]
+    assert results["split_mix"]["encode_videos_per_s"] > 0 and results["split_mix"]["generate_videos_per_s"] > 0
