@@ -90,6 +90,7 @@ class Engine:
         self.sync_every, self.slot_multiple = max(1, sync_every), slot_multiple
         self.compact_ratio, self.admit_fraction = compact_ratio, admit_fraction
         self.slot_headroom = 0.125
+        self.max_prefill_tokens = 16384  # prefix tokens (padded) per prefill forward
         self.compactions = 0  # figures for benchmarks and logs
         self.stats = collections.Counter()
         tok = llm.tokenizer
@@ -252,22 +253,12 @@ class Engine:
         self._prefill(admitted)
 
     def _prefill(self, admitted: list[tuple[Group, list[int]]]) -> None:
-        """Prefix once per group (copied to its rows), then the admitted rows' suffixes in a few batched forwards
+        """Prefixes once per group (batched, copied to the group's rows), then the admitted rows' suffixes in a few batched forwards
         (rows of similar suffix length together, :func:`~dycoke.scheduling.buckets`)."""
-        s, llm, dev = self._session, self.llm, self.llm.device
-        lm = llm.language_model
+        dev = self.llm.device
         t0 = time.perf_counter()
-        for g, rows in admitted:
-            n = g.prefix.shape[0]
-            s.cache.begin_prefill(rows[0], 0)
-            try:
-                lm(inputs_embeds=g.prefix[None], position_ids=torch.arange(n, device=dev)[None],
-                   attention_mask={"full_attention": None}, use_cache=True, **{self.cache_kwarg: s.cache})
-                s.cache.check_written("prefix prefill")
-            finally:
-                s.cache.end()
-            if len(rows) > 1:
-                s.cache.copy_prefix(rows[0], torch.tensor(rows[1:], device=dev), n)
+        for batch in _prefix_batches(admitted, self.max_prefill_tokens):
+            self._prefix_forward(batch)
         _sync(dev)
         t1 = time.perf_counter()
         members = [(p, r) for g, rows in admitted for p, r in zip(g.members, rows)]
@@ -289,6 +280,26 @@ class Engine:
                 p.prefill_s = (t1 - t0) / n + (t2 - t1) / n
                 p.admitted_at = t2
                 self._rows[r] = p
+
+    def _prefix_forward(self, batch: list[tuple[Group, list[int]]]) -> None:
+        """The prefixes of ``batch``'s groups in one causal forward, right-padded to the longest (a real token never
+        sees the padding after it; the padding's KV lands past its row's prefix, where the suffix overwrites it),
+        each written to its group's first row and copied to the group's other rows."""
+        s, llm, dev = self._session, self.llm, self.llm.device
+        width = max(g.prefix.shape[0] for g, _ in batch)
+        emb = torch.zeros(len(batch), width, llm.hidden_size, dtype=llm.dtype, device=dev)
+        for i, (g, _) in enumerate(batch):
+            emb[i, : g.prefix.shape[0]] = g.prefix
+        s.cache.begin_rows(torch.tensor([rows[0] for _, rows in batch], device=dev))
+        try:
+            llm.language_model(inputs_embeds=emb, position_ids=torch.arange(width, device=dev)[None].expand(len(batch), -1),
+                               attention_mask={"full_attention": None}, use_cache=True, **{self.cache_kwarg: s.cache})
+            s.cache.check_written("prefix prefill")
+        finally:
+            s.cache.end()
+        for g, rows in batch:
+            if len(rows) > 1:
+                s.cache.copy_prefix(rows[0], torch.tensor(rows[1:], device=dev), g.prefix.shape[0])
 
     def _suffix_forward(self, members: list[tuple[Prepared, int]]) -> torch.Tensor:
         """One forward over the suffixes of ``members`` (padded to the longest), each row attending to its own
@@ -371,6 +382,17 @@ class Engine:
         self._rows = rows + [None] * (len(self._rows) - len(rows))
         self._cur = new
         self.compactions += 1
+
+
+def _prefix_batches(admitted: list, max_tokens: int) -> list[list]:
+    """Consecutive groups whose padded prefixes (rows x longest) stay within ``max_tokens`` per forward."""
+    out: list[list] = []
+    for item in admitted:
+        if out and (len(out[-1]) + 1) * max(item[0].prefix.shape[0], *(g.prefix.shape[0] for g, _ in out[-1])) <= max_tokens:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
 
 
 def _sync(device: torch.device) -> None:

@@ -25,7 +25,8 @@ class SlotKVCache:
 
     * **row prefill** (``begin_prefill(row, offset)``): ``update`` copies one sequence's keys/values
       (``[1, H_kv, n, d]``) into row ``row`` at slots ``[offset, offset + n)`` and returns them unchanged,
-      so attention is plain causal attention over that chunk alone;
+      so attention is plain causal attention over that chunk alone; ``begin_rows(rows)`` does the same for a
+      batch of sequences from slot 0;
     * **chunk** (``begin_chunk(rows, slots)``): ``update`` writes token ``j`` of batch row ``i``
       (``[n, H_kv, m, d]``) at slot ``slots[i, j]`` of cache row ``rows[i]`` and returns those rows' full
       buffers (``[n, H_kv, S, d]``); the caller masks what each query may see (suffix prefill after a
@@ -64,6 +65,12 @@ class SlotKVCache:
         self._mode = ("row", row, offset)
         self.updates = 0
 
+    def begin_rows(self, rows: torch.Tensor) -> None:
+        """Batched prefill from slot 0: batch row ``i`` (``[n, H_kv, m, d]``) goes to slots ``[0, m)`` of cache row
+        ``rows[i]``; ``update`` returns the keys/values unchanged (causal attention within each sequence)."""
+        self._mode = ("rows", rows)
+        self.updates = 0
+
     def begin_chunk(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """``rows [n]`` long and ``slots [n, m]`` long, both on the cache's device."""
         self._mode = ("chunk", rows, slots)
@@ -98,6 +105,11 @@ class SlotKVCache:
             n = key_states.shape[2]
             k[row : row + 1, :, off : off + n].copy_(key_states)
             v[row : row + 1, :, off : off + n].copy_(value_states)
+            return key_states, value_states
+        if mode[0] == "rows":
+            n = key_states.shape[2]
+            k[mode[1], :, :n] = key_states
+            v[mode[1], :, :n] = value_states
             return key_states, value_states
         _, rows, slots = mode
         k[rows[:, None], :, slots] = key_states.transpose(1, 2)
