@@ -26,6 +26,7 @@ import logging
 import time
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from dycoke.attention import grouped_mask, install
 from dycoke.config import DyCokeConfig
@@ -286,10 +287,8 @@ class Engine:
         sees the padding after it; the padding's KV lands past its row's prefix, where the suffix overwrites it),
         each written to its group's first row and copied to the group's other rows."""
         s, llm, dev = self._session, self.llm, self.llm.device
-        width = max(g.prefix.shape[0] for g, _ in batch)
-        emb = torch.zeros(len(batch), width, llm.hidden_size, dtype=llm.dtype, device=dev)
-        for i, (g, _) in enumerate(batch):
-            emb[i, : g.prefix.shape[0]] = g.prefix
+        emb = pad_sequence([g.prefix for g, _ in batch], batch_first=True)
+        width = emb.shape[1]
         s.cache.begin_rows(torch.tensor([rows[0] for _, rows in batch], device=dev))
         try:
             llm.language_model(inputs_embeds=emb, position_ids=torch.arange(width, device=dev)[None].expand(len(batch), -1),
@@ -305,12 +304,10 @@ class Engine:
         """One forward over the suffixes of ``members`` (padded to the longest), each row attending to its own
         cached prefix; returns the next-token logits ``[n, V]`` (float32) at each suffix's last token."""
         s, llm, dev = self._session, self.llm, self.llm.device
-        n, width = len(members), max(p.suffix.shape[0] for p, _ in members)
+        emb = pad_sequence([p.suffix for p, _ in members], batch_first=True)  # [n, width, D]
+        n, width = emb.shape[:2]
         start = torch.tensor([p.prefix.shape[0] for p, _ in members], device=dev)
         lengths = torch.tensor([p.suffix.shape[0] for p, _ in members], device=dev)
-        emb = torch.zeros(n, width, llm.hidden_size, dtype=llm.dtype, device=dev)
-        for i, (p, _) in enumerate(members):
-            emb[i, : p.suffix.shape[0]] = p.suffix
         pos = start[:, None] + torch.arange(width, device=dev)[None]  # [n, width]
         slots = pos.clamp(max=s.slots - 1)  # padding past a short suffix lands beyond its row's length (masked)
         bias = torch.zeros(n, 1, width, s.slots, dtype=llm.dtype, device=dev)
@@ -374,9 +371,8 @@ class Engine:
         live = [r for r in range(cur.rows) if self._rows[r] is not None]
         if self.compact_ratio <= 0 or self._waiting or not live or len(live) > cur.rows * self.compact_ratio:
             return
-        remaining = max(int(self._rows[r].request.settings.max_new_tokens) for r in live)
-        if remaining < 2 * self.sync_every:
-            return
+        if max(self._rows[r].request.settings.max_new_tokens for r in live) < 2 * self.sync_every:
+            return  # answers this short end before a compacted shape would pay off
         new, perm = cur.compacted(torch.tensor(live, device=cur.out.device), done)
         rows = [self._rows[int(i)] for i in perm]
         self._rows = rows + [None] * (len(self._rows) - len(rows))

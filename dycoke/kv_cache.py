@@ -23,10 +23,9 @@ class SlotKVCache:
 
     Write modes (one at a time):
 
-    * **row prefill** (``begin_prefill(row, offset)``): ``update`` copies one sequence's keys/values
-      (``[1, H_kv, n, d]``) into row ``row`` at slots ``[offset, offset + n)`` and returns them unchanged,
-      so attention is plain causal attention over that chunk alone; ``begin_rows(rows)`` does the same for a
-      batch of sequences from slot 0;
+    * **prefill** (``begin_rows(rows)``): ``update`` copies batch row ``i``'s keys/values (``[n, H_kv, m, d]``)
+      into cache row ``rows[i]`` at slots ``[0, m)`` and returns them unchanged, so attention is plain causal
+      attention within each sequence;
     * **chunk** (``begin_chunk(rows, slots)``): ``update`` writes token ``j`` of batch row ``i``
       (``[n, H_kv, m, d]``) at slot ``slots[i, j]`` of cache row ``rows[i]`` and returns those rows' full
       buffers (``[n, H_kv, S, d]``); the caller masks what each query may see (suffix prefill after a
@@ -61,10 +60,6 @@ class SlotKVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     # ------------------------------------------------------------------ modes
-    def begin_prefill(self, row: int, offset: int = 0) -> None:
-        self._mode = ("row", row, offset)
-        self.updates = 0
-
     def begin_rows(self, rows: torch.Tensor) -> None:
         """Batched prefill from slot 0: batch row ``i`` (``[n, H_kv, m, d]``) goes to slots ``[0, m)`` of cache row
         ``rows[i]``; ``update`` returns the keys/values unchanged (causal attention within each sequence)."""
@@ -100,12 +95,6 @@ class SlotKVCache:
             k[self.row_index, :, self.positions] = key_states[:, :, 0]
             v[self.row_index, :, self.positions] = value_states[:, :, 0]
             return k, v
-        if mode[0] == "row":
-            _, row, off = mode
-            n = key_states.shape[2]
-            k[row : row + 1, :, off : off + n].copy_(key_states)
-            v[row : row + 1, :, off : off + n].copy_(value_states)
-            return key_states, value_states
         if mode[0] == "rows":
             n = key_states.shape[2]
             k[mode[1], :, :n] = key_states

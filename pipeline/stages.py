@@ -116,26 +116,6 @@ def unpack_visual(blob: bytes, device="cpu"):
     return VisualTokens.from_numpy_dict(d, device)
 
 
-def table_rows(batch) -> list[dict]:
-    """The rows of a batch as dicts; binary columns (frames, visual tokens) of a ``pyarrow.Table`` come as
-    zero-copy ``pyarrow.Buffer`` slices of the table instead of per-row ``bytes`` copies (a 32-video batch
-    holds ~450 MB of frames: copying it would hold the GIL while the engine thread wants to launch work)."""
-    if not isinstance(batch, pa.Table):
-        return _rows(batch)
-    binary = [f.name for f in batch.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
-    rows = batch.drop_columns(binary).to_pylist()
-    for name in binary:
-        i = 0
-        for chunk in batch.column(name).chunks:
-            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if pa.types.is_large_binary(chunk.type) else np.int32)
-            offsets = offsets[chunk.offset : chunk.offset + len(chunk) + 1]
-            data, nulls = chunk.buffers()[2], chunk.is_null().to_numpy(zero_copy_only=False)
-            for k in range(len(chunk)):
-                rows[i][name] = None if nulls[k] else data.slice(int(offsets[k]), int(offsets[k + 1] - offsets[k]))
-                i += 1
-    return rows
-
-
 # ------------------------------------------------------------------------------------------------ encode
 
 
@@ -165,20 +145,21 @@ class EncodeStage:
         return self.llm.encode(tensors, self.dycoke)
 
     def encode_rows(self, rows: list[dict], pack: bool = True) -> list[dict]:
-        """Encode the ``ok`` rows. ``pack``: ``visual`` as ``.npz`` bytes (to send to another actor); False
+        """Encode the ``ok`` rows, :data:`ENCODE_CHUNK` videos per vision-tower call. ``pack``: ``visual`` as ``.npz`` bytes (to send to another actor); False
         keeps the :class:`~dycoke.llava.VisualTokens` on the device (fused stage: no round trip)."""
         out = []
         ok_idx = [i for i, r in enumerate(rows) if r.get("status") == STATUS_OK]
         visuals: dict[int, Any] = {}
         errors: dict[int, str] = {}
         t0 = time.perf_counter()
-        if ok_idx:
+        for c in range(0, len(ok_idx), ENCODE_CHUNK):
+            chunk = ok_idx[c : c + ENCODE_CHUNK]
             try:
-                for i, v in zip(ok_idx, self._encode([frames_from_row(rows[i]) for i in ok_idx])):
+                for i, v in zip(chunk, self._encode([frames_from_row(rows[i]) for i in chunk])):
                     visuals[i] = v
             except Exception as exc:  # noqa: BLE001 - isolate the failing video(s) below
-                log.warning("encode of a batch of %d failed (%s); retrying one by one", len(ok_idx), exc)
-                for i in ok_idx:
+                log.warning("encode of a batch of %d failed (%s); retrying one by one", len(chunk), exc)
+                for i in chunk:
                     try:
                         visuals[i] = self._encode([frames_from_row(rows[i])])[0]
                     except Exception as exc1:  # noqa: BLE001 - becomes an error row
@@ -198,9 +179,7 @@ class EncodeStage:
         return out
 
     def __call__(self, batch) -> pa.Table:
-        rows = table_rows(batch)
-        encoded = [r for i in range(0, len(rows), ENCODE_CHUNK) for r in self.encode_rows(rows[i : i + ENCODE_CHUNK])]
-        return pa.Table.from_pylist(encoded, schema=ENCODED_SCHEMA)
+        return pa.Table.from_pylist(self.encode_rows(_rows(batch)), schema=ENCODED_SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -311,7 +290,7 @@ class GenerateStage:
         return out
 
     def __call__(self, batch) -> pa.Table:
-        return rows_to_table(self.generate_rows(table_rows(batch)))
+        return rows_to_table(self.generate_rows(_rows(batch)))
 
 
 def generate_error_type(message: str) -> str:
@@ -336,10 +315,7 @@ class FusedStage:
 
     def __call__(self, batch) -> pa.Table:
         # Encoding runs on the engine's thread between decode steps (one thread launches all GPU work).
-        rows = table_rows(batch)
-        chunks = [self.generate.loop.call(self.encode.encode_rows, rows[i : i + ENCODE_CHUNK], pack=False)
-                  for i in range(0, len(rows), ENCODE_CHUNK)]
-        encoded = [r for fut in chunks for r in fut.result()]
+        encoded = self.generate.loop.call(self.encode.encode_rows, _rows(batch), pack=False).result()
         return rows_to_table(self.generate.generate_rows(encoded))
 
 
