@@ -12,7 +12,7 @@ from pipeline.cli import parse_config, reported_errors
 from pipeline.config import to_yaml
 from pipeline.demo import REAL_RUN_HINT, demo_data, prepare
 from pipeline.run import run
-from pipeline.sink import read_run
+from pipeline.sink import read_committed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg)
     print()
     print(result.summary.render())
-    rows = read_run(result.target, columns=["video_uri", "task_id", "status", "error_type", "choice", "answer"])
+    rows = read_committed(result.target, columns=["video_uri", "task_id", "status", "error_type", "choice", "answer"])
     print("\nfirst rows:")
     for r in rows.sort_by([("video_uri", "ascending"), ("task_id", "ascending")]).to_pylist()[:6]:
         name = r["video_uri"].rsplit("/", 1)[-1]

@@ -39,8 +39,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from pipeline import s3
 from pipeline.backends import BACKENDS, decode_frames
+from pipeline.config import S3Config
 from pipeline.fetch import Fetched, check_uri, fetch
 from pipeline.media import VideoError, VideoIndex, probe
 from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK
@@ -63,7 +63,7 @@ class DecodeSettings:
     in_memory_bytes: int = 256 * 1024**2
     num_threads: int = 1
     spool_dir: str | None = None
-    s3: s3.S3Settings = s3.S3Settings()
+    s3: S3Config | None = None
     timeout_s: float = 300.0
     #: "process": decode in a decoder subprocess (hang/crash -> error row); "none": in-process, unprotected.
     #: The dataclass default is "none" (see the module docstring); the pipeline config's default is "process".
@@ -85,7 +85,7 @@ class DecodeSettings:
             in_memory_bytes=decode_cfg.in_memory_bytes,
             num_threads=decode_cfg.num_threads,
             spool_dir=decode_cfg.spool_dir,
-            s3=s3.S3Settings.from_config(s3_cfg),
+            s3=s3_cfg,
             timeout_s=float(decode_cfg.timeout_s),
             isolation=decode_cfg.isolation,
             backend=decode_cfg.backend,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline import s3, sink
+from pipeline import sink, storage
 from pipeline.sources import SourceError, read_manifest_rows, video_id_for
 from pipeline.tasks import LETTERS, mcq_prompt, parse_choice
 
@@ -70,9 +70,8 @@ def _options(value, where: str) -> tuple[str, ...]:
     return tuple(str(o) for o in value)
 
 
-def load_items(uri: str, settings: s3.S3Settings) -> list[Item]:
+def load_items(uri: str, settings=None) -> list[Item]:
     """The questions of an evaluation manifest; ``task_id`` is ``vq:<i>``, i counting per video."""
-    base = None if s3.is_s3(uri) else Path(uri).expanduser().resolve().parent
     per_video: dict[str, int] = {}
     items = []
     for n, r in enumerate(read_manifest_rows(uri, settings), 1):
@@ -80,8 +79,7 @@ def load_items(uri: str, settings: s3.S3Settings) -> list[Item]:
         video_uri = r.get("video_uri")
         if not video_uri or not r.get("question") or not r.get("answer"):
             raise SourceError(f"{where}: video_uri, question and answer are required")
-        if base is not None and not s3.is_s3(video_uri) and not Path(video_uri).is_absolute():
-            video_uri = str(base / video_uri)
+        video_uri = storage.resolve_relative(video_uri, uri)
         options = _options(r.get("options"), where)
         answer = str(r["answer"]).strip().upper().rstrip(".")
         if answer not in LETTERS[: len(options)]:
@@ -148,15 +146,13 @@ def evaluate(cfg, settings: list[str] | None = None) -> pa.Table:
     """Run every setting; return (and write to ``<output.path>/accuracy.parquet``) the table."""
     import pyarrow.parquet as pq
 
-    from pipeline.incremental import Root
     from pipeline.run import init_ray, run
 
     names = settings or list(PRESETS)
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise ValueError(f"unknown settings {unknown}; choose from {list(PRESETS)}")
-    s3_settings = s3.S3Settings.from_config(cfg.s3)
-    items = load_items(cfg.input.manifest, s3_settings)
+    items = load_items(cfg.input.manifest, cfg.s3)
     base_id = cfg.effective_run_id()
     out_rows = []
     with tempfile.TemporaryDirectory(prefix="eval-manifest-") as tmp:
@@ -173,13 +169,13 @@ def evaluate(cfg, settings: list[str] | None = None) -> pa.Table:
                 "output": cfg.output.model_copy(update={"on_existing": "overwrite"}),
                 "input": cfg.input.model_copy(update={"manifest": str(manifest)})})
             result = run(run_cfg)
-            rows = sink.read_run(result.target, columns=["video_id", "task_id", "answer", "status",
+            rows = sink.read_committed(result.target, columns=["video_id", "task_id", "answer", "status",
                                                          "visual_tokens_prefill", "visual_tokens_attended"])
             out_rows.append(score(name, items, rows.to_pylist(), result.summary.wall_s,
                                   json.dumps(PRESETS[name], sort_keys=True)))
             log.info("setting %s: %d/%d correct", name, out_rows[-1]["correct"], len(items))
     table = pa.Table.from_pylist(out_rows, schema=TABLE_SCHEMA)
-    root = Root.of(cfg.output.path, s3_settings)
+    root = storage.resolve(cfg.output.path, cfg.s3)
     root.filesystem.create_dir(root.path, recursive=True)
     pq.write_table(table, f"{root.path}/accuracy.parquet", filesystem=root.filesystem)
     return table

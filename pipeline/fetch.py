@@ -13,7 +13,7 @@ Contract::
 * Local files are opened once, before anything else, and read through that descriptor: a file the job
   may not read is ``access_denied`` (permanent: a re-run does not retry it), a missing one ``not_found``,
   an I/O error ``fetch_failed`` (transient). Paths longer than ``PATH_MAX`` and ``file://`` URIs with
-  percent-encoded bytes (non-UTF-8 names) open like any other (:mod:`pipeline.localfs`).
+  percent-encoded bytes (non-UTF-8 names) open like any other (:mod:`pipeline.storage`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
-from pipeline import localfs, s3
+from pipeline import storage
 from pipeline.media import VideoError
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ _CREDENTIAL_ERRORS = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidTok
 
 
 def _s3_error(exc: Exception, uri: str) -> VideoError:
-    code = s3.error_code(exc)
+    code = storage.error_code(exc)
     if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
         return VideoError("not_found", f"{uri}: object does not exist ({code})")
     if code in ("403", "AccessDenied", "Forbidden"):
@@ -105,7 +105,7 @@ def check_uri(uri) -> None:
     another scheme (``http://``, ``ftp://``), an empty string or a NUL byte."""
     if not isinstance(uri, str) or not uri.strip() or "\x00" in uri:
         raise VideoError("invalid_uri", f"{uri!r}: empty or not a string")
-    if s3.is_s3(uri):
+    if storage.is_s3(uri):
         bucket, _, key = uri[len("s3://"):].partition("/")
         if not bucket or not key or key.endswith("/"):
             raise VideoError("invalid_uri", f"{uri}: an s3:// URI needs a bucket and an object key")
@@ -117,20 +117,20 @@ def check_uri(uri) -> None:
 def fetch(uri: str, settings: DecodeSettings) -> Fetched:
     """Get the video's bytes (or an open file to decode from); raises :class:`VideoError`."""
     check_uri(uri)
-    if s3.is_s3(uri):
+    if storage.is_s3(uri):
         return _fetch_s3(uri, settings)
     return _fetch_local(uri, settings)
 
 
 def _fetch_s3(uri: str, settings: DecodeSettings) -> Fetched:
-    bucket, key = s3.split_uri(uri)
+    bucket, key = storage.split_uri(uri)
     try:
-        resp = s3.client(settings.s3).get_object(Bucket=bucket, Key=key)
+        resp = storage.client(settings.s3).get_object(Bucket=bucket, Key=key)
     except Exception as exc:  # botocore ClientError / EndpointConnectionError / ...
         raise _s3_error(exc, uri) from exc
     body = resp["Body"]
     size = int(resp["ContentLength"])
-    etag = str(resp.get("ETag", "")).strip('"') or None
+    etag = storage.etag_of(s3_etag=resp.get("ETag", ""))
     try:
         _check_size(uri, size, settings)  # before reading a byte of the body
         if size <= settings.in_memory_bytes:
@@ -159,9 +159,9 @@ def _fetch_s3(uri: str, settings: DecodeSettings) -> Fetched:
 
 
 def _fetch_local(uri: str, settings: DecodeSettings) -> Fetched:
-    path = localfs.path_of(uri)
+    path = storage.path_of(uri)
     try:
-        fd = localfs.open_file(path)
+        fd = storage.open_file(path)
     except OSError as exc:
         raise _local_error(exc, uri) from exc
     f = os.fdopen(fd, "rb")
@@ -170,7 +170,7 @@ def _fetch_local(uri: str, settings: DecodeSettings) -> Fetched:
         if not stat.S_ISREG(st.st_mode):
             raise VideoError("not_found", f"{uri}: not a regular file")
         _check_size(uri, st.st_size, settings)
-        etag = f"{int(st.st_mtime)}-{st.st_size}"
+        etag = storage.etag_of(st)
         if st.st_size > settings.in_memory_bytes:
             return Fetched(size=st.st_size, etag=etag, path=_fd_path(f), file=f)
         try:

@@ -7,8 +7,8 @@
       -> map_batches(FusedStage)          actor pool             num_gpus=gpus_per_actor       (fused mode;
                                           actor_concurrency calls per actor feed one running engine)
          or map_batches(EncodeStage) -> map_batches(GenerateStage)   two actor pools           (split mode)
-      -> write_parquet(<output>/<run_id>/, deterministic names, sized files; OVERWRITE for a fresh run,
-                       APPEND with new attempt names when a killed run is resumed)
+      -> write_datasink(CommitSink)       write tasks: each writes its rows as new Parquet files and commits
+                                          them with a chunk manifest (pipeline.sink: the output protocol)
 
 Decode tasks reserve CPUs and memory; model actors reserve their GPUs plus ``actor_num_cpus``; so
 Ray's scheduler (and Ray Data's resource manager, which backpressures decode when the actors fall
@@ -23,11 +23,11 @@ import math
 import pyarrow as pa
 import ray
 import ray.data
-from ray.data import ActorPoolStrategy, TaskPoolStrategy
-from ray.data.datasource import FilenameProvider
+from ray.data import ActorPoolStrategy, Datasink, TaskPoolStrategy
+from ray.data.block import BlockAccessor
 
 from pipeline.decode import DecodeSettings, DecodeStage
-from pipeline.sink import SinkTarget, filename_for_task, parquet_write_options
+from pipeline.sink import ChunkWriter
 from pipeline.stages import EncodeStage, FusedStage, GenerateSettings, GenerateStage, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -40,20 +40,25 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
     return DecodeStage(settings)(batch)
 
 
-class RunFilenames(FilenameProvider):
-    """File names of one write (:func:`pipeline.sink.filename_for_task`).
+class CommitSink(Datasink):
+    """Ray Data's write hooks around :class:`pipeline.sink.ChunkWriter`: one committed chunk per write task."""
 
-    Attempt 0: ``part-<task:05d>-<i>.parquet``, deterministic per run. Attempt >= 1 (resuming):
-    ``part-<attempt:03d>-<task:05d>-<write uuid>-<i>.parquet``, never an earlier attempt's name, and
-    the same for every retry of one write task (so a retried task overwrites its own file).
-    """
+    def __init__(self, writer: ChunkWriter):
+        self.writer = writer
+        self.chunks: list[dict] = []
 
-    def __init__(self, attempt: int = 0):
-        super().__init__(file_format="parquet")
-        self.attempt = attempt
+    def on_write_start(self, schema=None) -> None:
+        self.writer.prepare()
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return filename_for_task(task_index, self.attempt, write_uuid)
+    def write(self, blocks, ctx) -> dict | None:
+        return self.writer.write((BlockAccessor.for_block(b).to_arrow() for b in blocks), ctx.task_idx)
+
+    def on_write_complete(self, write_result) -> None:
+        self.chunks = [m for m in write_result.write_returns if m]
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.writer.min_rows_per_file
 
 
 def _source_blocks(videos: pa.Table, rows_per_block: int) -> list[pa.Table]:
@@ -122,22 +127,9 @@ def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings
     return ds
 
 
-def write(ds: ray.data.Dataset, cfg, target: SinkTarget, attempt: int = 0) -> None:
-    """Execute the graph and write Parquet to ``target``.
-
-    ``attempt=0``: replace the run folder's previous files (``SaveMode.OVERWRITE``). ``attempt >= 1``
-    (resuming, see :func:`pipeline.sink.plan_resume`): add files named for this attempt next to the
-    folder's files (``SaveMode.APPEND``).
-    """
-    from ray.data import SaveMode
-
-    out = cfg.output
-    ds.write_parquet(
-        target.path,
-        filesystem=target.filesystem,
-        filename_provider=RunFilenames(attempt),
-        mode=SaveMode.OVERWRITE if attempt == 0 else SaveMode.APPEND,
-        min_rows_per_file=out.min_rows_per_file,
-        max_rows_per_file=out.max_rows_per_file,
-        **parquet_write_options(out),
-    )
+def write(ds: ray.data.Dataset, writer: ChunkWriter) -> list[dict]:
+    """Execute the graph; every write task commits its rows as a chunk (:mod:`pipeline.sink`). Returns the
+    chunk manifests committed."""
+    sink = CommitSink(writer)
+    ds.write_datasink(sink)
+    return sink.chunks

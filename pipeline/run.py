@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -13,12 +12,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from pipeline import s3, sink
+from pipeline import sink, storage
 from pipeline.config import ConfigurationError, PipelineConfig
 from pipeline.decode import DecodeSettings
-from pipeline.localfs import ListingReport
 from pipeline.lock import RunLock
-from pipeline.sources import SourceError, list_videos
+from pipeline.sources import ListingReport, SourceError, list_videos
 from pipeline.stages import GenerateSettings, ModelSettings
 from pipeline.summary import SUMMARY_COLUMNS, Summary, summarize
 from pipeline.tasks import NO_TASK, video_tasks
@@ -29,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     summary: Summary
-    target: sink.SinkTarget
+    target: storage.Location  #: the run folder
 
 
 #: the longest temp folder a local Ray's sockets fit under: AF_UNIX paths are at most 107 bytes and Ray adds
@@ -130,16 +128,12 @@ def model_image_size(cfg: PipelineConfig) -> int:
         return int(cfg.decode.frame_size)
     source = cfg.model.source
     try:
-        if s3.is_s3(source):
-            bucket, prefix = s3.split_uri(source.rstrip("/") + "/")
-            client = s3.client(s3.S3Settings.from_config(cfg.s3))
+        if storage.is_s3(source):
             for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
                 try:
-                    data = json.loads(client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read())
-                except Exception as exc:  # noqa: BLE001 - try the next file name
-                    if s3.error_code(exc) in ("NoSuchKey", "404"):
-                        continue
-                    raise
+                    data = storage.read_json(source.rstrip("/") + "/" + name, cfg.s3)
+                except FileNotFoundError:
+                    continue
                 size = data.get("size", {})
                 return int(size.get("height") or size.get("shortest_edge"))
             raise FileNotFoundError(f"no preprocessor config under {source}")
@@ -168,43 +162,42 @@ def expected_task_ids(tasks_cfg, videos) -> list[list[str]]:
 
 
 def run(cfg: PipelineConfig) -> RunResult:
-    """Execute the job described by ``cfg``; returns the summary of what is in its run folder.
+    """Execute the job described by ``cfg``; returns the summary of what is committed in its run folder.
 
-    With ``output.on_existing == "resume"`` (the default) a run folder that already holds rows is
-    resumed: complete videos are kept and only the others are processed (:func:`pipeline.sink.plan_resume`);
-    when every video is complete nothing runs (Ray is not even started). ``"overwrite"`` clears the
-    folder and processes every video.
+    With ``output.on_existing == "resume"`` (the default) a run folder that already holds committed chunks is
+    resumed (:func:`pipeline.sink.plan_resume`): uncommitted files are deleted and only videos without a
+    complete committed version are processed; when every video is complete nothing runs (Ray is not even
+    started). ``"overwrite"`` clears the folder and processes every video.
     """
     run_id = cfg.effective_run_id()
-    s3_settings = s3.S3Settings.from_config(cfg.s3)
     frame_size = model_image_size(cfg)
 
     t0 = time.perf_counter()
     listing = ListingReport()
-    videos = list_videos(cfg.input, s3_settings, listing)
+    videos = list_videos(cfg.input, cfg.s3, listing)
     if videos.num_rows == 0:
         where = cfg.input.s3_prefix or cfg.input.manifest or cfg.input.local_dir
         raise SourceError(f"no videos found in {where} (extensions {cfg.input.extensions})")
-    target = sink.resolve(cfg.output.path, run_id, s3_settings)
-    with output_lock(cfg, run_id, s3_settings):
-        attempt = 0
-        todo = videos
-        if cfg.output.on_existing == "resume":
+    target = storage.resolve(sink.run_uri(cfg.output.path, run_id), cfg.s3)
+    with output_lock(cfg, run_id):
+        attempt, todo = 0, videos
+        if cfg.output.on_existing == "overwrite":
+            sink.clear(target)
+        else:
             plan = sink.plan_resume(target, videos, expected_task_ids(cfg.tasks, videos),
-                                    sink.parquet_write_options(cfg.output), cfg.output.retry_error_types)
+                                    cfg.output.retry_error_types, cfg.s3)
+            attempt, todo = plan.attempt, plan.todo
             if plan.resuming:
-                log.info("resuming run %s: %d of %d videos already complete, %d to do (attempt %d; %d rows kept, "
-                         "%d rows of incomplete videos removed, %d unreadable files deleted)", run_id, plan.done,
-                         plan.total, plan.todo.num_rows, plan.attempt, plan.rows_kept, plan.rows_removed,
-                         len(plan.deleted))
+                log.info("resuming run %s: %d of %d videos already complete, %d to do (attempt %d; %d chunks "
+                         "committed, %d uncommitted files deleted)", run_id, plan.done, plan.total, todo.num_rows,
+                         plan.attempt, plan.chunks, len(plan.removed))
                 if plan.retried:
                     log.info("retrying %d videos whose rows hold a transient error (output.retry_error_types=%s)",
                              plan.retried, ",".join(cfg.output.retry_error_types))
-                attempt, todo = plan.attempt, plan.todo
-                if todo.num_rows == 0:
-                    log.info("run %s is complete: nothing to do", run_id)
-                    return RunResult(summary=_with_listing(_summary(target, run_id, time.perf_counter() - t0, 0), listing),
-                                     target=target)
+            if todo.num_rows == 0:
+                log.info("run %s is complete: nothing to do", run_id)
+                return RunResult(summary=_with_listing(_summary(target, cfg, run_id, time.perf_counter() - t0, 0),
+                                                       listing), target=target)
         init_ray(cfg)
         result = execute(cfg, todo, target, run_id, frame_size=frame_size, t0=t0, attempt=attempt)
         _with_listing(result.summary, listing)
@@ -217,27 +210,32 @@ def _with_listing(summary: Summary, listing: ListingReport) -> Summary:
     return summary
 
 
-def output_lock(cfg: PipelineConfig, name: str, s3_settings: s3.S3Settings):
+def output_lock(cfg: PipelineConfig, name: str):
     """The run lock ``<output.path>/_locks/<name>.json`` (:mod:`pipeline.lock`), or a no-op when
     ``output.lock`` is off. Raises :class:`pipeline.lock.LockHeld` on entry when another run holds it."""
     if not cfg.output.lock:
         return contextlib.nullcontext()
-    return RunLock.for_output(cfg.output.path, name, s3_settings, cfg.output.lock_stale_s, cfg.effective_run_id())
+    return RunLock.for_output(cfg.output.path, name, cfg.s3, cfg.output.lock_stale_s, cfg.effective_run_id())
 
 
-def _summary(target: sink.SinkTarget, run_id: str, wall_s: float, videos_this_run: int, written=None) -> Summary:
-    written = sink.read_run(target, columns=SUMMARY_COLUMNS) if written is None else written
-    return summarize(written, run_id=run_id, output_uri=target.uri, wall_s=wall_s, files=len(sink.list_files(target)),
+def _summary(target: storage.Location, cfg, run_id: str, wall_s: float, videos_this_run: int, videos=None) -> Summary:
+    """The summary of every committed row of the run folder; logs the videos of ``videos`` without a row."""
+    state = sink.committed(target, cfg.s3)
+    written = sink.read_committed(target, SUMMARY_COLUMNS, s3_cfg=cfg.s3, state=state)
+    if videos is not None:
+        missing = set(videos.column("video_id").to_pylist()) - set(written.column("video_id").to_pylist())
+        if missing:
+            log.error("%d input videos have no committed row", len(missing))
+    return summarize(written, run_id=run_id, output_uri=target.uri, wall_s=wall_s, files=len(state.file_paths()),
                      videos_this_run=videos_this_run)
 
 
-def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *, frame_size: int | None = None,
+def execute(cfg: PipelineConfig, videos, target: storage.Location, run_id: str, *, frame_size: int | None = None,
             t0: float | None = None, attempt: int = 0) -> RunResult:
-    """Process exactly the rows of ``videos`` (:data:`pipeline.schema.VIDEO_SCHEMA`) into ``target``.
-
-    ``attempt=0`` replaces the folder's files; ``attempt >= 1`` adds this attempt's files to it (a
-    resumed run, see :func:`pipeline.sink.plan_resume`). The summary covers the whole folder.
-    Used by :func:`run` and by jobs that pick their own video list and folder (nightly, evaluation).
+    """Process exactly the rows of ``videos`` (:data:`pipeline.schema.VIDEO_SCHEMA`) into the run folder
+    ``target``, committing chunks numbered ``attempt`` (see :mod:`pipeline.sink`). The summary covers every
+    committed row of the folder. Used by :func:`run` and by jobs that pick their own video list and folder
+    (nightly, evaluation).
     """
     from pipeline import graph
 
@@ -255,12 +253,7 @@ def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *
         GenerateSettings(run_id=run_id, tasks=cfg.tasks, dycoke=cfg.dycoke,
                          engine_max_batch_size=cfg.stages.engine_max_batch_size),
     )
-    graph.write(ds, cfg, target, attempt=attempt)
-    wall = time.perf_counter() - t0
-
-    written = sink.read_run(target, columns=SUMMARY_COLUMNS)
-    summary = _summary(target, run_id, wall, videos.num_rows, written)
-    missing = len(set(videos.column("video_id").to_pylist()) - set(written.column("video_id").to_pylist()))
-    if missing:
-        log.error("%d input videos have no output row", missing)
-    return RunResult(summary=summary, target=target)
+    chunks = graph.write(ds, sink.ChunkWriter.for_run(target.uri, attempt, cfg.output, cfg.s3))
+    log.info("run %s: %d chunks committed", run_id, len(chunks))
+    return RunResult(summary=_summary(target, cfg, run_id, time.perf_counter() - t0, videos.num_rows, videos),
+                     target=target)

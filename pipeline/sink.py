@@ -1,132 +1,200 @@
-"""Parquet sink: where a run's files go, their names, reading a run back, and resuming a killed run.
+"""The output protocol: Parquet committed in chunks, each made visible by a small manifest written last.
 
-Layout: ``<output.path>/<run_id>/part-*.parquet``, one row per (video, task). Files are sized by
-``output.min_rows_per_file`` / ``max_rows_per_file`` (small blocks are combined, not written one tiny
-file each) with ``output.row_group_rows`` rows per row group, ZSTD-compressed by default, and carry
-exactly :data:`pipeline.schema.OUTPUT_SCHEMA`.
+Layout of a run folder (``<output.path>/<run_id>/`` for a corpus run, ``date=.../run=.../`` for a nightly run)::
 
-File names (see :func:`filename_for_task`; readers take every ``*.parquet`` of the folder):
+    part-<attempt:03d>-<task:05d>-<nonce>-<i>.parquet     rows (OUTPUT_SCHEMA, one per video x task)
+    _commits/<attempt:03d>-<task:05d>.json                 the chunk's manifest: its files and row counts
 
-* ``part-<task:05d>-<i>.parquet``: attempt 0, a fresh run. The folder is cleared when the write starts
-  (Ray Data ``SaveMode.OVERWRITE``); used when the folder holds no rows yet, and always with
-  ``output.on_existing: overwrite``.
-* ``part-<attempt:03d>-<task:05d>-<write uuid>-<i>.parquet``: attempt >= 1, a resumed run adding to the
-  folder (``SaveMode.APPEND``). ``attempt`` is one more than the highest attempt already in the folder,
-  so a resumed run never overwrites an earlier attempt's file; within one write, a Ray write-task retry
-  overwrites its own file (same uuid, same task index) instead of adding a duplicate.
-* ``part-<attempt:03d>-rewrite-<k:05d>.parquet``: an earlier file rewritten by :func:`plan_resume`
-  without the rows of an incomplete video.
-
-Resume (:func:`plan_resume`, pure pyarrow): a run killed half way leaves complete files, files that
-cannot be read (a local file is written in place, so a kill truncates it; on S3 an object appears
-only once its upload completes) and videos with only some of their rows. The plan deletes unreadable
-files, keeps every video whose rows are exactly its expected task ids once each, removes the rows of
-every other listed video (rewriting a file under a new name, then deleting the old one) and returns
-the videos still to do. Each step leaves a state the next plan handles, so a kill during planning
-is safe too (a file left both rewritten and original makes its videos' rows duplicates, so those
-videos are redone).
+* **Write** (:class:`ChunkWriter`, one call per Ray Data write task): the task's rows go to new files (a random
+  ``nonce`` in their names, so no file is ever written twice), then the manifest is created if absent
+  (:func:`pipeline.storage.put_if_absent`). A retried write task finds its manifest already there: its own new
+  files are deleted and the first commit stands, so a block is committed exactly once.
+* **State**: a run's rows are the files named by its manifests (:func:`committed`). Files no manifest names
+  (a task killed before its commit) are never read, and :func:`plan_resume` deletes them.
+* **Versions**: a video's rows are those of the newest attempt that committed rows of it. A resumed run
+  (attempt + 1) re-processes only videos without a complete committed version (and, with
+  ``output.retry_error_types``, those whose version holds a transient error): its rows supersede the older
+  ones. Nothing rewrites or deletes a committed file.
+* **Read**: :func:`read_committed` is the one reader, for a run folder or a nightly root (whose run folders
+  count only once their run manifest ``_manifest.json`` exists, see :mod:`pipeline.incremental`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from pipeline import s3
+from pipeline import storage
 from pipeline.schema import OUTPUT_SCHEMA
 
 log = logging.getLogger(__name__)
 
 FILE_PREFIX = "part"
+COMMITS = "_commits"
+RUN_MANIFEST = "_manifest.json"
 _KEY_COLUMNS = ["video_id", "video_uri", "task_id", "error_type"]
 
 
-@dataclass(frozen=True)
-class SinkTarget:
-    """A resolved output folder: pyarrow filesystem + path within it (no scheme) + display URI."""
-
-    filesystem: object
-    path: str
-    uri: str
-
-
 def run_uri(output_path: str, run_id: str) -> str:
-    """``<output_path>/<run_id>``; ``run_id`` must be one plain folder name, so a run never writes
-    (or, with OVERWRITE, clears) anything outside the configured output prefix."""
+    """``<output_path>/<run_id>``; ``run_id`` must be one plain folder name, so a run never writes (or, with
+    ``on_existing: overwrite``, clears) anything outside the configured output prefix."""
     if not run_id or "/" in run_id or "\\" in run_id or set(run_id) <= {"."}:
         raise ValueError(f"run_id {run_id!r} must be one folder name (no '/', not '.' or '..')")
     return output_path.rstrip("/") + "/" + run_id
 
 
-def resolve(output_path: str, run_id: str, settings: s3.S3Settings) -> SinkTarget:
-    """Filesystem and folder for a run (S3 through pyarrow with the same endpoint as boto3, or local)."""
-    uri = run_uri(output_path, run_id)
-    if s3.is_s3(uri):
-        bucket, key = s3.split_uri(uri)
-        return SinkTarget(s3.pyarrow_filesystem(settings), f"{bucket}/{key}".rstrip("/"), uri)
-    import os
-
-    from pyarrow import fs
-
-    local = os.path.abspath(os.path.expanduser(uri))
-    return SinkTarget(fs.LocalFileSystem(), local, local)
+def chunk_name(attempt: int, task_index: int) -> str:
+    return f"{attempt:03d}-{task_index:05d}"
 
 
-def parquet_write_options(output_cfg) -> dict:
-    """Keyword arguments for the Parquet writer (schema, row groups, compression)."""
-    return {
-        "schema": OUTPUT_SCHEMA,
-        "row_group_size": output_cfg.row_group_rows,
-        "compression": None if output_cfg.compression == "none" else output_cfg.compression,
-    }
+def attempt_of(name: str) -> int | None:
+    """The attempt of a data file or manifest name (``part-<attempt>-...`` / ``<attempt>-<task>.json``)."""
+    base = name.rsplit("/", 1)[-1].removeprefix(FILE_PREFIX + "-")
+    head = base.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
-def filename_for_task(task_index: int, attempt: int = 0, write_uuid: str | None = None) -> str:
-    """The file name template of one write task (``{i}`` numbers the files it writes).
-
-    Attempt 0: ``part-<task:05d>-{i}.parquet``. Attempt >= 1 (a resumed run, appending):
-    ``part-<attempt:03d>-<task:05d>-<write_uuid>-{i}.parquet`` (Ray Data requires the write uuid in
-    appended names; it is the same for every retry of a write task, so a retry overwrites its own file).
-    """
-    if attempt == 0:
-        return f"{FILE_PREFIX}-{task_index:05d}-{{i}}.parquet"
-    if attempt < 0 or not write_uuid:
-        raise ValueError(f"attempt {attempt} needs attempt >= 1 and a write uuid")
-    return f"{FILE_PREFIX}-{attempt:03d}-{task_index:05d}-{write_uuid}-{{i}}.parquet"
+# ------------------------------------------------------------------------------------------------ writing
 
 
-def attempt_of(name: str) -> int:
-    """The attempt a file name belongs to: 0 for ``part-<task>-<i>.parquet``, else its first number."""
-    base = name.rsplit("/", 1)[-1]
-    parts = base[: -len(".parquet")].split("-") if base.endswith(".parquet") else base.split("-")
-    if len(parts) >= 4 and parts[0] == FILE_PREFIX and parts[1].isdigit():
-        return int(parts[1])
-    return 0
+@dataclass
+class ChunkWriter:
+    """Writes and commits one chunk per write task into the run folder ``folder`` (a URI). Picklable."""
+
+    folder: str
+    attempt: int
+    s3: object = None  #: pipeline.config.S3Config
+    max_rows_per_file: int = 200_000
+    min_rows_per_file: int = 1  #: rows Ray Data gathers per write task
+    row_group_rows: int = 10_000
+    compression: str | None = "zstd"
+
+    @classmethod
+    def for_run(cls, folder: str, attempt: int, output_cfg, s3_cfg) -> ChunkWriter:
+        return cls(folder, attempt, s3_cfg, output_cfg.max_rows_per_file, output_cfg.min_rows_per_file,
+                   output_cfg.row_group_rows, None if output_cfg.compression == "none" else output_cfg.compression)
+
+    def prepare(self) -> None:
+        """Before the first write task (driver): local folders exist (S3 needs none)."""
+        loc = storage.resolve(self.folder, self.s3)
+        if loc.local:
+            loc.filesystem.create_dir(f"{loc.path}/{COMMITS}", recursive=True)
+
+    def write(self, tables: Iterable[pa.Table], task_index: int) -> dict | None:
+        """Write the rows of one write task as new files, then commit them; returns the committed manifest
+        (None for no rows). Row order and columns are kept; the table is cast to OUTPUT_SCHEMA."""
+        import pyarrow.parquet as pq
+
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return None
+        table = pa.concat_tables([t.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for t in tables])
+        loc = storage.resolve(self.folder, self.s3)
+        name, nonce = chunk_name(self.attempt, task_index), uuid.uuid4().hex[:8]
+        files = []
+        for i, start in enumerate(range(0, table.num_rows, self.max_rows_per_file)):
+            part = table.slice(start, self.max_rows_per_file)
+            fname = f"{FILE_PREFIX}-{name}-{nonce}-{i}.parquet"
+            pq.write_table(part, loc.child(fname).path, filesystem=loc.filesystem,
+                           row_group_size=self.row_group_rows, compression=self.compression)
+            files.append({"name": fname, "rows": part.num_rows})
+        manifest = {"chunk": name, "attempt": self.attempt, "files": files, "rows": table.num_rows,
+                    "videos": len(table.column("video_id").unique()),
+                    "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        commit_uri = f"{loc.uri}/{COMMITS}/{name}.json"
+        if storage.put_if_absent(commit_uri, json.dumps(manifest).encode(), self.s3):
+            return manifest
+        # a retry of this write task after its first try had committed: that commit stands, these files go
+        log.warning("chunk %s of %s was already committed (a retried write task); dropping the retry's files",
+                    name, loc.uri)
+        storage.delete(loc, [f["name"] for f in files])
+        return storage.read_json(commit_uri, self.s3)
 
 
-def list_files(target: SinkTarget) -> list[str]:
-    from pyarrow import fs
-
-    try:
-        infos = target.filesystem.get_file_info(fs.FileSelector(target.path, recursive=False))
-    except FileNotFoundError:
-        return []
-    return sorted(i.path for i in infos if i.type == fs.FileType.File and i.path.endswith(".parquet"))
+# ------------------------------------------------------------------------------------------------ committed state
 
 
-def read_run(target: SinkTarget, columns: list[str] | None = None) -> pa.Table:
-    """All rows of a run (optionally only ``columns``), with the declared schema."""
+@dataclass
+class Committed:
+    """What a run folder (or a nightly root) holds: committed chunks, and every file found."""
+
+    loc: storage.Location
+    chunks: list[tuple[str, dict]] = field(default_factory=list)  #: (folder relative to loc, "" or a run, manifest)
+    files: list[str] = field(default_factory=list)  #: every object below loc, relative ("x/" for an empty folder)
+    run_manifests: dict[str, dict] = field(default_factory=dict)  #: run folder -> its run manifest
+
+    def file_paths(self) -> list[tuple[tuple[str, int], str]]:
+        """``((folder, attempt), relative path)`` of every committed data file, in commit order."""
+        out = []
+        for folder, m in self.chunks:
+            for f in m["files"]:
+                out.append(((folder, m["attempt"]), f"{folder}/{f['name']}" if folder else f["name"]))
+        return sorted(out)
+
+
+def committed(loc: storage.Location, s3_cfg=None) -> Committed:
+    """The committed chunks below ``loc``: those directly in it (a run folder), and those of run folders below
+    it that hold a run manifest (a nightly root). One listing; manifests read once."""
+    state = Committed(loc)
+    prefix = loc.uri.rstrip("/") + "/"
+    state.files = sorted(e.uri[len(prefix):] for e in storage.list_objects(prefix, s3_cfg, folders=True))
+    for rel in state.files:
+        if rel == RUN_MANIFEST or rel.endswith("/" + RUN_MANIFEST):
+            state.run_manifests[rel[: -len(RUN_MANIFEST)].rstrip("/")] = storage.read_json(prefix + rel, s3_cfg)
+    for rel in state.files:
+        parts = rel.split("/")
+        if len(parts) < 2 or parts[-2] != COMMITS or not parts[-1].endswith(".json") or parts[-1].startswith("."):
+            continue
+        folder = "/".join(parts[:-2])
+        if folder and folder not in state.run_manifests:
+            continue  # a run folder whose run is not committed (nightly)
+        state.chunks.append((folder, storage.read_json(prefix + rel, s3_cfg)))
+    return state
+
+
+def committed_files(uri: str, s3_cfg=None) -> tuple[object, list[str]]:
+    """``(pyarrow filesystem, paths)`` of every committed data file below ``uri`` (every version: see
+    :func:`read_committed` for one version per video), for readers such as ``pyarrow.dataset``."""
+    state = committed(storage.resolve(uri, s3_cfg), s3_cfg)
+    return state.loc.filesystem, [f"{state.loc.path}/{rel}" for _, rel in state.file_paths()]
+
+
+def read_committed(uri, columns: list[str] | None = None, *, latest: bool = True, s3_cfg=None,
+                   state: Committed | None = None) -> pa.Table:
+    """Rows of the committed chunks below ``uri`` (a URI or :class:`pipeline.storage.Location`).
+
+    ``latest=True``: each video's rows from the newest attempt (nightly: the newest run) that committed rows of
+    it, so exactly one row per (video, task) when that attempt was complete. ``latest=False``: every committed
+    version (a nightly's history of changed videos)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    files = list_files(target)
-    if not files:
-        return OUTPUT_SCHEMA.empty_table() if columns is None else OUTPUT_SCHEMA.empty_table().select(columns)
-    tables = [pq.read_table(f, filesystem=target.filesystem, columns=columns) for f in files]
-    return pa.concat_tables(tables)
+    loc = uri if isinstance(uri, storage.Location) else storage.resolve(uri, s3_cfg)
+    state = state or committed(loc, s3_cfg)
+    cols = None if columns is None else list(dict.fromkeys([*columns, *(["video_id"] if latest else [])]))
+    paths = state.file_paths()
+    if not paths:
+        empty = OUTPUT_SCHEMA.empty_table()
+        return empty if columns is None else empty.select(columns)
+    rank = {key: i for i, key in enumerate(sorted({key for key, _ in paths}))}
+    tables = []
+    for key, rel in paths:
+        t = pq.read_table(f"{loc.path}/{rel}", filesystem=loc.filesystem, columns=cols)
+        tables.append(t.append_column("_version", pa.array([rank[key]] * t.num_rows, pa.int32())))
+    table = pa.concat_tables(tables)
+    if latest:
+        newest = table.group_by("video_id").aggregate([("_version", "max")])
+        idx = pc.index_in(table.column("video_id"), value_set=newest.column("video_id"))
+        table = table.filter(pc.equal(table.column("_version"), pc.take(newest.column("_version_max"), idx)))
+    table = table.drop_columns(["_version"])
+    return table if columns is None else table.select(columns)
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -134,130 +202,65 @@ def read_run(target: SinkTarget, columns: list[str] | None = None) -> pa.Table:
 
 @dataclass
 class ResumePlan:
-    """What :func:`plan_resume` found in a run folder and did to it."""
+    """What :func:`plan_resume` found in a run folder."""
 
-    todo: pa.Table  #: the rows of the video list still to process (all of them for an empty folder)
+    todo: pa.Table  #: the video list's rows still to process
     total: int  #: videos in the list
-    done: int  #: listed videos whose rows are complete in the folder (kept)
-    attempt: int  #: the attempt number the run's writes use (0: nothing kept, write a fresh folder)
-    rows_kept: int  #: rows left in the folder (complete listed videos, plus unlisted videos' rows)
-    rows_removed: int = 0  #: rows of incomplete (or duplicated) listed videos removed from readable files
-    deleted: list[str] = field(default_factory=list)  #: unreadable files deleted
-    dropped: list[str] = field(default_factory=list)  #: readable files deleted: all their rows were removed
-    rewritten: dict[str, str] = field(default_factory=dict)  #: old file -> the file that replaced it
-    unlisted_videos: int = 0  #: videos with rows in the folder that are not in the list (left alone)
-    retried: int = 0  #: listed videos redone because they had a row with an error type in ``retry_error_types``
+    done: int  #: listed videos with a complete committed version
+    attempt: int  #: the attempt number this run's chunks use
+    chunks: int  #: committed chunks found
+    removed: list[str] = field(default_factory=list)  #: uncommitted files deleted
+    unlisted_videos: int = 0  #: videos with committed rows that are not in the list (left alone)
+    retried: int = 0  #: listed videos redone because their committed version holds a retried error type
 
     @property
     def resuming(self) -> bool:
-        """True when the folder keeps rows, so the run adds to it (APPEND) instead of replacing it."""
-        return self.rows_kept > 0
+        return self.chunks > 0
 
 
-def _read_keys(target: SinkTarget, path: str) -> pa.Table | None:
-    """The key columns of one file, or None when the file cannot be read as Parquet (truncated, empty)."""
-    import pyarrow.parquet as pq
+def plan_resume(loc: storage.Location, videos: pa.Table, expected: Sequence[Iterable[str]],
+                retry_error_types: Iterable[str] = (), s3_cfg=None) -> ResumePlan:
+    """Delete what is not committed in the run folder ``loc``; return the videos of ``videos`` still to do.
 
-    try:
-        return pq.read_table(path, filesystem=target.filesystem, columns=_KEY_COLUMNS)
-    except pa.ArrowInvalid as exc:  # not Parquet (a kill truncated it); I/O errors propagate, nothing is deleted
-        log.warning("deleting unreadable output file %s (%s)", path, exc)
-        return None
+    ``expected[i]``: the task ids of ``videos`` row ``i`` (see ``pipeline.run.expected_task_ids``). A listed
+    video is done when its newest committed version has its ``video_uri`` and exactly the expected task ids once
+    each, none with an error type in ``retry_error_types``. Call it holding the run's lock (no writer running)."""
+    state = committed(loc, s3_cfg)
+    named = {rel for _, rel in state.file_paths()} | {f"{COMMITS}/{m['chunk']}.json" for _, m in state.chunks}
+    stray = [rel for rel in state.files if rel not in named and not rel.endswith("/")
+             and (rel.startswith(FILE_PREFIX + "-") or rel.startswith(COMMITS + "/"))]
+    for rel in stray:
+        log.warning("deleting %s/%s: not committed (a write that did not finish)", loc.uri, rel)
+    storage.delete(loc, stray)
 
-
-def plan_resume(target: SinkTarget, videos: pa.Table, expected: Sequence[Iterable[str]],
-                write_options: dict | None = None, retry_error_types: Iterable[str] = ()) -> ResumePlan:
-    """Prepare ``target`` for resuming a run over ``videos``; return the videos still to process.
-
-    ``videos``: the run's video list (:data:`pipeline.schema.VIDEO_SCHEMA`, ``video_id`` unique).
-    ``expected[i]``: the task ids of ``videos`` row ``i`` (one output row each; see
-    ``pipeline.run.expected_task_ids``). A listed video is *done* when its rows in the folder have its
-    ``video_uri`` and exactly the expected task ids, once each. Afterwards the folder holds the rows of
-    done videos only (plus rows of videos not in the list, untouched), each exactly once: unreadable
-    files are deleted, and readable files holding rows of other listed videos are rewritten without
-    them (new name first, then the old file deleted) or deleted when nothing of them is kept.
-    ``write_options``: Parquet writer options for rewritten files (:func:`parquet_write_options`).
-    ``retry_error_types``: a video with a row of one of these error types (transient failures such as
-    ``fetch_failed``) is not done: its rows are removed and it is processed again.
-    """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    fsys = target.filesystem
+    keys = read_committed(loc, _KEY_COLUMNS, state=state)
     ids = videos.column("video_id").to_pylist()
     uris = dict(zip(ids, videos.column("video_uri").to_pylist()))
-    want: dict[str, Counter] = {}
-    for vid, tasks in zip(ids, expected):
-        want.setdefault(vid, Counter()).update(tasks)
-
-    files = list_files(target)
-    readable: dict[str, pa.Table] = {}
-    deleted: list[str] = []
-    for path in files:
-        keys = _read_keys(target, path)
-        if keys is None:
-            fsys.delete_file(path)
-            deleted.append(path)
-        else:
-            readable[path] = keys
-
+    want = {vid: Counter(tasks) for vid, tasks in zip(ids, expected)}
     have: dict[str, Counter] = {}
-    wrong_uri: set[str] = set()
-    unlisted: set[str] = set()
-    retry = set(retry_error_types)
-    transient: set[str] = set()
-    for keys in readable.values():
-        for vid, uri, task, err in zip(keys.column("video_id").to_pylist(), keys.column("video_uri").to_pylist(),
-                                       keys.column("task_id").to_pylist(), keys.column("error_type").to_pylist()):
-            if vid not in want:
-                unlisted.add(vid)
-                continue
-            have.setdefault(vid, Counter())[task] += 1
-            if uri != uris[vid]:
-                wrong_uri.add(vid)
-            if err in retry:
-                transient.add(vid)
-    done = {vid for vid, got in have.items() if vid not in wrong_uri and vid not in transient and got == want[vid]}
-    redo = set(have) - done  # listed videos with some rows in the folder, but not exactly the expected ones
-
-    attempt = 1 + max((attempt_of(p) for p in files), default=0)
-    rewritten: dict[str, str] = {}
-    dropped: list[str] = []
-    rows_removed = 0
-    rows_kept = 0
-    redo_arr = pa.array(sorted(redo), pa.string())
-    for path, keys in readable.items():
-        drop = pc.is_in(keys.column("video_id"), value_set=redo_arr)
-        n_drop = pc.sum(drop).as_py() or 0
-        if not n_drop:
-            rows_kept += keys.num_rows
+    bad: set[str] = set()
+    retry, transient, unlisted = set(retry_error_types), set(), set()
+    for vid, uri, task, err in zip(*(keys.column(c).to_pylist() for c in _KEY_COLUMNS)):
+        if vid not in want:
+            unlisted.add(vid)
             continue
-        rows_removed += n_drop
-        if n_drop == keys.num_rows:
-            log.info("deleting %s: only rows of incomplete videos (%d)", path, n_drop)
-            fsys.delete_file(path)
-            dropped.append(path)
-            continue
-        table = pq.read_table(path, filesystem=fsys)
-        keep = table.filter(pc.invert(pc.is_in(table.column("video_id"), value_set=redo_arr)))
-        new = f"{target.path}/{FILE_PREFIX}-{attempt:03d}-rewrite-{len(rewritten):05d}.parquet"
-        opts = dict(write_options or {})
-        schema = opts.pop("schema", None)
-        if schema is not None:
-            keep = keep.cast(schema)
-        pq.write_table(keep, new, filesystem=fsys, **opts)
-        fsys.delete_file(path)
-        rewritten[path] = new
-        rows_kept += keep.num_rows
-        log.info("rewrote %s as %s without %d rows of incomplete videos", path, new, n_drop)
-
-    todo_mask = pa.array([vid not in done for vid in ids], pa.bool_())
+        have.setdefault(vid, Counter())[task] += 1
+        if uri != uris[vid]:
+            bad.add(vid)
+        if err in retry:
+            transient.add(vid)
+    done = {vid for vid, got in have.items() if vid not in bad and vid not in transient and got == want[vid]}
+    attempts = [a for a in map(attempt_of, state.files) if a is not None]
     plan = ResumePlan(
-        todo=videos.filter(todo_mask), total=videos.num_rows, done=sum(1 for vid in ids if vid in done),
-        attempt=attempt if rows_kept else 0, rows_kept=rows_kept, rows_removed=rows_removed, deleted=deleted,
-        dropped=dropped, rewritten=rewritten, unlisted_videos=len(unlisted), retried=len(transient),
-    )
+        todo=videos.filter(pa.array([vid not in done for vid in ids], pa.bool_())), total=videos.num_rows,
+        done=len(done), attempt=1 + max(attempts) if attempts else 0, chunks=len(state.chunks), removed=stray,
+        unlisted_videos=len(unlisted), retried=len(transient & set(have)))
     if plan.unlisted_videos:
         log.warning("%s holds rows of %d videos that are not in this run's input; they are kept "
-                    "(output.on_existing=overwrite clears the folder)", target.uri, plan.unlisted_videos)
+                    "(output.on_existing=overwrite clears the folder)", loc.uri, plan.unlisted_videos)
     return plan
+
+
+def clear(loc: storage.Location) -> None:
+    """Delete the run folder's contents (``output.on_existing: overwrite``)."""
+    loc.filesystem.delete_dir_contents(loc.path, missing_dir_ok=True)

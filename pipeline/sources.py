@@ -9,18 +9,21 @@ Each source yields pyarrow tables of :data:`pipeline.schema.VIDEO_SCHEMA` (``vid
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
-import re
+import stat
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline import localfs, s3
+from pipeline import storage
 from pipeline.schema import VIDEO_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -42,81 +45,65 @@ def _has_ext(name: str, extensions: list[str]) -> bool:
     return any(lowered.endswith(ext) for ext in extensions)
 
 
-def _table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA)
-
-
 def _chunked(rows_iter, chunk: int = CHUNK_ROWS) -> Iterator[pa.Table]:
     buf: list[dict] = []
     for row in rows_iter:
         buf.append(row)
         if len(buf) >= chunk:
-            yield _table(buf)
+            yield pa.Table.from_pylist(buf, schema=LISTED_SCHEMA)
             buf = []
     if buf:
-        yield _table(buf)
+        yield pa.Table.from_pylist(buf, schema=LISTED_SCHEMA)
 
 
-# ------------------------------------------------------------------------------------------------ S3
+# ------------------------------------------------------------------------------------------------ listing
 
 
 _ACCESS_DENIED = ("403", "AccessDenied", "Forbidden")
+#: the video list plus each object's fingerprint at listing time (pipeline.storage.etag_of; null when unknown)
+LISTED_SCHEMA = VIDEO_SCHEMA.append(pa.field("etag", pa.string()))
 
 
-def iter_s3_uris(prefix_uri: str, extensions: list[str], settings: s3.S3Settings, page_size: int = 1000) -> Iterator[str]:
-    """Every ``s3://`` URI under the prefix with a matching extension, in key order (paginated)."""
-    bucket, prefix = s3.split_uri(prefix_uri)
-    paginator = s3.client(settings).get_paginator("list_objects_v2")
-    try:
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                if not key.endswith("/") and _has_ext(key, extensions):
-                    yield f"s3://{bucket}/{key}"
-    except Exception as exc:  # botocore ClientError; anything but a 403 propagates as it is
-        code = s3.error_code(exc)
-        if code not in _ACCESS_DENIED:
-            raise
-        raise SourceError(f"input.s3_prefix {prefix_uri}: access denied listing bucket {bucket!r} ({code}): "
-                          "the credentials may not list it (s3:ListBucket)") from exc
-
-
-def s3_source(prefix_uri: str, extensions: list[str], settings: s3.S3Settings) -> Iterator[pa.Table]:
-    rows = ({"video_id": video_id_for(u), "video_uri": u, "questions": None} for u in iter_s3_uris(prefix_uri, extensions, settings))
-    yield from _chunked(rows)
-
-
-# ------------------------------------------------------------------------------------------------ local
-
-
-def local_source(folder: str, extensions: list[str], report: localfs.ListingReport | None = None) -> Iterator[pa.Table]:
-    """Every matching file under ``folder`` once (see :func:`pipeline.localfs.walk`: symlinks and hard links
-    to a listed file are not listed again; unreadable folders are counted in ``report`` and logged)."""
-    root = Path(folder).expanduser()
+def list_entries(input_cfg, s3_cfg=None, report: ListingReport | None = None) -> Iterator[storage.Entry]:
+    """The objects of ``input.s3_prefix`` or ``input.local_dir`` with a video extension (see :func:`walk` for
+    local folders: what it cannot list is counted in ``report`` and logged)."""
+    if input_cfg.s3_prefix:
+        bucket = storage.split_uri(input_cfg.s3_prefix)[0]
+        try:
+            yield from storage.list_objects(input_cfg.s3_prefix, s3_cfg, input_cfg.extensions)
+        except Exception as exc:  # botocore ClientError; anything but a 403 propagates as it is
+            code = storage.error_code(exc)
+            if code not in _ACCESS_DENIED:
+                raise
+            raise SourceError(f"input.s3_prefix {input_cfg.s3_prefix}: access denied listing bucket {bucket!r} "
+                              f"({code}): the credentials may not list it (s3:ListBucket)") from exc
+        return
+    root = Path(input_cfg.local_dir).expanduser()
     if not root.is_dir():
-        raise SourceError(f"input.local_dir {folder!r} is not a folder")
-    report = localfs.ListingReport() if report is None else report
-    uris = sorted(localfs.uri_for(p) for p in localfs.walk(os.path.realpath(root), extensions, report))
+        raise SourceError(f"input.local_dir {input_cfg.local_dir!r} is not a folder")
+    report = ListingReport() if report is None else report
+    yield from storage.list_objects(os.path.realpath(root), s3_cfg, input_cfg.extensions,
+                                    walk=lambda r, _folders: walk(r, input_cfg.extensions, report))
     if report.skipped:
-        log.warning("input.local_dir %s: %d files listed; not listed: %s", folder, report.listed, "; ".join(report.lines()))
-    rows = ({"video_id": video_id_for(u), "video_uri": u, "questions": None} for u in uris)
-    yield from _chunked(rows)
+        log.warning("input.local_dir %s: %d files listed; not listed: %s", input_cfg.local_dir, report.listed,
+                    "; ".join(report.lines()))
+
+
+def _listed_rows(entries: Iterator[storage.Entry]) -> Iterator[dict]:
+    for e in entries:
+        yield {"video_id": video_id_for(e.uri), "video_uri": e.uri, "questions": None, "etag": e.etag}
 
 
 # ------------------------------------------------------------------------------------------------ manifests
 
 
-def _read_bytes(uri: str, settings: s3.S3Settings) -> bytes:
-    if s3.is_s3(uri):
-        bucket, key = s3.split_uri(uri)
-        try:
-            return s3.client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:  # botocore errors have no common importable base worth depending on
-            raise SourceError(f"cannot read manifest {uri}: {exc}") from exc
-    path = Path(uri).expanduser()
-    if not path.is_file():
+def _read_bytes(uri: str, s3_cfg) -> bytes:
+    if not storage.is_s3(uri) and not Path(uri).expanduser().is_file():
         raise SourceError(f"manifest {uri} does not exist")
-    return path.read_bytes()
+    try:
+        return storage.read_bytes(uri, s3_cfg)
+    except Exception as exc:  # botocore errors have no common importable base worth depending on
+        raise SourceError(f"cannot read manifest {uri}: {exc}") from exc
 
 
 def _parse_questions(value, where: str) -> list[str] | None:
@@ -139,9 +126,9 @@ def _parse_questions(value, where: str) -> list[str] | None:
     raise SourceError(f"{where}: questions must be a list of strings, got {type(value).__name__}")
 
 
-def read_manifest_rows(uri: str, settings: s3.S3Settings) -> list[dict]:
+def read_manifest_rows(uri: str, s3_cfg=None) -> list[dict]:
     """Raw manifest rows (dicts) from Parquet, JSONL (or a JSON list) or CSV."""
-    data = _read_bytes(uri, settings)
+    data = _read_bytes(uri, s3_cfg)
     lower = uri.lower()
     if lower.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -164,11 +151,10 @@ def read_manifest_rows(uri: str, settings: s3.S3Settings) -> list[dict]:
     raise SourceError(f"manifest {uri}: unknown format (use .parquet, .jsonl or .csv)")
 
 
-def manifest_source(uri: str, settings: s3.S3Settings, base_dir: str | None = None) -> Iterator[pa.Table]:
-    """Rows of a manifest; relative local paths are resolved against the manifest's folder."""
-    raw = read_manifest_rows(uri, settings)
-    if base_dir is None and not s3.is_s3(uri):
-        base_dir = str(Path(uri).expanduser().resolve().parent)
+def manifest_source(uri: str, s3_cfg=None) -> Iterator[pa.Table]:
+    """Rows of a manifest; relative local paths are resolved against the manifest's folder
+    (:func:`pipeline.storage.resolve_relative`)."""
+    raw = read_manifest_rows(uri, s3_cfg)
     seen: set[str] = set()
     rows = []
     for n, r in enumerate(raw, 1):
@@ -177,17 +163,13 @@ def manifest_source(uri: str, settings: s3.S3Settings, base_dir: str | None = No
         video_uri = r.get("video_uri")
         if not video_uri or not isinstance(video_uri, str):
             raise SourceError(f"manifest {uri} row {n}: missing video_uri")
-        # relative paths are resolved against the manifest's folder; anything with a scheme ("s3:/x",
-        # "http://") is kept as written, so the decode stage reports it as invalid_uri for this row only
-        if (not s3.is_s3(video_uri) and base_dir and not os.path.isabs(video_uri)
-                and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", video_uri)):
-            video_uri = str(Path(base_dir) / video_uri)
+        video_uri = storage.resolve_relative(video_uri, uri)
         vid = r.get("video_id")
         vid = str(vid) if vid not in (None, "") else video_id_for(video_uri)
         if vid in seen:
             raise SourceError(f"manifest {uri} row {n}: duplicate video_id {vid!r}")
         seen.add(vid)
-        rows.append({"video_id": vid, "video_uri": video_uri,
+        rows.append({"video_id": vid, "video_uri": video_uri, "etag": None,
                      "questions": _parse_questions(r.get("questions"), f"manifest {uri} row {n}")})
     yield from _chunked(iter(rows))
 
@@ -195,19 +177,129 @@ def manifest_source(uri: str, settings: s3.S3Settings, base_dir: str | None = No
 # ------------------------------------------------------------------------------------------------ entry
 
 
-def list_videos(input_cfg, settings: s3.S3Settings, report: localfs.ListingReport | None = None) -> pa.Table:
-    """All videos of the run as one table (sorted by URI, ``input.limit`` applied); what a local listing saw
-    but could not list is counted in ``report``."""
-    if input_cfg.s3_prefix:
-        chunks = list(s3_source(input_cfg.s3_prefix, input_cfg.extensions, settings))
-    elif input_cfg.manifest:
-        chunks = list(manifest_source(input_cfg.manifest, settings))
+def list_inputs(input_cfg, s3_cfg=None, report: ListingReport | None = None, etags: bool = False) -> pa.Table:
+    """All videos of the run (:data:`LISTED_SCHEMA`), sorted by URI unless from a manifest, ``input.limit``
+    applied. ``etag`` comes from the listing; for a manifest's videos (not listed) it is looked up only when
+    ``etags`` is set (one ``HeadObject`` / ``stat`` each), else null."""
+    if input_cfg.manifest:
+        chunks = list(manifest_source(input_cfg.manifest, s3_cfg))
     else:
-        chunks = list(local_source(input_cfg.local_dir, input_cfg.extensions, report))
-    table = pa.concat_tables(chunks) if chunks else VIDEO_SCHEMA.empty_table()
+        chunks = list(_chunked(_listed_rows(list_entries(input_cfg, s3_cfg, report))))
+    table = pa.concat_tables(chunks) if chunks else LISTED_SCHEMA.empty_table()
     if not input_cfg.manifest:
         table = table.sort_by("video_uri")
     if input_cfg.limit is not None:
         table = table.slice(0, input_cfg.limit)
+    if etags and input_cfg.manifest:
+        found = [storage.stat_etag(u, s3_cfg) for u in table.column("video_uri").to_pylist()]
+        table = table.set_column(table.schema.get_field_index("etag"), "etag", pa.array(found, pa.string()))
     log.info("input: %d videos", table.num_rows)
     return table
+
+
+def list_videos(input_cfg, s3_cfg=None, report: ListingReport | None = None) -> pa.Table:
+    """:func:`list_inputs` as :data:`pipeline.schema.VIDEO_SCHEMA` (the graph's input)."""
+    return list_inputs(input_cfg, s3_cfg, report).select(VIDEO_SCHEMA.names)
+
+
+# ------------------------------------------------------------------------------------------------ local folders
+
+
+EXAMPLES = 5  # example paths kept per reason
+
+
+@dataclass
+class ListingReport:
+    """What a listing saw but did not list: ``skipped[reason]`` counts, ``examples[reason]`` a few paths."""
+
+    listed: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, path: str, warn: bool = False, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < EXAMPLES:
+            shown.append(printable(path))
+        if warn:
+            log.warning("input: %s: %s%s", reason, printable(path), f" ({detail})" if detail else "")
+
+    def lines(self) -> list[str]:
+        return [f"{reason}: {n} (e.g. {', '.join(self.examples.get(reason, []))})" for reason, n in sorted(self.skipped.items())]
+
+
+def printable(path: str) -> str:
+    """A path for a log line or a message (undecodable bytes shown as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def walk(root: str, extensions: list[str], report: ListingReport) -> Iterator[tuple[str, os.stat_result | None]]:
+    """``(path, stat)`` of the matching files under ``root`` (``root`` + relative names), each real file once:
+    a symlink or hard link to a listed file is a duplicate, symlinked folders are followed without looping, and
+    folders are opened with directory descriptors (no ``PATH_MAX`` limit)."""
+    exts = tuple(e.lower() for e in extensions)
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: dict[tuple[int, int], str] = {}
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    seen_dirs.add((st.st_dev, st.st_ino))
+    try:
+        yield from _walk_dir(fd, root.rstrip("/") or "/", exts, seen_dirs, seen_files, report)
+    finally:
+        os.close(fd)
+
+
+def _walk_dir(fd: int, path: str, exts: tuple[str, ...], seen_dirs, seen_files, report: ListingReport) -> Iterator[str]:
+    try:
+        with os.scandir(fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        report.skip(_reason(exc, "folders that could not be read"), path, warn=True, detail=exc.strerror or str(exc))
+        return
+    for entry in entries:
+        full = f"{path}/{entry.name}" if path != "/" else f"/{entry.name}"
+        try:
+            st = os.stat(entry.name, dir_fd=fd)  # follows symlinks
+        except OSError as exc:
+            if entry.name.lower().endswith(exts):
+                if exc.errno in (errno.EACCES, errno.EPERM):  # listed; reading it is denied -> access_denied row
+                    report.listed += 1
+                    yield full, None
+                else:
+                    report.skip("broken symlinks" if entry.is_symlink() else "unreadable entries", full, warn=True,
+                                detail=exc.strerror or str(exc))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in seen_dirs:
+                if entry.is_symlink():
+                    report.skip("symlinked folders already listed", full)
+                continue
+            seen_dirs.add(key)
+            try:
+                sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                report.skip(_reason(exc, "folders that could not be read"), full, warn=True, detail=exc.strerror or str(exc))
+                continue
+            try:
+                yield from _walk_dir(sub, full, exts, seen_dirs, seen_files, report)
+            finally:
+                os.close(sub)
+        elif entry.name.lower().endswith(exts):
+            if not stat.S_ISREG(st.st_mode):
+                report.skip("not regular files (FIFO, socket, device)", full, warn=True)
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen_files:
+                report.skip("duplicates (a symlink or hard link to a listed file)", full)
+                log.info("input: %s is the same file as %s; listed once", printable(full), printable(seen_files[key]))
+                continue
+            seen_files[key] = full
+            report.listed += 1
+            yield full, st
+
+
+def _reason(exc: OSError, default: str) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "folders not readable (permission denied)"
+    return default

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import s3
+from pipeline import storage
+from pipeline.config import S3Config
 from pipeline.decode import _rows, frames_from_row
 from pipeline.schema import (
     ENCODED_SCHEMA,
@@ -51,14 +52,14 @@ class ModelSettings:
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     num_threads: int | None = None  # torch CPU threads (None: leave as is)
-    s3: s3.S3Settings = s3.S3Settings()
+    s3: S3Config | None = None
 
     @classmethod
     def from_config(cls, cfg) -> ModelSettings:
         m = cfg.model
         threads = None if cfg.stages.gpus_per_actor > 0 else max(1, int(cfg.stages.actor_num_cpus))
         return cls(m.source, m.cache_dir, m.dtype, m.device, m.attn_implementation, m.trust_remote_code, threads,
-                   s3.S3Settings.from_config(cfg.s3))
+                   cfg.s3)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def load_llm(settings: ModelSettings):
     dtype = settings.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
-    path = s3.ensure_local_model(settings.source, settings.cache_dir, settings.s3)
+    path = storage.ensure_local_model(settings.source, settings.cache_dir, settings.s3)
     t0 = time.perf_counter()
     llm = VideoLLM.load(path, dtype=dtype, device=device, attn_implementation=settings.attn_implementation,
                         trust_remote_code=settings.trust_remote_code)
