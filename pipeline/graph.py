@@ -47,9 +47,6 @@ class CommitSink(Datasink):
         self.writer = writer
         self.chunks: list[dict] = []
 
-    def on_write_start(self, schema=None) -> None:
-        self.writer.prepare()
-
     def write(self, blocks, ctx) -> dict | None:
         return self.writer.write((BlockAccessor.for_block(b).to_arrow() for b in blocks), ctx.task_idx)
 

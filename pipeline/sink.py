@@ -81,12 +81,6 @@ class ChunkWriter:
         return cls(folder, attempt, s3_cfg, output_cfg.max_rows_per_file, output_cfg.min_rows_per_file,
                    output_cfg.row_group_rows, None if output_cfg.compression == "none" else output_cfg.compression)
 
-    def prepare(self) -> None:
-        """Before the first write task (driver): local folders exist (S3 needs none)."""
-        loc = storage.resolve(self.folder, self.s3)
-        if loc.local:
-            loc.filesystem.create_dir(f"{loc.path}/{COMMITS}", recursive=True)
-
     def write(self, tables: Iterable[pa.Table], task_index: int) -> dict | None:
         """Write the rows of one write task as new files, then commit them; returns the committed manifest
         (None for no rows). Row order and columns are kept; the table is cast to OUTPUT_SCHEMA."""
@@ -97,6 +91,8 @@ class ChunkWriter:
             return None
         table = pa.concat_tables([t.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for t in tables])
         loc = storage.resolve(self.folder, self.s3)
+        if loc.local:
+            loc.filesystem.create_dir(loc.path, recursive=True)  # S3 has no folders to make
         name, nonce = chunk_name(self.attempt, task_index), uuid.uuid4().hex[:8]
         files = []
         for i, start in enumerate(range(0, table.num_rows, self.max_rows_per_file)):

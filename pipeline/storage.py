@@ -223,7 +223,7 @@ class Entry:
 
 
 def list_objects(prefix_uri: str, cfg=None, suffixes: list[str] | None = None, walk=None,
-                 folders: bool = False) -> Iterator[Entry]:
+                 folders: bool = False, page_size: int = 1000) -> Iterator[Entry]:
     """Every object under ``prefix_uri`` whose name ends with one of ``suffixes`` (any, when None).
 
     S3: ``ListObjectsV2`` pages in key order (sizes and ETags come with the listing; a botocore error
@@ -233,7 +233,8 @@ def list_objects(prefix_uri: str, cfg=None, suffixes: list[str] | None = None, w
     ends = tuple(s.lower() for s in suffixes) if suffixes else None
     if is_s3(prefix_uri):
         bucket, prefix = split_uri(prefix_uri)
-        for page in client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                       PaginationConfig={"PageSize": page_size}):
             for obj in page.get("Contents", []):
                 key = obj["Key"]
                 if (folders or not key.endswith("/")) and (ends is None or key.lower().endswith(ends)):

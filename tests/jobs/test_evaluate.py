@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import evaluate as evaluate_job
+from pipeline.config import S3Config
 from pipeline.evaluate import Item, load_items, render, score
-from pipeline.s3 import S3Settings
 from pipeline.samples import make_video
 from pipeline.sources import SourceError
 
@@ -41,12 +41,12 @@ def test_load_items_numbers_questions_per_video(tmp_path):
             {"video_uri": "a.mp4", "question": "q2", "options": ["x", "y"], "answer": "A"},
             {"video_uri": "b.mp4", "video_id": "B", "question": "q3", "options": "x|y|z", "answer": "C"}]
     m.write_text("\n".join(json.dumps(r) for r in rows))
-    items = load_items(str(m), S3Settings())
+    items = load_items(str(m), S3Config())
     assert [(i.task_id, i.answer) for i in items] == [("vq:0", "B"), ("vq:1", "A"), ("vq:0", "C")]
     assert items[0].video_uri == str(tmp_path / "a.mp4") and items[2].video_id == "B" and len(items[2].options) == 3
     m.write_text(json.dumps({**rows[0], "answer": "D"}))
     with pytest.raises(SourceError, match="option letters"):
-        load_items(str(m), S3Settings())
+        load_items(str(m), S3Config())
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import S3Config, load_config
 from pipeline.incremental import PAUSE_ENV, committed_files, load_state, read_committed, run_nightly
 from pipeline.samples import make_video
 from tests.jobs.jobdata import job_data
@@ -133,7 +133,7 @@ def _manifest_inputs(output: str, run_id: str) -> list[dict]:
 
 def test_overlapping_nightly_is_refused_before_any_work(tmp_path, monkeypatch):
     """A cron run that starts while another nightly holds the output's lock: LockHeld, nothing listed or run."""
-    from pipeline import incremental, s3
+    from pipeline import incremental
     from pipeline.config import load_config
     from pipeline.lock import LockHeld, RunLock
 
@@ -144,7 +144,7 @@ def test_overlapping_nightly_is_refused_before_any_work(tmp_path, monkeypatch):
         raise AssertionError("a refused nightly must not plan")
 
     monkeypatch.setattr(incremental, "load_state", must_not_run)
-    other = RunLock.for_output(cfg.output.path, incremental.NIGHTLY_LOCK, s3.S3Settings()).acquire()
+    other = RunLock.for_output(cfg.output.path, incremental.NIGHTLY_LOCK, S3Config()).acquire()
     try:
         with pytest.raises(LockHeld, match="only one run may write this output"):
             incremental.run_nightly(cfg)

@@ -84,12 +84,11 @@ def _inputs(root: Root, run_id: str) -> dict[str, str]:
 
 
 def test_nightly_on_s3(s3_ray, tmp_path, monkeypatch):
-    from pipeline.s3 import S3Settings
 
     endpoint, client = s3_ray
     cfg = _cfg(endpoint, str(tmp_path / "cache"))
     output = cfg.output.path
-    settings = S3Settings.from_config(cfg.s3)
+    settings = cfg.s3
     root = Root.of(output, settings)
     uri = {n: f"s3://{BUCKET}/videos/{n}" for n in ("v0.mp4", "v1.mp4", "v2.mp4", "v3.mp4", "v4.mp4")}
 

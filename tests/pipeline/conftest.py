@@ -28,14 +28,14 @@ def mocked_s3():
     moto = pytest.importorskip("moto")
     import boto3
 
-    from pipeline import s3
+    from pipeline import storage
     from tests.pipeline.s3server import fake_aws_env
 
     with fake_aws_env(), moto.mock_aws():
-        s3.client.cache_clear()
+        storage.client.cache_clear()
         try:
             client = boto3.client("s3", region_name="us-east-1")
             client.create_bucket(Bucket="bkt")
             yield client
         finally:
-            s3.client.cache_clear()
+            storage.client.cache_clear()

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.run as run_module
-from pipeline import s3 as s3_module
 from pipeline import sink
+from pipeline import storage as s3_module
 from pipeline.config import load_config
 from pipeline.samples import make_video
 from tests.pipeline.proctree import ProcessWatcher
@@ -110,7 +110,7 @@ def test_killed_actors_and_decode_worker_lose_nothing(local_ray, videos, tiny_mo
     for actor in actors:
         assert len(watcher.pids_with(f"MapWorker(MapBatches({actor}))")) >= 2, f"the killed {actor} was not restarted"
 
-    table = sink.read_run(result.target)
+    table = sink.read_committed(result.target)
     _check_exactly_once(table, set(videos))
     assert set(table.column("status").to_pylist()) == {"ok"}
     print("FAULT_FIGURES", json.dumps({
@@ -199,7 +199,7 @@ def test_crashing_and_hanging_decoder_in_a_ray_run(local_ray, videos, tiny_model
     result = run_module.run(cfg)
     wall = time.monotonic() - t0
 
-    table = sink.read_run(result.target)
+    table = sink.read_committed(result.target)
     _check_exactly_once(table, set(videos) | set(faulty))
     by_name = {}
     for r in table.select(["video_uri", "status", "error_type", "error_message"]).to_pylist():
@@ -215,7 +215,7 @@ def test_crashing_and_hanging_decoder_in_a_ray_run(local_ray, videos, tiny_model
     monkeypatch.setattr(run_module.DecodeSettings, "from_config", real)
     again = run_module.run(cfg)
     assert again.summary.videos_this_run == len(faulty)
-    final = sink.read_run(again.target)
+    final = sink.read_committed(again.target)
     _check_exactly_once(final, set(videos) | set(faulty))
     assert set(final.column("status").to_pylist()) == {"ok"}
     print("FAULT_FIGURES", json.dumps({

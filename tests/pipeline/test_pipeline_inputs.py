@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline.localfs import ListingReport, path_of
 
 from pipeline.backends import decode_frames, pyav_sequential_frames
-from pipeline.config import TRANSIENT_ERROR_TYPES, InputConfig
+from pipeline.config import TRANSIENT_ERROR_TYPES, InputConfig, S3Config
 from pipeline.decode import DecodeSettings, DecodeStage, decode_video, frames_from_row, sample_indices
-from pipeline.localfs import ListingReport, path_of
 from pipeline.media import probe
-from pipeline.s3 import S3Settings
 from pipeline.sources import list_videos
 from tests.pipeline import oddities
 from tests.pipeline.videos import make_video
@@ -41,7 +40,7 @@ def _decode(uri: str, **kw) -> dict:
 
 
 def _list(folder, report: ListingReport | None = None) -> list[str]:
-    return list_videos(InputConfig(local_dir=str(folder)), S3Settings(), report).column("video_uri").to_pylist()
+    return list_videos(InputConfig(local_dir=str(folder)), S3Config(), report).column("video_uri").to_pylist()
 
 
 # ------------------------------------------------------------------------------------------------ 1, 2: names
@@ -146,10 +145,10 @@ from pipeline.config import InputConfig
 from pipeline.decode import DecodeSettings, DecodeStage
 from pipeline.decode_worker import close_shared
 from pipeline.localfs import ListingReport
-from pipeline.s3 import S3Settings
+from pipeline.config import S3Config
 from pipeline.sources import list_videos
 report = ListingReport()
-uris = list_videos(InputConfig(local_dir={corpus!r}), S3Settings(), report).column("video_uri").to_pylist()
+uris = list_videos(InputConfig(local_dir={corpus!r}), S3Config(), report).column("video_uri").to_pylist()
 rows = {{}}
 for name, kw in (("small", {{}}), ("large", {{"in_memory_bytes": 100}}), ("isolated", {{"isolation": "process"}})):
     st = DecodeStage(DecodeSettings(num_frames=4, frame_size=16, **kw))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import decode_worker, s3
-from pipeline.config import ConfigurationError, load_config
+from pipeline import decode_worker, storage
+from pipeline.config import ConfigurationError, S3Config, load_config
 from pipeline.decode import DecodeSettings, DecodeStage, frames_from_row
 from pipeline.decode_worker import IsolatedDecoder, shared_decoder
 from pipeline.schema import DECODED_SCHEMA, ERROR_TYPES
@@ -166,15 +166,15 @@ def test_hung_s3_connection_is_decode_timeout(tmp_path):
         for i in range(3):
             client.put_object(Bucket="bkt", Key=f"v{i}.mp4", Body=video)
         with FaultProxy(endpoint, rule) as proxy:
-            s3.client.cache_clear()
+            storage.client.cache_clear()
             try:
-                settings = _settings(timeout_s=2.0, s3=s3.S3Settings(endpoint_url=proxy.url, max_attempts=2))
+                settings = _settings(timeout_s=2.0, s3=S3Config(endpoint_url=proxy.url, max_attempts=2))
                 t0 = time.monotonic()
                 rows = DecodeStage(settings)([{"video_id": f"v{i}", "video_uri": f"s3://bkt/v{i}.mp4", "questions": None}
                                               for i in range(3)]).to_pylist()
                 took = time.monotonic() - t0
             finally:
-                s3.client.cache_clear()
+                storage.client.cache_clear()
             stalled = proxy.faults("GET")
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
     assert rows[1]["error_type"] == "decode_timeout" and "s3://bkt/v1.mp4" in rows[1]["error_message"]

@@ -103,7 +103,7 @@ def test_500_videos_bounded_memory_every_row(corpus, tiny_model, tmp_path):
     finally:
         ray.shutdown()
 
-    table = sink.read_run(result.target, columns=["video_id", "task_id", "status"])
+    table = sink.read_committed(result.target, columns=["video_id", "task_id", "status"])
     keys = Counter(zip(table.column("video_id").to_pylist(), table.column("task_id").to_pylist(), strict=True))
     assert len({v for v, _ in keys}) == NUM_VIDEOS, "videos without rows"
     assert table.num_rows == 2 * NUM_VIDEOS and set(keys.values()) == {1}, "rows missing or duplicated"

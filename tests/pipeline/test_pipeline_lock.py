@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from pipeline import s3
+from pipeline import storage
+from pipeline.config import S3Config
 from pipeline.lock import LockHeld, LockLost, RunLock
 from tests.pipeline.s3server import boto_client, fake_aws_env, moto_server
 
@@ -25,31 +26,31 @@ def _holder_body(**kw) -> bytes:
 
 
 def test_second_run_is_refused_with_the_holder_named(tmp_path):
-    first = RunLock.for_output(str(tmp_path), "run-a", s3.S3Settings(), run_id="run-a").acquire()
+    first = RunLock.for_output(str(tmp_path), "run-a", S3Config(), run_id="run-a").acquire()
     with pytest.raises(LockHeld) as exc:
-        RunLock.for_output(str(tmp_path), "run-a", s3.S3Settings()).acquire()
+        RunLock.for_output(str(tmp_path), "run-a", S3Config()).acquire()
     msg = str(exc.value)
     assert f"pid {os.getpid()}" in msg and socket.gethostname() in msg and "run run-a" in msg
     assert "output.lock_stale_s" in msg and str(tmp_path / "_locks" / "run-a.json") in msg
     # another name is another lock
-    RunLock.for_output(str(tmp_path), "run-b", s3.S3Settings()).acquire().release()
+    RunLock.for_output(str(tmp_path), "run-b", S3Config()).acquire().release()
     first.release()
     assert not (tmp_path / "_locks" / "run-a.json").exists()
-    with RunLock.for_output(str(tmp_path), "run-a", s3.S3Settings()):
+    with RunLock.for_output(str(tmp_path), "run-a", S3Config()):
         assert (tmp_path / "_locks" / "run-a.json").exists()
 
 
 def test_lock_names_cannot_leave_the_lock_folder(tmp_path):
     for bad in ("", "..", "a/b", "..\\x"):
         with pytest.raises(ValueError):
-            RunLock.for_output(str(tmp_path), bad, s3.S3Settings())
+            RunLock.for_output(str(tmp_path), bad, S3Config())
 
 
 def test_stale_heartbeat_is_taken_over(tmp_path):
     path = tmp_path / "_locks" / "n.json"
     path.parent.mkdir()
     path.write_bytes(_holder_body(heartbeat_at=time.time() - 120))
-    lock = RunLock.for_output(str(tmp_path), "n", s3.S3Settings(), stale_after_s=60).acquire()
+    lock = RunLock.for_output(str(tmp_path), "n", S3Config(), stale_after_s=60).acquire()
     assert lock.took_over["token"] == "other"
     assert json.loads(path.read_bytes())["token"] == lock.token
     lock.release()
@@ -60,7 +61,7 @@ def test_fresh_lock_of_another_host_is_respected(tmp_path):
     path.parent.mkdir()
     path.write_bytes(_holder_body(heartbeat_at=time.time() - 30))
     with pytest.raises(LockHeld, match="host elsewhere pid 1"):
-        RunLock.for_output(str(tmp_path), "n", s3.S3Settings(), stale_after_s=60).acquire()
+        RunLock.for_output(str(tmp_path), "n", S3Config(), stale_after_s=60).acquire()
 
 
 def test_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
@@ -70,7 +71,7 @@ def test_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     path = tmp_path / "_locks" / "n.json"
     path.parent.mkdir()
     path.write_bytes(_holder_body(host=socket.gethostname(), pid=proc.pid))
-    lock = RunLock.for_output(str(tmp_path), "n", s3.S3Settings()).acquire()
+    lock = RunLock.for_output(str(tmp_path), "n", S3Config()).acquire()
     assert lock.took_over["pid"] == proc.pid
     lock.release()
 
@@ -79,22 +80,22 @@ def test_unreadable_lock_is_stale(tmp_path):
     path = tmp_path / "_locks" / "n.json"
     path.parent.mkdir()
     path.write_bytes(b'{"token": "half-writ')
-    RunLock.for_output(str(tmp_path), "n", s3.S3Settings()).acquire().release()
+    RunLock.for_output(str(tmp_path), "n", S3Config()).acquire().release()
 
 
 def test_heartbeat_keeps_a_long_run_alive(tmp_path):
-    lock = RunLock.for_output(str(tmp_path), "n", s3.S3Settings(), stale_after_s=0.4).acquire()
+    lock = RunLock.for_output(str(tmp_path), "n", S3Config(), stale_after_s=0.4).acquire()
     try:
         time.sleep(1.5)  # several times stale_after_s: only the heartbeat keeps it fresh
         with pytest.raises(LockHeld):
-            RunLock.for_output(str(tmp_path), "n", s3.S3Settings(), stale_after_s=0.4).acquire()
+            RunLock.for_output(str(tmp_path), "n", S3Config(), stale_after_s=0.4).acquire()
         lock.check()
     finally:
         lock.release()
 
 
 def test_a_lock_taken_over_is_lost_and_not_committed(tmp_path):
-    lock = RunLock.for_output(str(tmp_path), "n", s3.S3Settings()).acquire()
+    lock = RunLock.for_output(str(tmp_path), "n", S3Config()).acquire()
     (tmp_path / "_locks" / "n.json").write_bytes(_holder_body())  # another run decided we were dead
     with pytest.raises(LockLost, match="host elsewhere"):
         lock.check()
@@ -130,7 +131,7 @@ def test_simultaneous_take_over_of_a_stale_lock_has_one_winner(tmp_path):
     path.parent.mkdir()
     for _ in range(3):
         path.write_bytes(_holder_body(heartbeat_at=time.time() - 3600))
-        results = _race(lambda: RunLock.for_output(str(tmp_path), "n", s3.S3Settings(), stale_after_s=60))
+        results = _race(lambda: RunLock.for_output(str(tmp_path), "n", S3Config(), stale_after_s=60))
         winners = [r for r in results if isinstance(r, RunLock)]
         assert len(winners) == 1 and winners[0].took_over["token"] == "other"
         assert json.loads(path.read_bytes())["token"] == winners[0].token
@@ -143,8 +144,8 @@ def test_lock_on_s3_is_exclusive_under_a_race():
     same for eight runs taking over one stale lock (If-Match on its ETag)."""
     with fake_aws_env(), moto_server() as endpoint:
         boto_client(endpoint).create_bucket(Bucket="locks")
-        settings = s3.S3Settings(endpoint_url=endpoint)
-        s3.client.cache_clear()
+        settings = S3Config(endpoint_url=endpoint)
+        storage.client.cache_clear()
         try:
             for _ in range(3):
                 results = _race(lambda: RunLock.for_output("s3://locks/index", "nightly", settings))
@@ -164,7 +165,7 @@ def test_lock_on_s3_is_exclusive_under_a_race():
                 assert len(winners) == 1 and winners[0].took_over["token"] == "other"
                 winners[0].release()
         finally:
-            s3.client.cache_clear()
+            storage.client.cache_clear()
 
 
 def test_run_refuses_a_locked_output_before_starting_ray(tmp_path, tiny_model, video_dir, monkeypatch):
@@ -180,7 +181,7 @@ def test_run_refuses_a_locked_output_before_starting_ray(tmp_path, tiny_model, v
         raise AssertionError("Ray must not start while the output is locked")
 
     monkeypatch.setattr(run_module, "init_ray", no_ray)
-    held = RunLock.for_output(str(tmp_path / "out"), cfg.effective_run_id(), s3.S3Settings()).acquire()
+    held = RunLock.for_output(str(tmp_path / "out"), cfg.effective_run_id(), S3Config()).acquire()
     try:
         with pytest.raises(LockHeld):
             run_module.run(cfg)

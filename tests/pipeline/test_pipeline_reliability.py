@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline import sink
-from pipeline.config import ConfigurationError, load_config
+from pipeline.config import ConfigurationError, S3Config, load_config
 from pipeline.decode import DecodeSettings, DecodeStage, decode_video, frames_from_row
 from pipeline.schema import ERROR_TYPES
 from tests.pipeline.badinputs import LONG_FPS, LONG_SECONDS, VFR_PTS, bad_input_set, make_muxed
@@ -105,11 +105,10 @@ def test_malformed_uri_is_invalid_uri(uri):
 
 
 def test_manifest_keeps_scheme_uris_as_written(tmp_path):
-    from pipeline.s3 import S3Settings
     from pipeline.sources import manifest_source
 
     (tmp_path / "m.jsonl").write_text('{"video_uri": "s3:/b/v.mp4"}\n{"video_uri": "rel/v.mp4"}\n')
-    uris = [r["video_uri"] for t in manifest_source(str(tmp_path / "m.jsonl"), S3Settings()) for r in t.to_pylist()]
+    uris = [r["video_uri"] for t in manifest_source(str(tmp_path / "m.jsonl"), S3Config()) for r in t.to_pylist()]
     assert uris == ["s3:/b/v.mp4", str(tmp_path / "rel/v.mp4")]
 
 
@@ -117,12 +116,12 @@ def test_manifest_keeps_scheme_uris_as_written(tmp_path):
 
 
 def test_object_deleted_between_listing_and_download(mocked_s3, bad_inputs):
-    from pipeline.s3 import S3Settings
-    from pipeline.sources import iter_s3_uris
+    from pipeline.config import InputConfig
+    from pipeline.sources import list_videos
 
     for name in ("one_frame.mp4", "five_frames.mp4"):
         mocked_s3.put_object(Bucket="bkt", Key=f"v/{name}", Body=bad_inputs[name][0])
-    uris = list(iter_s3_uris("s3://bkt/v/", [".mp4"], S3Settings()))
+    uris = list_videos(InputConfig(s3_prefix="s3://bkt/v/"), S3Config()).column("video_uri").to_pylist()
     mocked_s3.delete_object(Bucket="bkt", Key="v/one_frame.mp4")
     rows = [_decode(u) for u in uris]
     assert [(r["status"], r.get("error_type")) for r in rows] == [("ok", None), ("error", "not_found")]
@@ -133,7 +132,7 @@ def test_access_denied(monkeypatch):
     restricted user may read one video and list its bucket, nothing else. Its credentials come from the
     environment, as in a real run."""
     pytest.importorskip("moto")
-    from pipeline import s3
+    from pipeline import storage
     from pipeline.config import InputConfig
     from pipeline.decode_worker import close_shared
     from pipeline.sources import SourceError, list_videos
@@ -145,13 +144,13 @@ def test_access_denied(monkeypatch):
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
     def decode(uri, endpoint, isolation):
-        settings = DecodeSettings(num_frames=4, frame_size=32, isolation=isolation, s3=s3.S3Settings(endpoint_url=endpoint))
+        settings = DecodeSettings(num_frames=4, frame_size=32, isolation=isolation, s3=S3Config(endpoint_url=endpoint))
         return DecodeStage(settings).decode_one({"video_id": "v", "video_uri": uri, "questions": None})
 
     with iam_enforcing_s3() as (endpoint, key_id, secret):
         creds = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_EC2_METADATA_DISABLED": "true"}
-        s3.client.cache_clear()
+        storage.client.cache_clear()
         try:
             with fake_aws_env(creds):
                 # the config default: the decoder subprocess inherits the environment's credentials
@@ -161,20 +160,20 @@ def test_access_denied(monkeypatch):
                 assert forbidden in denied["error_message"] and "AccessDenied" in denied["error_message"]
                 assert secret not in denied["error_message"]
                 # listing: the user may list BUCKET (the forbidden object is listed, then denied on read), not the other
-                listed = list_videos(InputConfig(s3_prefix=f"s3://{BUCKET}/videos/"), s3.S3Settings(endpoint_url=endpoint))
+                listed = list_videos(InputConfig(s3_prefix=f"s3://{BUCKET}/videos/"), S3Config(endpoint_url=endpoint))
                 assert listed.column("video_uri").to_pylist() == [forbidden, readable]
                 with pytest.raises(SourceError, match=rf"s3://{UNLISTABLE_BUCKET}/videos/: access denied listing") as info:
-                    list_videos(InputConfig(s3_prefix=f"s3://{UNLISTABLE_BUCKET}/videos/"), s3.S3Settings(endpoint_url=endpoint))
+                    list_videos(InputConfig(s3_prefix=f"s3://{UNLISTABLE_BUCKET}/videos/"), S3Config(endpoint_url=endpoint))
                 assert secret not in str(info.value)
             # the signature really is checked: the same key id with a wrong secret reads nothing
-            s3.client.cache_clear()
+            storage.client.cache_clear()
             with fake_aws_env({**creds, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}):
                 wrong = decode(readable, endpoint, "none")
             assert wrong["status"] == "error" and wrong["error_type"] == "access_denied"
             assert "SignatureDoesNotMatch" in wrong["error_message"] and readable in wrong["error_message"]
             assert "not-the-secret" not in wrong["error_message"] and secret not in wrong["error_message"]
         finally:
-            s3.client.cache_clear()
+            storage.client.cache_clear()
             close_shared()  # no decoder subprocess keeps the restricted credentials
 
 
@@ -226,11 +225,13 @@ def test_run_id_cannot_leave_the_output_prefix(run_id):
 
 
 def test_sink_target_stays_under_output_path(tmp_path):
-    target = sink.resolve(str(tmp_path / "out"), "run-1", None)
+    from pipeline import storage
+
+    target = storage.resolve(sink.run_uri(str(tmp_path / "out"), "run-1"))
     assert target.path == str(tmp_path / "out" / "run-1")
     for bad in ("..", "../escape", "a/b", "a\\b", "."):
         with pytest.raises(ValueError, match="one folder name"):
-            sink.resolve(str(tmp_path / "out"), bad, None)
+            sink.run_uri(str(tmp_path / "out"), bad)
 
 
 def test_config_cannot_execute_code(tmp_path):

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import s3, sink
-from pipeline.config import TasksConfig, load_config
-from pipeline.schema import OUTPUT_SCHEMA, VIDEO_SCHEMA, output_row, rows_to_table
+from pipeline import sink, storage
+from pipeline.config import S3Config, TasksConfig, load_config
+from pipeline.schema import VIDEO_SCHEMA, output_row, rows_to_table
 from pipeline.tasks import Task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,31 +48,29 @@ def _both(*vids: str) -> list[tuple[str, str]]:
     return [(v, t) for v in vids for t in TASKS]
 
 
-def _write(folder: Path, name: str, table: pa.Table) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, folder / name)
-    return folder / name
+def _commit(target: storage.Location, attempt: int, task: int, table: pa.Table) -> dict:
+    return sink.ChunkWriter(target.uri, attempt).write([table], task)
 
 
-def _keys(target: sink.SinkTarget) -> Counter:
-    t = sink.read_run(target, columns=["video_id", "task_id"])
+def _keys(target: storage.Location) -> Counter:
+    t = sink.read_committed(target, columns=["video_id", "task_id"])
     return Counter(zip(t.column("video_id").to_pylist(), t.column("task_id").to_pylist()))
 
 
-def _target(tmp_path: Path) -> sink.SinkTarget:
-    return sink.resolve(str(tmp_path / "out"), "r", s3.S3Settings())
+def _target(tmp_path: Path) -> storage.Location:
+    return storage.resolve(sink.run_uri(str(tmp_path / "out"), "r"), S3Config())
 
 
-def test_file_names_and_attempts():
-    assert sink.filename_for_task(7) == "part-00007-{i}.parquet"
-    assert sink.filename_for_task(7, 2, "ab12") == "part-002-00007-ab12-{i}.parquet"
-    with pytest.raises(ValueError):
-        sink.filename_for_task(7, 1)
-    assert sink.attempt_of("/x/part-00007-0.parquet") == 0
-    assert sink.attempt_of("/x/part-00123-11.parquet") == 0
-    assert sink.attempt_of("s3://b/x/" + sink.filename_for_task(7, 2, "ab12").format(i=3)) == 2
+def _files(target: storage.Location) -> dict[str, int]:
+    return {p.relative_to(target.path).as_posix(): p.stat().st_mtime_ns for p in Path(target.path).rglob("*") if p.is_file()}
+
+
+def test_chunk_names_and_attempts():
+    assert sink.chunk_name(2, 7) == "002-00007"
+    assert sink.attempt_of("/x/part-002-00007-ab12cd34-0.parquet") == 2
+    assert sink.attempt_of("_commits/011-00003.json") == 11
     assert sink.attempt_of("part-1000-00007-ab12-0.parquet") == 1000
-    assert sink.attempt_of("part-004-rewrite-00000.parquet") == 4
+    assert sink.attempt_of("notes.txt") is None
 
 
 def test_expected_task_ids_match_the_generate_stage():
@@ -87,44 +85,37 @@ def test_expected_task_ids_match_the_generate_stage():
     assert expected_task_ids(none.model_copy(update={"use_manifest_questions": False}), videos) == [["none"]] * 3
 
 
-def test_plan_keeps_complete_videos_deletes_truncated_rewrites_partial(tmp_path):
+def test_plan_keeps_committed_videos_removes_uncommitted_files_rewrites_nothing(tmp_path):
     target = _target(tmp_path)
     folder = Path(target.path)
-    _write(folder, "part-00000-0.parquet", _rows(_both("a", "b")))                    # complete: untouched
-    _write(folder, "part-00001-0.parquet", _rows(_both("c") + [("d", "caption")]))  # d partial: rewritten
-    whole = _write(folder, "part-00002-0.parquet", _rows([("d", "qa:0"), ("f", "caption")]))
-    whole.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])                # killed mid-write
-    _write(folder, "part-00003-0.parquet", _rows([("e", "caption")]))                # only partial rows: deleted
-    (folder / "part-00004-0.parquet").write_bytes(b"")                                # created, nothing written yet
-    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    _commit(target, 0, 0, _rows(_both("a", "b")))                        # complete
+    _commit(target, 0, 1, _rows(_both("c") + [("d", "caption")]))        # d: one of its two rows
+    # a write task killed before its commit: a whole file and a truncated one, no manifest
+    orphan = sink.ChunkWriter(target.uri, 0).write([_rows([("d", "qa:0"), ("f", "caption")])], 2)
+    (folder / sink.COMMITS / "000-00002.json").unlink()
+    cut = folder / orphan["files"][0]["name"]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (folder / "part-000-00003-0badf00d-0.parquet").write_bytes(b"")     # created, nothing written yet
+    (folder / sink.COMMITS / ".000-00004.json.1234abcd.tmp").write_bytes(b"{")  # a manifest not yet linked
+    committed_before = {k: v for k, v in _files(target).items() if k not in (
+        orphan["files"][0]["name"], "part-000-00003-0badf00d-0.parquet", f"{sink.COMMITS}/.000-00004.json.1234abcd.tmp")}
 
     videos = _videos(["a", "b", "c", "d", "e", "f", "g"])
-    plan = sink.plan_resume(target, videos, [TASKS] * 7, sink.parquet_write_options(load_config(data=_minimal()).output))
-
-    assert plan.resuming and (plan.total, plan.done, plan.attempt) == (7, 3, 1)
+    plan = sink.plan_resume(target, videos, [TASKS] * 7)
+    assert plan.resuming and (plan.total, plan.done, plan.attempt, plan.chunks) == (7, 3, 1, 2)
     assert plan.todo.column("video_id").to_pylist() == ["d", "e", "f", "g"]
     assert plan.todo.schema.equals(VIDEO_SCHEMA)
-    assert sorted(Path(p).name for p in plan.deleted) == ["part-00002-0.parquet", "part-00004-0.parquet"]
-    assert [Path(p).name for p in plan.dropped] == ["part-00003-0.parquet"]
-    assert {Path(k).name: Path(v).name for k, v in plan.rewritten.items()} == {"part-00001-0.parquet": "part-001-rewrite-00000.parquet"}
-    assert (plan.rows_kept, plan.rows_removed) == (6, 2)
+    assert sorted(plan.removed) == sorted([orphan["files"][0]["name"], "part-000-00003-0badf00d-0.parquet",
+                                           f"{sink.COMMITS}/.000-00004.json.1234abcd.tmp"])
+    assert _files(target) == committed_before  # every committed file untouched: nothing rewritten or deleted
+    assert _keys(target) == Counter(_both("a", "b", "c") + [("d", "caption")])
 
-    names = sorted(p.name for p in folder.iterdir())
-    assert names == ["part-00000-0.parquet", "part-001-rewrite-00000.parquet"]
-    assert (folder / "part-00000-0.parquet").stat().st_mtime_ns == before["part-00000-0.parquet"]
-    assert _keys(target) == Counter(_both("a", "b", "c"))
-    rewritten = pq.read_table(folder / "part-001-rewrite-00000.parquet")
-    assert rewritten.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
-    assert rewritten.column("answer").to_pylist() == ["c caption", "c qa:0"]  # every column kept
-
-    # planning again changes nothing; the next attempt number follows the highest one in the folder
+    # the resumed attempt commits d's rows: they supersede d's partial version; e, f, g follow
+    _commit(target, plan.attempt, 0, _rows(_both("d", "e")))
+    assert _keys(target) == Counter(_both("a", "b", "c", "d", "e"))
     again = sink.plan_resume(target, videos, [TASKS] * 7)
-    assert (again.done, again.attempt, again.rows_kept, again.rows_removed) == (3, 2, 6, 0)
-    assert not (again.deleted or again.dropped or again.rewritten)
-    _write(folder, sink.filename_for_task(0, 7, "f00d").format(i=0), _rows(_both("d")))
-    third = sink.plan_resume(target, videos, [TASKS] * 7)
-    assert (third.done, third.attempt) == (4, 8)
-    assert third.todo.column("video_id").to_pylist() == ["e", "f", "g"]
+    assert (again.done, again.attempt, again.chunks, again.removed) == (5, 2, 3, [])
+    assert again.todo.column("video_id").to_pylist() == ["f", "g"]
 
 
 def _error_rows(vid: str, error_type: str) -> pa.Table:
@@ -136,22 +127,28 @@ def _error_rows(vid: str, error_type: str) -> pa.Table:
 def test_plan_retries_transient_errors_keeps_permanent_ones(tmp_path):
     """A fetch_failed / decode_timeout video is redone on resume; a corrupt_video one is complete."""
     target = _target(tmp_path)
-    folder = Path(target.path)
-    _write(folder, "part-00000-0.parquet", pa.concat_tables([
+    _commit(target, 0, 0, pa.concat_tables([
         _rows(_both("ok")), _error_rows("throttled", "fetch_failed"), _error_rows("hung", "decode_timeout"),
         _error_rows("broken", "corrupt_video")]))
     videos = _videos(["ok", "throttled", "hung", "broken"])
-    cfg = load_config(data=_minimal())
-    retry = cfg.output.retry_error_types
+    retry = load_config(data=_minimal()).output.retry_error_types
     assert {"fetch_failed", "decode_timeout", "decoder_crashed"} <= set(retry) and "corrupt_video" not in retry
 
-    plan = sink.plan_resume(target, videos, [TASKS] * 4, sink.parquet_write_options(cfg.output), retry)
-    assert (plan.done, plan.retried, plan.rows_removed) == (2, 2, 4)
+    plan = sink.plan_resume(target, videos, [TASKS] * 4, retry)
+    assert (plan.done, plan.retried, plan.attempt) == (2, 2, 1)
     assert plan.todo.column("video_id").to_pylist() == ["throttled", "hung"]
-    assert _keys(target) == Counter(_both("ok", "broken"))
+    # the retry's rows supersede the error rows: one row per (video, task), the new ones
+    _commit(target, 1, 0, _rows(_both("throttled", "hung")))
+    t = sink.read_committed(target, ["video_id", "task_id", "status"])
+    assert Counter(zip(t.column("video_id").to_pylist(), t.column("task_id").to_pylist())) == Counter(
+        _both("ok", "throttled", "hung", "broken"))
+    assert sorted(set(zip(t.column("video_id").to_pylist(), t.column("status").to_pylist()))) == [
+        ("broken", "error"), ("hung", "ok"), ("ok", "ok"), ("throttled", "ok")]
+    assert sink.plan_resume(target, videos, [TASKS] * 4, retry).done == 4
     # with no retry types every error row is final
-    _write(folder, "part-00001-0.parquet", _error_rows("throttled", "fetch_failed"))
-    assert sink.plan_resume(target, videos, [TASKS] * 4, retry_error_types=[]).done == 3
+    other = storage.resolve(sink.run_uri(str(tmp_path / "out"), "r2"))
+    _commit(other, 0, 0, _error_rows("throttled", "fetch_failed"))
+    assert sink.plan_resume(other, _videos(["throttled"]), [TASKS], retry_error_types=[]).done == 1
 
 
 def test_operational_decode_settings_keep_the_run_id():
@@ -168,27 +165,27 @@ def test_operational_decode_settings_keep_the_run_id():
 
 def test_plan_redoes_duplicated_wrong_uri_and_extra_task_rows_keeps_unlisted(tmp_path):
     target = _target(tmp_path)
-    folder = Path(target.path)
-    _write(folder, "part-00000-0.parquet", _rows(_both("a", "b", "c") + _both("x")))
-    _write(folder, "part-00001-0.parquet", _rows([("a", "caption")]))                 # a duplicated
-    _write(folder, "part-00002-0.parquet", _rows(_both("d"), uri="/elsewhere/d.mp4")) # d: another file now
-    _write(folder, "part-00003-0.parquet", _rows([("c", "qa:1")]))                    # c: a task not asked
+    _commit(target, 0, 0, _rows(_both("a", "b", "c") + _both("x") + [("a", "caption")]))  # a duplicated
+    _commit(target, 0, 1, _rows(_both("d"), uri="/elsewhere/d.mp4"))                       # d: another file now
+    _commit(target, 0, 2, _rows([("c", "qa:1")]))                                           # c: a task not asked
     videos = _videos(["a", "b", "c", "d"])
     plan = sink.plan_resume(target, videos, [TASKS] * 4)
     assert plan.done == 1 and plan.todo.column("video_id").to_pylist() == ["a", "c", "d"]
     assert plan.unlisted_videos == 1 and plan.attempt == 1
-    assert _keys(target) == Counter(_both("b", "x"))  # x is not in the input: left alone
+    assert {v for v, _ in _keys(target)} == {"a", "b", "c", "d", "x"}  # x is not in the input: left alone
 
 
-def test_plan_of_an_empty_or_unreadable_folder_is_a_fresh_run(tmp_path):
+def test_plan_of_an_empty_or_uncommitted_folder_is_a_fresh_run(tmp_path):
     target = _target(tmp_path)
     videos = _videos(["a", "b"])
     plan = sink.plan_resume(target, videos, [TASKS] * 2)  # the folder does not exist
     assert not plan.resuming and plan.attempt == 0 and plan.todo.num_rows == 2 and plan.done == 0
-    (Path(target.path)).mkdir(parents=True)
+    Path(target.path).mkdir(parents=True)
     (Path(target.path) / "part-002-00000-ab-0.parquet").write_bytes(b"PAR1 truncated")
     plan = sink.plan_resume(target, videos, [TASKS] * 2)
-    assert not plan.resuming and plan.attempt == 0 and len(plan.deleted) == 1  # nothing kept: write afresh
+    # nothing committed; the next attempt's names never meet the ones seen (a late writer of attempt 2)
+    assert not plan.resuming and plan.attempt == 3 and plan.removed == ["part-002-00000-ab-0.parquet"]
+    assert not list(Path(target.path).glob("*.parquet"))
 
 
 def _minimal(**output) -> dict:
@@ -216,14 +213,14 @@ def test_rerun_of_a_complete_folder_needs_no_ray(tmp_path, monkeypatch):
         (videos / f"{n}.mp4").write_bytes(b"listed only")
     cfg = load_config(data={**_minimal(), "input": {"local_dir": str(videos)}, "output": {"path": str(tmp_path / "out")},
                             "decode": {"frame_size": 32}})
-    target = sink.resolve(cfg.output.path, cfg.effective_run_id(), s3.S3Settings())
-    listed = run_module.list_videos(cfg.input, s3.S3Settings())
+    target = storage.resolve(sink.run_uri(cfg.output.path, cfg.effective_run_id()))
+    listed = run_module.list_videos(cfg.input, S3Config())
     rows = [(vid, t) for vid in listed.column("video_id").to_pylist() for t in TASKS]
     table = _rows(rows)
     uris = dict(zip(listed.column("video_id").to_pylist(), listed.column("video_uri").to_pylist()))
     table = table.set_column(table.schema.get_field_index("video_uri"), "video_uri",
                              pa.array([uris[v] for v, _ in rows], pa.string()))
-    _write(Path(target.path), "part-00000-0.parquet", table)
+    _commit(target, 0, 0, table)
 
     def no_ray(_cfg):
         raise AssertionError("Ray started for a complete run")

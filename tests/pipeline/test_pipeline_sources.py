@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import s3
-from pipeline.config import InputConfig
-from pipeline.sources import SourceError, iter_s3_uris, list_videos, manifest_source, video_id_for
+from pipeline.config import InputConfig, S3Config
+from pipeline import storage
+from pipeline.sources import SourceError, list_inputs, list_videos, manifest_source, video_id_for
 
-SETTINGS = s3.S3Settings()
+SETTINGS = S3Config()
 
 
 def _rows(tables) -> list[dict]:
@@ -43,8 +43,10 @@ def test_manifest_formats(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     for name in ["m.jsonl", "m.csv", "m.parquet"]:
         out = _rows(manifest_source(str(tmp_path / name), SETTINGS))
-        assert out[0] == {"video_id": "A", "video_uri": str(tmp_path / "clips/a.mp4"), "questions": ["why?", "how?"]}, name
-        assert out[1] == {"video_id": video_id_for("s3://bkt/b.mp4"), "video_uri": "s3://bkt/b.mp4", "questions": None}, name
+        assert out[0] == {"video_id": "A", "video_uri": str(tmp_path / "clips/a.mp4"), "questions": ["why?", "how?"],
+                          "etag": None}, name
+        assert out[1] == {"video_id": video_id_for("s3://bkt/b.mp4"), "video_uri": "s3://bkt/b.mp4", "questions": None,
+                          "etag": None}, name
 
 
 def test_bad_manifests(tmp_path):
@@ -71,8 +73,14 @@ def test_s3_listing_is_paginated_and_filtered(mocked_s3):
     c.put_object(Bucket="bkt", Key="videos/sub/", Body=b"")
     c.put_object(Bucket="bkt", Key="other/1.mp4", Body=b"x")
     c.put_object(Bucket="bkt", Key="m/list.jsonl", Body=b'{"video_uri": "s3://bkt/videos/000.mp4"}\n')
-    uris = list(iter_s3_uris("s3://bkt/videos/", [".mp4"], SETTINGS, page_size=5))
+    entries = list(storage.list_objects("s3://bkt/videos/", SETTINGS, [".mp4"], page_size=5))
+    uris = [e.uri for e in entries]
     table = list_videos(InputConfig(s3_prefix="s3://bkt/videos/"), SETTINGS)
+    # the listing's ETag is the object's (quotes stripped), read once, with the size
+    etag = c.head_object(Bucket="bkt", Key="videos/000.mp4")["ETag"].strip('"')
+    assert (entries[0].size, entries[0].etag) == (1, etag)
+    listed = list_inputs(InputConfig(s3_prefix="s3://bkt/videos/"), SETTINGS)
+    assert listed.column("etag").to_pylist()[0] == etag and listed.num_rows == 23
     manifest = list_videos(InputConfig(manifest="s3://bkt/m/list.jsonl"), SETTINGS)
     assert uris == [f"s3://bkt/videos/{i:03d}.mp4" for i in range(23)]
     assert table.column("video_uri").to_pylist() == uris

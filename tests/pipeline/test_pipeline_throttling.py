@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import s3
+from pipeline import storage
+from pipeline.config import S3Config
 from pipeline.decode import DecodeSettings, DecodeStage
 from tests.pipeline.s3proxy import FaultProxy, first_n_per_path
 from tests.pipeline.s3server import boto_client, fake_aws_env, moto_server
@@ -25,15 +26,15 @@ def throttled():
             client.put_object(Bucket="bkt", Key=f"v{i}.mp4", Body=video)
         plan = {"/bkt/v0.mp4": 1, "/bkt/v1.mp4": 2, "/bkt/v2.mp4": 3, "/bkt/v3.mp4": -1}
         with FaultProxy(endpoint, first_n_per_path(plan)) as proxy:
-            s3.client.cache_clear()
+            storage.client.cache_clear()
             try:
                 yield proxy
             finally:
-                s3.client.cache_clear()
+                storage.client.cache_clear()
 
 
 def test_503_slowdown_is_retried_and_persistent_throttling_is_an_error_row(throttled):
-    settings = DecodeSettings(num_frames=4, frame_size=32, s3=s3.S3Settings(endpoint_url=throttled.url, max_attempts=3))
+    settings = DecodeSettings(num_frames=4, frame_size=32, s3=S3Config(endpoint_url=throttled.url, max_attempts=3))
     rows = DecodeStage(settings)([{"video_id": f"v{i}", "video_uri": f"s3://bkt/v{i}.mp4", "questions": None}
                                   for i in range(4)]).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error"]
