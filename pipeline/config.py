@@ -348,7 +348,10 @@ class RayConfig(_Section):
 
 
 class S3Config(_Section):
-    """S3 client settings (used for listing, fetching, manifests, model copies and the Parquet sink)."""
+    """S3 client settings (pipeline.storage builds every S3 client from them: listing, fetching, manifests,
+    model copies, output). Frozen, so it is hashable and is passed to the stages as it is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     endpoint_url: str | None = Field(
         default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None,

@@ -121,6 +121,8 @@ class RunLock:
             if cur is None:
                 continue  # released between our create and our read: try again
             holder, version = cur
+            if holder.get("token") == self.token:  # our create, retried after its response was lost
+                return self._taken(version)
             reason = self._dead(holder)
             if reason is None:
                 raise LockHeld(

@@ -107,11 +107,14 @@ class ChunkWriter:
         commit_uri = f"{loc.uri}/{COMMITS}/{name}.json"
         if storage.put_if_absent(commit_uri, json.dumps(manifest).encode(), self.s3):
             return manifest
+        first = storage.read_json(commit_uri, self.s3)
+        if first["files"] == files:  # our own PUT, retried after its response was lost
+            return first
         # a retry of this write task after its first try had committed: that commit stands, these files go
         log.warning("chunk %s of %s was already committed (a retried write task); dropping the retry's files",
                     name, loc.uri)
         storage.delete(loc, [f["name"] for f in files])
-        return storage.read_json(commit_uri, self.s3)
+        return first
 
 
 # ------------------------------------------------------------------------------------------------ committed state

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import S3Config, load_config
-from pipeline.incremental import PAUSE_ENV, committed_files, load_state, read_committed, run_nightly
+from pipeline import sink, storage
+from pipeline.config import load_config
+from pipeline.incremental import PAUSE_ENV, load_state, run_nightly
 from pipeline.samples import make_video
+from pipeline.sink import committed_files, read_committed
 from tests.jobs.jobdata import job_data
 
 pytestmark = pytest.mark.slow
@@ -39,7 +41,7 @@ def local_ray():
 
 
 def _keys(output: str) -> Counter:
-    t = read_committed(output, columns=["video_uri", "video_etag", "task_id"])
+    t = read_committed(output, columns=["video_uri", "video_etag", "task_id"], latest=False)  # every version
     return Counter(zip(t.column("video_uri").to_pylist(), t.column("video_etag").to_pylist(), t.column("task_id").to_pylist()))
 
 
@@ -71,7 +73,7 @@ def test_nightly_new_changed_crash_exactly_once(tmp_path, tiny_model, local_ray)
     processed = {Path(v["video_uri"]).name for v in _manifest_inputs(str(out), r2.run_id)}
     assert processed == {"v1.mp4", "v3.mp4", "v4.mp4"}
 
-    # a run killed after writing its data but before its marker leaves nothing committed
+    # a run killed after committing its chunks but before its run manifest leaves nothing committed
     _write(videos / "v5.mp4", 6)
     _write(videos / "v6.mp4", 6)
     cfg_file = tmp_path / "job.yaml"
@@ -100,6 +102,7 @@ def test_nightly_new_changed_crash_exactly_once(tmp_path, tiny_model, local_ray)
     assert len(markers) == 2 and len({p.parent for p in parts}) == 3  # one uncommitted folder with data
     fs_, files = committed_files(str(out))
     assert len(files) == 2  # readers see only committed runs
+    assert list(out.glob(f"date=*/run=*/{sink.COMMITS}/*.json"))  # ... though every run folder has chunks
     assert sum(_keys(str(out)).values()) == 6 + 6
 
     r3 = run_nightly(cfg)
@@ -122,9 +125,7 @@ def test_nightly_new_changed_crash_exactly_once(tmp_path, tiny_model, local_ray)
 
 
 def _manifest_inputs(output: str, run_id: str) -> list[dict]:
-    from pipeline.incremental import Root
-
-    for m in load_state(Root.of(output)).manifests:
+    for m in load_state(storage.resolve(output)).manifests:
         if m["run_id"] == run_id:
             assert m["code_version"] != "unknown" and m["counts"]["rows"] == 2 * len(m["inputs"])
             return m["inputs"]
@@ -144,7 +145,7 @@ def test_overlapping_nightly_is_refused_before_any_work(tmp_path, monkeypatch):
         raise AssertionError("a refused nightly must not plan")
 
     monkeypatch.setattr(incremental, "load_state", must_not_run)
-    other = RunLock.for_output(cfg.output.path, incremental.NIGHTLY_LOCK, S3Config()).acquire()
+    other = RunLock.for_output(cfg.output.path, incremental.NIGHTLY_LOCK, cfg.s3).acquire()
     try:
         with pytest.raises(LockHeld, match="only one run may write this output"):
             incremental.run_nightly(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 from collections import Counter
 
 import pyarrow as pa
@@ -18,9 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.run as run_module
+from pipeline import storage
 from pipeline.config import load_config
-from pipeline.incremental import MANIFEST_NAME, Root, committed_files, load_state, read_committed, run_nightly
+from pipeline.incremental import MANIFEST_NAME, load_state, run_nightly
 from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.sink import committed_files, read_committed
 from tests.jobs.jobdata import job_data
 from tests.pipeline.s3server import boto_client, fake_aws_env, moto_server, upload_dir
 from tests.pipeline.videos import make_video
@@ -69,16 +72,16 @@ def _keys(client, prefix: str) -> list[str]:
 
 
 def _rows(output: str, settings) -> Counter:
-    t = read_committed(output, columns=["video_uri", "video_etag", "task_id", "status"], settings=settings)
+    t = read_committed(output, columns=["video_uri", "video_etag", "task_id", "status"], latest=False, s3_cfg=settings)
     assert set(t.column("status").to_pylist()) == {"ok"}
     return Counter(zip(t.column("video_uri").to_pylist(), t.column("video_etag").to_pylist(),
                        t.column("task_id").to_pylist()))
 
 
-def _inputs(root: Root, run_id: str) -> dict[str, str]:
-    for m in load_state(root).manifests:
+def _inputs(root: storage.Location, run_id: str, settings) -> dict[str, str]:
+    for m in load_state(root, settings).manifests:
         if m["run_id"] == run_id:
-            assert m["counts"]["rows"] == len(TASKS) * len(m["inputs"]) and m["files"]
+            assert m["counts"]["rows"] == len(TASKS) * len(m["inputs"]) and m["files"] and m["chunks"]
             return {v["video_uri"]: v["etag"] for v in m["inputs"]}
     raise AssertionError(run_id)
 
@@ -89,7 +92,7 @@ def test_nightly_on_s3(s3_ray, tmp_path, monkeypatch):
     cfg = _cfg(endpoint, str(tmp_path / "cache"))
     output = cfg.output.path
     settings = cfg.s3
-    root = Root.of(output, settings)
+    root = storage.resolve(output, settings)
     uri = {n: f"s3://{BUCKET}/videos/{n}" for n in ("v0.mp4", "v1.mp4", "v2.mp4", "v3.mp4", "v4.mp4")}
 
     # ---- night 1: three videos
@@ -99,7 +102,7 @@ def test_nightly_on_s3(s3_ray, tmp_path, monkeypatch):
     assert (r1.listed, r1.pending, r1.new, r1.changed, r1.removed_uncommitted) == (3, 3, 3, 0, [])
     assert r1.summary.rows == 6 and r1.summary.rows_error == 0
     assert r1.manifest_uri == f"s3://{BUCKET}/index/date=2024-05-01/run={r1.run_id}/{MANIFEST_NAME}"
-    assert _inputs(root, r1.run_id) == {uri[n]: etag[n] for n in etag}  # the S3 ETags, quotes stripped
+    assert _inputs(root, r1.run_id, settings) == {uri[n]: etag[n] for n in etag}  # the S3 ETags, quotes stripped
     assert _rows(output, settings) == Counter({(uri[n], etag[n], t): 1 for n in etag for t in TASKS})
 
     # ---- between nights: 2 added, 1 overwritten (new ETag), 1 re-PUT with the same bytes (same ETag)
@@ -111,32 +114,34 @@ def test_nightly_on_s3(s3_ray, tmp_path, monkeypatch):
     assert etag["v1.mp4"] != old_v1
 
     # ---- runs that died before their commit marker: one with a data object, one with only its folder
-    ghost = dict(read_committed(output, settings=settings).slice(0, 1).to_pylist()[0], video_id="ghost",
+    ghost = dict(read_committed(output, s3_cfg=settings).slice(0, 1).to_pylist()[0], video_id="ghost",
                  video_uri=f"s3://{BUCKET}/videos/ghost.mp4", run_id="bogus")
     bogus = pa.Table.from_pylist([ghost], schema=OUTPUT_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(bogus, buf)
-    client.put_object(Bucket=BUCKET, Key=f"{BOGUS}/part-0.parquet", Body=buf.getvalue())
+    client.put_object(Bucket=BUCKET, Key=f"{BOGUS}/part-000-00000-deadbeef-0.parquet", Body=buf.getvalue())
+    client.put_object(Bucket=BUCKET, Key=f"{BOGUS}/_commits/000-00000.json", Body=json.dumps(
+        {"chunk": "000-00000", "attempt": 0, "rows": 1, "files": [{"name": "part-000-00000-deadbeef-0.parquet", "rows": 1}]}))
     client.put_object(Bucket=BUCKET, Key=EMPTY, Body=b"")
-    state = load_state(root)
+    state = load_state(root, settings)
     assert state.uncommitted_dirs == UNCOMMITTED and len(state.committed_dirs) == 1
     _fs, files = committed_files(output, settings)
-    assert files and not [f for f in files if "run=bogus" in f]
-    assert "ghost" not in str(read_committed(output, settings=settings).column("video_uri").to_pylist())
+    assert files and not [f for f in files if "run=bogus" in f]  # its chunk is committed, its run is not
+    assert "ghost" not in str(read_committed(output, s3_cfg=settings).column("video_uri").to_pylist())
 
     # ---- night 2: exactly v1 (changed), v3, v4 (new); both uncommitted folders are deleted
     r2 = run_nightly(cfg, now=dt.datetime(2024, 5, 2, 2, 0, tzinfo=dt.timezone.utc))
     assert (r2.listed, r2.pending, r2.new, r2.changed) == (5, 3, 2, 1)
     assert r2.removed_uncommitted == UNCOMMITTED
     assert not [k for k in _keys(client, "index/") if "run=bogus" in k or "run=empty" in k]
-    assert _inputs(root, r2.run_id) == {uri[n]: etag[n] for n in ("v1.mp4", "v3.mp4", "v4.mp4")}
+    assert _inputs(root, r2.run_id, settings) == {uri[n]: etag[n] for n in ("v1.mp4", "v3.mp4", "v4.mp4")}
     assert "/date=2024-05-02/" in r2.manifest_uri
 
     rows = _rows(output, settings)
     expected = {(uri[n], etag[n], t): 1 for n in etag for t in TASKS}
     expected.update({(uri["v1.mp4"], old_v1, t): 1 for t in TASKS})  # the older version stays committed
     assert rows == Counter(expected)
-    latest = read_committed(output, columns=["video_uri", "video_etag", "task_id"], latest=True, settings=settings)
+    latest = read_committed(output, columns=["video_uri", "video_etag", "task_id"], s3_cfg=settings)  # latest
     assert Counter(zip(latest.column("video_uri").to_pylist(), latest.column("video_etag").to_pylist(),
                        latest.column("task_id").to_pylist())) == Counter({(uri[n], etag[n], t): 1 for n in etag for t in TASKS})
 

@@ -111,7 +111,7 @@ def test_500_videos_bounded_memory_every_row(corpus, tiny_model, tmp_path):
 
     figures = {
         "videos": NUM_VIDEOS, "rows": table.num_rows, "rows_lost": 2 * NUM_VIDEOS - table.num_rows,
-        "files": len(sink.list_files(result.target)), "wall_s": round(wall, 1),
+        "files": len(sink.committed_files(result.target.uri)[1]), "wall_s": round(wall, 1),
         "videos_per_s": round(NUM_VIDEOS / wall, 2),
         "frames_through_store_mib": round(NUM_VIDEOS * FRAMES * FRAME_SIZE**2 * 3 / MiB),
         "object_store_mib": OBJECT_STORE_BYTES // MiB, "peak_store_used_mib": round(store.peak_used / MiB),

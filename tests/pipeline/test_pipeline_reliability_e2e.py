@@ -96,14 +96,13 @@ def test_bad_inputs_end_to_end(setup, tmp_path, monkeypatch, caplog, capfd):
     # ---- nothing written outside <output>/<run_id>/
     keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in p.get("Contents", [])]
     outside = [k for k in keys if not k.startswith(("videos/", "models/", "manifests/"))]
-    markers = {"out/", f"out/{run_id}/"}  # empty "folder" objects pyarrow's S3 filesystem creates
-    written = [k for k in outside if k not in markers]
-    assert written and all(k.startswith(f"out/{run_id}/part-") for k in written), outside
+    written = [k for k in outside if k not in {"out/", f"out/{run_id}/"}]  # (folder markers, if any)
+    assert written and all(k.startswith((f"out/{run_id}/part-", f"out/{run_id}/_commits/")) for k in written), outside
 
-    blobs = [s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in written]
+    blobs = [s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in written]  # data and commit manifests
     import io
 
-    rows = [r for b in blobs for r in pq.read_table(io.BytesIO(b)).to_pylist()]
+    rows = [r for k, b in zip(written, blobs) if k.endswith(".parquet") for r in pq.read_table(io.BytesIO(b)).to_pylist()]
 
     # ---- one row per (video, task); every input video present; expected status / error_type
     expected = {n: exp for n, (_, exp) in cases.items()}

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sink, storage
@@ -238,9 +237,9 @@ def test_rerun_of_a_complete_folder_needs_no_ray(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ kill + resume
 
 N_VIDEOS = 36
-KILL_AFTER_ROWS = 12  # of 72: kill once about a sixth of the rows are in readable files (3 of the ~18 files)
+KILL_AFTER_ROWS = 12  # of 72: kill once about a sixth of the rows are committed (3 of the ~18 chunks)
 RESUMING = re.compile(r"resuming run (\S+): (\d+) of (\d+) videos already complete, (\d+) to do \(attempt (\d+); "
-                      r"(\d+) rows kept, (\d+) rows of incomplete videos removed, (\d+) unreadable files deleted\)")
+                      r"(\d+) chunks committed, (\d+) uncommitted files deleted\)")
 
 
 def _job(videos: Path, out: Path, model: str, ray_tmp: str) -> dict:
@@ -310,19 +309,21 @@ def _run_to_end(cmd: list[str], cwd: Path, env: dict, ray_tmp: str, timeout: flo
     return proc.returncode, stdout, stderr
 
 
-def _readable_rows(folder: Path) -> int:
+def _committed_rows(folder: Path) -> int:
     return _scan(folder)[0]
 
 
 def _scan(folder: Path) -> tuple[int, int]:
-    """(rows in readable files, files that cannot be read) of the run folder(s) under ``folder``."""
-    rows = bad = 0
-    for f in folder.glob("*/*.parquet"):
+    """(rows of committed chunks, data files no chunk manifest names) of the run folder(s) under ``folder``."""
+    rows, named = 0, set()
+    for m in folder.glob(f"*/{sink.COMMITS}/*.json"):
         try:
-            rows += pq.ParquetFile(f).metadata.num_rows
-        except Exception:  # noqa: BLE001 - a file being written, or truncated by the kill
-            bad += 1
-    return rows, bad
+            manifest = json.loads(m.read_text())
+        except (OSError, ValueError):  # a manifest is linked whole: never seen half-written
+            raise AssertionError(f"unreadable commit manifest {m}") from None
+        rows += manifest["rows"]
+        named |= {f["name"] for f in manifest["files"]}
+    return rows, len([f for f in folder.glob("*/*.parquet") if f.name not in named])
 
 
 @pytest.fixture
@@ -360,10 +361,10 @@ def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_mo
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and _readable_rows(out) < KILL_AFTER_ROWS:
+        while time.time() < deadline and proc.poll() is None and _committed_rows(out) < KILL_AFTER_ROWS:
             time.sleep(0.05)
         finished_first = proc.poll() is not None
-        rows_at_kill = _readable_rows(out)
+        rows_at_kill = _committed_rows(out)
         leftovers = _kill_session(proc.pid, ray_tmp)
     finally:
         if proc.poll() is None:
@@ -376,9 +377,9 @@ def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_mo
     assert proc.returncode == -signal.SIGKILL
     assert 0 < rows_at_kill < total_rows, (rows_at_kill, run1[-3000:])
     assert not _session_procs(proc.pid, ray_tmp)
-    print(f"\nkilled after {t_killed - t_start:.1f}s with {rows_at_kill} readable rows; leftovers killed by pid: {leftovers}")
+    print(f"\nkilled after {t_killed - t_start:.1f}s with {rows_at_kill} committed rows; leftovers killed by pid: {leftovers}")
     files_at_kill = sorted(p.name for p in out.glob("*/*.parquet"))
-    rows_after_kill, unreadable_after_kill = _scan(out)
+    rows_after_kill, uncommitted_after_kill = _scan(out)
 
     # 2. the same command again: resumes, writes the rest under new names
     rc2, out2, err2 = _run_to_end(cmd, tmp_path, env, ray_tmp, timeout=150)
@@ -387,10 +388,10 @@ def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_mo
     t_end = time.perf_counter()
     m = RESUMING.search(log2)
     assert m, log2[-4000:]
-    done, total, todo, attempt, kept, removed, deleted = (int(g) for g in m.groups()[1:])
+    done, total, todo, attempt, chunks, deleted = (int(g) for g in m.groups()[1:])
     assert total == N_VIDEOS and 0 < done < total and done + todo == total, m.group(0)
-    assert attempt == 1 and kept == 2 * done and deleted == unreadable_after_kill
-    assert kept + removed == rows_after_kill, (m.group(0), rows_after_kill)
+    # every committed row belongs to a complete video (a chunk holds whole videos); uncommitted files deleted
+    assert attempt == 1 and chunks > 0 and 2 * done == rows_after_kill and deleted == uncommitted_after_kill
     # the killed driver's lock (same host, process gone) is taken over at once
     assert "took over the lock" in log2 and "is gone" in log2, log2[-4000:]
     assert not list((out / "_locks").glob("*.json"))  # released at the end
@@ -398,7 +399,9 @@ def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_mo
     # exactly one row per (video, task), every video present
     run_dirs = [d for d in out.iterdir() if d.is_dir() and d.name != "_locks"]
     assert len(run_dirs) == 1
-    table = pq.read_table(run_dirs[0], columns=["video_uri", "task_id", "status"])
+    table = sink.read_committed(str(run_dirs[0]), columns=["video_uri", "task_id", "status"])
+    # nothing committed twice: every committed version together holds the same rows
+    assert sink.read_committed(str(run_dirs[0]), columns=["video_id"], latest=False).num_rows == total_rows
     keys = Counter(zip(table.column("video_uri").to_pylist(), table.column("task_id").to_pylist()))
     expected = {(str(p.resolve()), t) for p in videos.glob("*.mp4") for t in ("caption", "mcq:0")}
     assert set(keys) == expected and max(keys.values()) == 1 and table.num_rows == total_rows
@@ -416,10 +419,10 @@ def test_driver_killed_mid_run_then_rerun_resumes_exactly_once(tmp_path, tiny_mo
     assert sorted(p.name for p in run_dirs[0].glob("*.parquet")) == names
 
     print("RESUME_FIGURES " + json.dumps({
-        "videos": N_VIDEOS, "rows_expected": total_rows, "rows_readable_at_kill": rows_at_kill,
-        "files_at_kill": len(files_at_kill), "readable_rows_after_kill": rows_after_kill,
-        "unreadable_files_after_kill": unreadable_after_kill, "leftover_processes_killed_by_pid": len(set(leftovers)),
-        "videos_done_before_rerun": done, "rows_kept": kept, "rows_of_incomplete_videos_removed": removed,
+        "videos": N_VIDEOS, "rows_expected": total_rows, "rows_committed_at_kill": rows_at_kill,
+        "files_at_kill": len(files_at_kill), "committed_rows_after_kill": rows_after_kill,
+        "uncommitted_files_after_kill": uncommitted_after_kill, "leftover_processes_killed_by_pid": len(set(leftovers)),
+        "videos_done_before_rerun": done, "chunks_committed_before_rerun": chunks,
         "videos_redone": todo, "rows_after": table.num_rows,
         "rows_lost": len(expected - set(keys)), "rows_duplicated": sum(n - 1 for n in keys.values()),
         "first_run_s": round(t_killed - t_start, 1), "rerun_s": round(t_end - t_killed, 1),

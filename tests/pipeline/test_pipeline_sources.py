@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import InputConfig, S3Config
 from pipeline import storage
+from pipeline.config import InputConfig, S3Config
 from pipeline.sources import SourceError, list_inputs, list_videos, manifest_source, video_id_for
 
 SETTINGS = S3Config()
