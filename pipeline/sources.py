@@ -1,7 +1,10 @@
-"""Sources: which videos a run processes (driver side).
+"""Sources: which videos a run processes (driver side), listed once with their fingerprints.
 
-Each source yields pyarrow tables of :data:`pipeline.schema.VIDEO_SCHEMA` (``video_id``, ``video_uri``,
-``questions``) in chunks, so a prefix of millions of objects never becomes one giant Python list.
+:func:`list_inputs` gives :data:`LISTED_SCHEMA` (``video_id``, ``video_uri``, ``questions``, ``etag``): an
+``input.s3_prefix`` listed through :func:`pipeline.storage.list_objects` (``ListObjectsV2``: the ETag comes with
+the listing), an ``input.local_dir`` walked by :func:`walk` (each real file once, at any depth; what it cannot
+list is counted in a :class:`ListingReport`), or a manifest (Parquet / JSONL / CSV). :func:`list_videos` is the
+same as :data:`pipeline.schema.VIDEO_SCHEMA`, the graph's input.
 
 ``video_id`` is stable: the manifest's value when it has one, else ``sha1(video_uri)[:16]``.
 """

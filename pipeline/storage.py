@@ -1,23 +1,15 @@
-"""Storage: the one module that reads and writes objects, on S3 or on a local disk.
+"""Storage: the one module that reads and writes objects, on S3 or a local disk, named by URI (``s3://b/k``, a
+local path, or ``file://`` + percent-encoded bytes for a local name that is not UTF-8).
 
-Every other module names data by a URI (``s3://bucket/key``, a local path, or ``file://`` + percent-encoded
-bytes for a local name that is not UTF-8) and calls this module::
-
-    loc = resolve("s3://bkt/out/run-1", s3_cfg)      # Location: pyarrow filesystem + path in it + display URI
-    pq.read_table(loc.child("part-0.parquet").path, filesystem=loc.filesystem)
-    for e in list_objects("s3://bkt/videos/", s3_cfg, suffixes=[".mp4"]): e.uri, e.size, e.etag
-    read_bytes(uri, s3_cfg); put_if_absent(uri, data, s3_cfg) -> version or None
-
-* Clients: boto3 (listing with ETags, GET, conditional PUT/DELETE: what ``pyarrow.fs`` does not expose) and
-  ``pyarrow.fs.S3FileSystem`` (Parquet files), both built from :class:`pipeline.config.S3Config` (endpoint,
-  region, ``max_attempts`` retries, timeouts; boto3 in adaptive retry mode). S3 retries live there only.
-* One fingerprint per object (:func:`etag_of`): the S3 ETag without quotes, or ``<int mtime>-<size>`` locally.
-* One rule for relative paths (:func:`resolve_relative`): a relative local path in a manifest names a file next
-  to the manifest; anything with a scheme or an absolute path is kept as written.
-* Conditional writes: :func:`put_if_absent` (S3 ``If-None-Match: *``; locally a hard link of a finished temp
-  file, which fails if the name exists), :func:`replace_if` on a version (S3 ``If-Match`` on the ETag;
-  locally the content hash under ``flock``). A version is an opaque string from :func:`read_versioned`.
-* Local paths longer than ``PATH_MAX`` open one folder at a time (:func:`open_file`).
+* :func:`resolve` -> :class:`Location` (a ``pyarrow.fs`` filesystem, the path in it, the URI) for Parquet I/O;
+  :func:`list_objects` (sizes, fingerprints), :func:`read_bytes`, :func:`put_if_absent` (S3 ``If-None-Match: *``;
+  locally ``link()`` of a finished temp file), :func:`replace_if` (``body=None`` deletes; S3 ``If-Match`` on the
+  ETag, locally a content hash under ``flock``).
+* Clients: boto3 for what ``pyarrow.fs`` does not expose (ETags, conditional writes) and ``pyarrow.fs.S3FileSystem``
+  for Parquet, both from one :class:`pipeline.config.S3Config` (endpoint, region, ``max_attempts``, timeouts; boto3
+  in adaptive retry mode): S3 retries live in the client configuration only.
+* One fingerprint (:func:`etag_of`: the S3 ETag, or ``<int mtime>-<size>``); one rule for relative paths in a
+  manifest (:func:`resolve_relative`); local paths past ``PATH_MAX`` open one folder at a time (:func:`open_file`).
 """
 
 from __future__ import annotations
@@ -34,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +57,6 @@ def error_code(exc: BaseException) -> str | None:
         return str(code) if code else None
     return None
 
-
-# ------------------------------------------------------------------------------------------------ local names
 
 
 def uri_for(path: str) -> str:
@@ -124,24 +115,20 @@ def etag_of(st: os.stat_result | None = None, s3_etag: str | None = None) -> str
 
 
 def stat_etag(uri: str, cfg=None) -> str | None:
-    """The fingerprint of one object (``HeadObject`` / ``stat``), or None when it cannot be read."""
-    if is_s3(uri):
-        bucket, key = split_uri(uri)
-        try:
-            return etag_of(s3_etag=client(cfg).head_object(Bucket=bucket, Key=key)["ETag"])
-        except Exception:  # noqa: BLE001 - missing or unreadable: the fetch reports it as an error row
-            return None
+    """The fingerprint of one object (``HeadObject`` / ``fstat``), or None when it cannot be read (the fetch
+    then reports why, as an error row)."""
     try:
+        if is_s3(uri):
+            bucket, key = split_uri(uri)
+            return etag_of(s3_etag=client(cfg).head_object(Bucket=bucket, Key=key)["ETag"])
         fd = open_file(path_of(uri), getattr(os, "O_PATH", os.O_RDONLY) | os.O_CLOEXEC)
-    except OSError:
+    except Exception:  # noqa: BLE001 - missing or unreadable
         return None
     try:
         return etag_of(os.fstat(fd))
     finally:
         os.close(fd)
 
-
-# ------------------------------------------------------------------------------------------------ clients
 
 
 def _key(cfg) -> tuple:
@@ -210,11 +197,8 @@ def resolve(uri: str, cfg=None) -> Location:
     return Location(fs.LocalFileSystem(), local, local)
 
 
-# ------------------------------------------------------------------------------------------------ listing
 
-
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One listed object: its URI, size in bytes and fingerprint (:func:`etag_of`)."""
 
     uri: str
@@ -255,8 +239,6 @@ def _walk_all(root: str, folders: bool = False) -> Iterator[tuple[str, os.stat_r
             with contextlib.suppress(FileNotFoundError):
                 yield path, os.stat(path)
 
-
-# ------------------------------------------------------------------------------------------------ whole objects
 
 
 def read_bytes(uri: str, cfg=None) -> bytes:
@@ -329,7 +311,8 @@ def put_if_absent(uri: str, body: bytes, cfg=None) -> str | None:
 
 
 @contextlib.contextmanager
-def _local_mutex(path: str):
+def local_mutex(path: str):
+    """An exclusive ``flock`` on a sidecar file of ``path`` (processes of one host)."""
     import fcntl
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -356,7 +339,7 @@ def replace_if(uri: str, body: bytes | None, version: str, cfg=None) -> str | No
             raise
         return ""
     path = resolve(uri).path
-    with _local_mutex(path):
+    with local_mutex(path):
         cur = read_versioned(path)
         if cur is None or cur[1] != version:
             return None
@@ -372,33 +355,3 @@ def delete(loc: Location, names: list[str]) -> None:
     for name in names:
         with contextlib.suppress(FileNotFoundError):
             loc.filesystem.delete_file(f"{loc.path}/{name}")
-
-
-# ------------------------------------------------------------------------------------------------ model copies
-
-
-def ensure_local_model(source: str, cache_dir: str, cfg=None) -> str:
-    """A local path (or hub id) for ``source``; an ``s3://`` prefix is copied once per node to ``cache_dir``
-    (``pyarrow.fs.copy_files``, streamed; actors of one node serialise on a file lock, the first copies into a
-    temp folder renamed into place, the others find the folder)."""
-    import shutil
-
-    from pyarrow import fs
-
-    if not is_s3(source):
-        return source
-    src = resolve(source, cfg)
-    digest = hashlib.sha256(src.uri.encode()).hexdigest()[:16]
-    dest = os.path.join(os.path.expanduser(str(cache_dir)), f"{src.uri.rsplit('/', 1)[-1] or 'model'}-{digest}")
-    with _local_mutex(dest):
-        if not os.path.isdir(dest):
-            tmp = f"{dest}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                fs.copy_files(src.path, tmp, source_filesystem=src.filesystem, destination_filesystem=fs.LocalFileSystem())
-                if not os.path.isdir(tmp) or not os.listdir(tmp):
-                    raise FileNotFoundError(f"no objects under model prefix {source}")
-                os.rename(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            log.info("copied the model files of %s to %s", source, dest)
-    return dest

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline.localfs import ListingReport, path_of
 
 from pipeline.backends import decode_frames, pyav_sequential_frames
 from pipeline.config import TRANSIENT_ERROR_TYPES, InputConfig, S3Config
 from pipeline.decode import DecodeSettings, DecodeStage, decode_video, frames_from_row, sample_indices
 from pipeline.media import probe
-from pipeline.sources import list_videos
+from pipeline.sources import ListingReport, list_videos
+from pipeline.storage import path_of, stat_etag
 from tests.pipeline import oddities
 from tests.pipeline.videos import make_video
 
@@ -79,8 +79,6 @@ def _deep_tree(root: Path, levels: int = 20, name_len: int = 240) -> str:
 
 
 def test_2_tree_deeper_than_path_max_is_listed_and_decoded(tmp_path):
-    from pipeline.incremental import _local_etag
-
     deep = _deep_tree(tmp_path)
     assert len(deep) > os.pathconf("/", "PC_PATH_MAX")
     with pytest.raises(OSError, match="too long"):
@@ -88,7 +86,7 @@ def test_2_tree_deeper_than_path_max_is_listed_and_decoded(tmp_path):
     (tmp_path / "top.mp4").write_bytes(CLIP)
     assert sorted(_list(tmp_path)) == sorted([deep, str(tmp_path / "top.mp4")])
     row = _decode(deep)
-    assert row["status"] == "ok" and row["video_etag"] == _local_etag(deep)
+    assert row["status"] == "ok" and row["video_etag"] == stat_etag(deep)  # the listing's fingerprint
     assert _decode(deep, in_memory_bytes=100)["status"] == "ok"  # decoded from the open file, not read into memory
 
 
@@ -144,9 +142,8 @@ logging.basicConfig(level=logging.WARNING)
 from pipeline.config import InputConfig
 from pipeline.decode import DecodeSettings, DecodeStage
 from pipeline.decode_worker import close_shared
-from pipeline.localfs import ListingReport
 from pipeline.config import S3Config
-from pipeline.sources import list_videos
+from pipeline.sources import ListingReport, list_videos
 report = ListingReport()
 uris = list_videos(InputConfig(local_dir={corpus!r}), S3Config(), report).column("video_uri").to_pylist()
 rows = {{}}
