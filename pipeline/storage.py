@@ -41,22 +41,17 @@ def is_s3(uri: str) -> bool:
 
 def split_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/key/parts`` -> ``("bucket", "key/parts")``."""
-    if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://"):].partition("/") if is_s3(uri) else ("", "", "")
     if not bucket:
-        raise ValueError(f"no bucket in {uri!r}")
+        raise ValueError(f"not an s3://bucket/... URI: {uri!r}")
     return bucket, key
 
 
 def error_code(exc: BaseException) -> str | None:
     """The S3 error code of a botocore ``ClientError`` (``NoSuchKey``, ``404``, ``AccessDenied``...)."""
     response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        return str(code) if code else None
-    return None
-
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return str(code) if code else None
 
 
 def uri_for(path: str) -> str:
@@ -128,7 +123,6 @@ def stat_etag(uri: str, cfg=None) -> str | None:
         return etag_of(os.fstat(fd))
     finally:
         os.close(fd)
-
 
 
 def _key(cfg) -> tuple:
@@ -240,14 +234,13 @@ def _walk_all(root: str, folders: bool = False) -> Iterator[tuple[str, os.stat_r
                 yield path, os.stat(path)
 
 
-
 def read_bytes(uri: str, cfg=None) -> bytes:
     """The bytes of one object (raises ``FileNotFoundError`` when it does not exist, else the client's error)."""
     return _read(uri, cfg)[0]
 
 
 def read_json(uri: str, cfg=None):
-    return json.loads(read_bytes(uri, cfg).decode("utf-8"))
+    return json.loads(_read(uri, cfg)[0])
 
 
 def read_versioned(uri: str, cfg=None) -> tuple[bytes, str] | None:

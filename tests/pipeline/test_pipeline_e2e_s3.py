@@ -55,7 +55,7 @@ def s3_ray(tiny_model, sample_videos):
 def _cfg(endpoint: str, tmp_path, **sections):
     data = {
         "input": {"manifest": f"s3://{BUCKET}/manifests/all.jsonl"},
-        "output": {"path": f"s3://{BUCKET}/out"},
+        "output": {"path": f"s3://{BUCKET}/out", "min_rows_per_file": 8},  # several chunks
         "model": {"source": f"s3://{BUCKET}/models/tiny-llava/", "cache_dir": str(tmp_path / "cache")},
         "decode": {"num_frames": 8},
         "tasks": {"questions": ["What moves?"], "max_new_tokens": 6, "mcq_max_new_tokens": 3,
