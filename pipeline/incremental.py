@@ -44,8 +44,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline import sink, storage
-from pipeline.schema import VIDEO_SCHEMA
-from pipeline.sources import ListingReport, list_inputs
+from pipeline.sources import ListingReport, list_videos
 from pipeline.tasks import global_tasks
 
 log = logging.getLogger(__name__)
@@ -156,11 +155,11 @@ def _run_nightly_locked(cfg, now: _dt.datetime, lock) -> NightlyResult:
         root.filesystem.delete_dir(f"{root.path}/{rel}")
 
     listing = ListingReport()
-    inputs = list_inputs(cfg.input, cfg.s3, listing, etags=True)
+    inputs = list_videos(cfg.input, cfg.s3, listing, etags=True)
     done = state.done()
     known_uris = {uri for uri, _ in done}
     pending_idx, new, changed = [], 0, 0
-    for i, key in enumerate(zip(inputs.column("video_uri").to_pylist(), inputs.column("etag").to_pylist())):
+    for i, key in enumerate(zip(inputs.column("video_uri").to_pylist(), inputs.column("video_etag").to_pylist())):
         if key in done:
             continue
         pending_idx.append(i)
@@ -178,8 +177,7 @@ def _run_nightly_locked(cfg, now: _dt.datetime, lock) -> NightlyResult:
     run_id = new_run_id(now)
     rel_dir = run_folder(now.strftime("%Y-%m-%d"), run_id)
     target = root.child(rel_dir)
-    res = execute(cfg.model_copy(update={"run_id": run_id}), pending.select(VIDEO_SCHEMA.names), target, run_id,
-                  t0=time.perf_counter())
+    res = execute(cfg.model_copy(update={"run_id": run_id}), pending, target, run_id, t0=time.perf_counter())
 
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     if pause > 0:
@@ -196,7 +194,7 @@ def _run_nightly_locked(cfg, now: _dt.datetime, lock) -> NightlyResult:
         "started_at": now.isoformat(),
         "committed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "code_version": code_version(),
-        "inputs": pending.select(["video_id", "video_uri", "etag"]).to_pylist(),
+        "inputs": pending.select(["video_id", "video_uri", "video_etag"]).rename_columns(["video_id", "video_uri", "etag"]).to_pylist(),
         "tasks": [t.task_id for t in global_tasks(cfg.tasks)]
         + (["vq:*"] if cfg.tasks.use_manifest_questions and cfg.input.manifest else []),
         "counts": {"videos": s.videos, "videos_ok": s.videos_ok, "videos_error": s.videos_error,

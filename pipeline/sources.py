@@ -1,10 +1,10 @@
 """Sources: which videos a run processes (driver side), listed once with their fingerprints.
 
-:func:`list_inputs` gives :data:`LISTED_SCHEMA` (``video_id``, ``video_uri``, ``questions``, ``etag``): an
+:func:`list_videos` gives :data:`LISTED_SCHEMA` (``video_id``, ``video_uri``, ``questions``, ``video_etag``): an
 ``input.s3_prefix`` listed through :func:`pipeline.storage.list_objects` (``ListObjectsV2``: the ETag comes with
 the listing), an ``input.local_dir`` walked by :func:`walk` (each real file once, at any depth; what it cannot
-list is counted in a :class:`ListingReport`), or a manifest (Parquet / JSONL / CSV). :func:`list_videos` is the
-same as :data:`pipeline.schema.VIDEO_SCHEMA`, the graph's input.
+list is counted in a :class:`ListingReport`), or a manifest (Parquet / JSONL / CSV). It is the graph's input:
+the listing's fingerprint travels with each video (read once; the fetch reports it as the row's ``video_etag``).
 
 ``video_id`` is stable: the manifest's value when it has one, else ``sha1(video_uri)[:16]``.
 """
@@ -64,7 +64,7 @@ def _chunked(rows_iter, chunk: int = CHUNK_ROWS) -> Iterator[pa.Table]:
 
 _ACCESS_DENIED = ("403", "AccessDenied", "Forbidden")
 #: the video list plus each object's fingerprint at listing time (pipeline.storage.etag_of; null when unknown)
-LISTED_SCHEMA = VIDEO_SCHEMA.append(pa.field("etag", pa.string()))
+LISTED_SCHEMA = VIDEO_SCHEMA.append(pa.field("video_etag", pa.string()))
 
 
 def list_entries(input_cfg, s3_cfg=None, report: ListingReport | None = None) -> Iterator[storage.Entry]:
@@ -94,7 +94,7 @@ def list_entries(input_cfg, s3_cfg=None, report: ListingReport | None = None) ->
 
 def _listed_rows(entries: Iterator[storage.Entry]) -> Iterator[dict]:
     for e in entries:
-        yield {"video_id": video_id_for(e.uri), "video_uri": e.uri, "questions": None, "etag": e.etag}
+        yield {"video_id": video_id_for(e.uri), "video_uri": e.uri, "questions": None, "video_etag": e.etag}
 
 
 # ------------------------------------------------------------------------------------------------ manifests
@@ -172,7 +172,7 @@ def manifest_source(uri: str, s3_cfg=None) -> Iterator[pa.Table]:
         if vid in seen:
             raise SourceError(f"manifest {uri} row {n}: duplicate video_id {vid!r}")
         seen.add(vid)
-        rows.append({"video_id": vid, "video_uri": video_uri, "etag": None,
+        rows.append({"video_id": vid, "video_uri": video_uri, "video_etag": None,
                      "questions": _parse_questions(r.get("questions"), f"manifest {uri} row {n}")})
     yield from _chunked(iter(rows))
 
@@ -180,10 +180,10 @@ def manifest_source(uri: str, s3_cfg=None) -> Iterator[pa.Table]:
 # ------------------------------------------------------------------------------------------------ entry
 
 
-def list_inputs(input_cfg, s3_cfg=None, report: ListingReport | None = None, etags: bool = False) -> pa.Table:
+def list_videos(input_cfg, s3_cfg=None, report: ListingReport | None = None, etags: bool = False) -> pa.Table:
     """All videos of the run (:data:`LISTED_SCHEMA`), sorted by URI unless from a manifest, ``input.limit``
-    applied. ``etag`` comes from the listing; for a manifest's videos (not listed) it is looked up only when
-    ``etags`` is set (one ``HeadObject`` / ``stat`` each), else null."""
+    applied. ``video_etag`` comes from the listing; for a manifest's videos (not listed) it is looked up only
+    when ``etags`` is set (one ``HeadObject`` / ``stat`` each: the nightly job), else null."""
     if input_cfg.manifest:
         chunks = list(manifest_source(input_cfg.manifest, s3_cfg))
     else:
@@ -194,15 +194,10 @@ def list_inputs(input_cfg, s3_cfg=None, report: ListingReport | None = None, eta
     if input_cfg.limit is not None:
         table = table.slice(0, input_cfg.limit)
     if etags and input_cfg.manifest:
-        found = [storage.stat_etag(u, s3_cfg) for u in table.column("video_uri").to_pylist()]
-        table = table.set_column(table.schema.get_field_index("etag"), "etag", pa.array(found, pa.string()))
+        found = pa.array([storage.stat_etag(u, s3_cfg) for u in table.column("video_uri").to_pylist()], pa.string())
+        table = table.set_column(table.schema.get_field_index("video_etag"), "video_etag", found)
     log.info("input: %d videos", table.num_rows)
     return table
-
-
-def list_videos(input_cfg, s3_cfg=None, report: ListingReport | None = None) -> pa.Table:
-    """:func:`list_inputs` as :data:`pipeline.schema.VIDEO_SCHEMA` (the graph's input)."""
-    return list_inputs(input_cfg, s3_cfg, report).select(VIDEO_SCHEMA.names)
 
 
 # ------------------------------------------------------------------------------------------------ local folders
