@@ -125,7 +125,7 @@ def test_model_cache_copies_once(tmp_path, monkeypatch):
 
     def fake_copy(src, dest, **_kw):
         calls.append(src)
-        os.makedirs(dest)
+        os.makedirs(dest, exist_ok=True)
         with open(os.path.join(dest, "config.json"), "w") as f:
             f.write("{}")
 
