@@ -76,7 +76,7 @@ class State:
 
 def load_state(root: storage.Location, s3_cfg=None) -> State:
     """Every ``date=*/run=*`` folder under ``root``: committed (it holds a run manifest) or not."""
-    found = sink.committed(root, s3_cfg)
+    found = sink.committed(root, s3_cfg, chunks=False)
     dirs = sorted({"/".join(rel.split("/")[:2]) for rel in found.files
                    if rel.startswith("date=") and "/run=" in rel and len(rel.rstrip("/").split("/")) >= 2})
     state = State()

@@ -138,16 +138,17 @@ class Committed:
         return sorted(out)
 
 
-def committed(loc: storage.Location, s3_cfg=None) -> Committed:
+def committed(loc: storage.Location, s3_cfg=None, chunks: bool = True) -> Committed:
     """The committed chunks below ``loc``: those directly in it (a run folder), and those of run folders below
-    it that hold a run manifest (a nightly root). One listing; manifests read once."""
+    it that hold a run manifest (a nightly root). One listing; manifests read once (chunk manifests only with
+    ``chunks``: the nightly's planning needs the run manifests alone)."""
     state = Committed(loc)
     prefix = loc.uri.rstrip("/") + "/"
     state.files = sorted(e.uri[len(prefix):] for e in storage.list_objects(prefix, s3_cfg, folders=True))
     for rel in state.files:
         if rel == RUN_MANIFEST or rel.endswith("/" + RUN_MANIFEST):
             state.run_manifests[rel[: -len(RUN_MANIFEST)].rstrip("/")] = storage.read_json(prefix + rel, s3_cfg)
-    for rel in state.files:
+    for rel in state.files if chunks else []:
         parts = rel.split("/")
         if len(parts) < 2 or parts[-2] != COMMITS or not parts[-1].endswith(".json") or parts[-1].startswith("."):
             continue
