@@ -16,6 +16,8 @@ Variants per shape:
                        rate of two actors on two GPUs = min of the two; on one GPU = harmonic sum
   mix:<preset>         fused_mix with a compression preset of the evaluation job: off, dycoke-k0.7-p0.7,
                        holitom-r0.10 / holitom-r0.15 / holitom-r0.25 (the method axis)
+  <fused variant>+sdpa     ablation: decode steps attend with SDPA instead of the Triton decode kernel
+  <fused variant>+unfused  ablation: the vision tower's MLP without the fused GELU epilogue
 
 Floor per video (DESIGN 7): vision FLOPs + ONE video prefill + the task suffix prefills at the measured
 bf16 matmul rate, plus decode bytes (decoder weights once per engine step, shared by the rows decoding
@@ -145,10 +147,15 @@ class Timed:
         return out
 
 
-def run_fused(llm, cfg, rows: list[dict], warm: list[dict]) -> tuple[dict, list[dict]]:
+def run_fused(llm, cfg, rows: list[dict], warm: list[dict], ablations: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
+    from dycoke.vision import fuse_mlp_gelu, unfuse_mlp_gelu
+
     st = cfg.stages
     gs = GenerateSettings(run_id="bench", tasks=cfg.tasks, dycoke=cfg.dycoke, engine_max_batch_size=st.engine_max_batch_size)
     stage = FusedStage(ModelSettings(source="random"), gs, llm=llm)
+    if "sdpa" in ablations:
+        stage.generate.engine.use_decode_kernel = False  # before the first call builds the session
+    (unfuse_mlp_gelu if "unfused" in ablations else fuse_mlp_gelu)(llm.model.model.vision_tower)
     timer = Timed(stage.encode)
     stage.encode.encode_rows = timer
     size, threads = st.resolved_fused_batch_size, st.actor_concurrency
@@ -225,14 +232,15 @@ def main() -> None:
         rows = decoded_rows(args.videos, args.frames, llm.image_size)
         st = lm_stats(llm)
         for variant in variants:
-            cfg = variant_config(variant)
-            tasks = {} if variant == "fused_caption" else MIX
+            base, *ablations = variant.split("+")
+            cfg = variant_config(base)
+            tasks = {} if base == "fused_caption" else MIX
             warm = rows[: 2 * cfg.stages.resolved_fused_batch_size]
             _reset_peak()
             if variant.startswith("split"):
                 r = run_split(llm, cfg, rows, warm)
             else:
-                r, out = run_fused(llm, cfg, rows, warm)
+                r, out = run_fused(llm, cfg, rows, warm, tuple(ablations))
                 assert len(out) == len(rows) * (1 if tasks == {} else 4) and all(o["status"] == "ok" for o in out), \
                     [o["error_message"] for o in out if o["status"] != "ok"][:3]
                 ok = [o for o in out if o["video_id"] == out[0]["video_id"]]

@@ -28,6 +28,7 @@ import time
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from dycoke import decode_attention
 from dycoke.attention import grouped_mask, install
 from dycoke.config import DyCokeConfig
 from dycoke.llava import VideoLLM
@@ -73,11 +74,15 @@ class Engine:
         compact_ratio: when nothing waits, compact when at most this fraction of rows is live (0: never).
         admit_fraction: with rows still decoding, admit only once this fraction of the rows is free (batches
             the suffix prefill of several groups into one forward).
+        decode_kernel: ``"auto"`` attends in decode steps with the split-K Triton kernel
+            (:mod:`dycoke.decode_attention`) where it can run (CUDA with Triton), else SDPA; ``"sdpa"`` always
+            SDPA; ``"triton"`` requires the kernel.
     """
 
     def __init__(self, llm: VideoLLM, config: DyCokeConfig, *, max_batch_size: int | None = 16,
                  max_batch_tokens: int | None = None, use_cuda_graph: bool | None = None, sync_every: int = 8,
-                 slot_multiple: int = 64, compact_ratio: float = 0.5, admit_fraction: float = 0.125):
+                 slot_multiple: int = 64, compact_ratio: float = 0.5, admit_fraction: float = 0.125,
+                 decode_kernel: str = "auto"):
         n_layers = llm.language_model.config.num_hidden_layers
         if config.dp_enabled and config.dp_layer >= n_layers:
             raise ValueError(f"dp_layer (L={config.dp_layer}) must be < the model's {n_layers} decoder layers")
@@ -85,6 +90,14 @@ class Engine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 0.0 <= compact_ratio < 1.0:
             raise ValueError(f"compact_ratio must be in [0, 1), got {compact_ratio}")
+        if decode_kernel not in ("auto", "sdpa", "triton"):
+            raise ValueError(f"decode_kernel must be auto, sdpa or triton, got {decode_kernel!r}")
+        lm_cfg = llm.language_model.config
+        head_dim = getattr(lm_cfg, "head_dim", None) or lm_cfg.hidden_size // lm_cfg.num_attention_heads
+        kernel_ok = decode_attention.available(llm.lm_head.weight, head_dim)
+        if decode_kernel == "triton" and not kernel_ok:
+            raise ValueError("decode_kernel='triton' needs a CUDA device and the triton package")
+        self.use_decode_kernel = kernel_ok and decode_kernel != "sdpa"
         self.llm, self.config = llm, config
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.use_cuda_graph = llm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph

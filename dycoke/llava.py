@@ -27,6 +27,7 @@ from dycoke.config import DyCokeConfig
 from dycoke.holitom import holitom_merge
 from dycoke.saliency import PatchSaliency, feature_layer_index
 from dycoke.ttm import temporal_merge
+from dycoke.vision import fuse_mlp_gelu
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ class VideoLLM:
         self.max_context = int(getattr(cfg.text_config, "max_position_embeddings", 32768))
         # Adapted per instance (see BilinearPooling): the model's get_video_features calls self.apply_pooling.
         model.model.apply_pooling = BilinearPooling(grid)
+        fuse_mlp_gelu(model.model.vision_tower)  # adapted per instance too (dycoke.vision): CUDA only
         self._saliency: PatchSaliency | None = None  # built on first HoliTom use
 
     @property
