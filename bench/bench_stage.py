@@ -18,6 +18,7 @@ Variants per shape:
                        holitom-r0.10 / holitom-r0.15 / holitom-r0.25 (the method axis)
   <fused variant>+sdpa     ablation: decode steps attend with SDPA instead of the Triton decode kernel
   <fused variant>+unfused  ablation: the vision tower's MLP without the fused GELU epilogue
+  <fused variant>+plainllm ablation: the decoder's RMSNorm and SwiGLU without the fused adapters (dycoke.fused)
 
 Floor per video (DESIGN 7): vision FLOPs + ONE video prefill + the task suffix prefills at the measured
 bf16 matmul rate, plus decode bytes (decoder weights once per engine step, shared by the rows decoding
@@ -148,6 +149,7 @@ class Timed:
 
 
 def run_fused(llm, cfg, rows: list[dict], warm: list[dict], ablations: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
+    from dycoke.fused import adapt_language_model, restore
     from dycoke.vision import fuse_mlp_gelu, unfuse_mlp_gelu
 
     st = cfg.stages
@@ -156,6 +158,7 @@ def run_fused(llm, cfg, rows: list[dict], warm: list[dict], ablations: tuple[str
     if "sdpa" in ablations:
         stage.generate.engine.use_decode_kernel = False  # before the first call builds the session
     (unfuse_mlp_gelu if "unfused" in ablations else fuse_mlp_gelu)(llm.model.model.vision_tower)
+    (restore if "plainllm" in ablations else adapt_language_model)(llm.language_model)
     timer = Timed(stage.encode)
     stage.encode.encode_rows = timer
     size, threads = st.resolved_fused_batch_size, st.actor_concurrency

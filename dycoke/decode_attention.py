@@ -94,8 +94,14 @@ def available(t: torch.Tensor, head_dim: int) -> bool:
     return True
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, splits: int = 4, block_n: int = 64) -> torch.Tensor:
+                     scale: float, splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                     num_stages: int = 2) -> torch.Tensor:
     """Grouped single-query attention over a slot cache.
 
     Args:
@@ -104,13 +110,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         bias: ``[B, S]`` additive mask (or any view whose last dim is contiguous, e.g. ``[B, 1, 1, S]``).
         lengths: ``[B]`` int, slots each row may read (``pos + 1``); slots at or past it are not read.
         scale: softmax scale.
-        splits: sequence chunks per (row, KV head), each a separate program.
+        splits: sequence chunks per (row, KV head), each a separate program; None: enough for about four
+            programs per SM (1 for a full batch).
     Returns ``[B, H_kv, G, d]`` in ``q``'s dtype. A row whose slots are all masked gets zeros.
     """
     bsz, kv_heads, groups, dim = q.shape
     slots = k.shape[2]
     bias2 = bias.reshape(bsz, slots)
     g_pad = max(16, 1 << (groups - 1).bit_length())
+    if splits is None:
+        splits = max(1, min(16, 4 * _sm_count(q.device) // (bsz * kv_heads)))
     chunk = -(-slots // splits)
     chunk = -(-chunk // block_n) * block_n
     part = torch.empty(bsz, kv_heads, splits, groups, dim, dtype=torch.float32, device=q.device)
@@ -122,7 +131,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         v.stride(0), v.stride(1), v.stride(2),
         bias2.stride(0),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-        chunk, G=groups, G_PAD=g_pad, D=dim, BLOCK_N=block_n, FP32=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        chunk, G=groups, G_PAD=g_pad, D=dim, BLOCK_N=block_n, FP32=q.dtype == torch.float32, num_warps=num_warps,
+        num_stages=num_stages)
     lse = lse[..., :groups]  # [B, H_kv, splits, G]
     top = lse.amax(dim=2, keepdim=True)
     weight = torch.exp(lse - torch.where(torch.isinf(top), torch.zeros_like(top), top))  # empty chunks weigh 0

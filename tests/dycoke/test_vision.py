@@ -49,3 +49,21 @@ def test_cuda_fused_mlp_matches_the_module(ckpt):
     unfuse_mlp_gelu(llm.model.model.vision_tower)
     plain = llm.video_features(pix).float()
     assert ((fused - plain).norm() / plain.norm()).item() < 2e-2
+
+
+def test_residual_stream_is_contiguous_and_values_unchanged(ckpt):
+    """The embeddings hook makes every encoder layer see a contiguous [N, tokens, D] stream (the unadapted
+    module hands them a transposed view) and changes no value."""
+    llm = VideoLLM.load(ckpt, dtype="float32")
+    tower = llm.model.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    seen = []
+    handle = vm.encoder.layers[0].register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).is_contiguous()), with_kwargs=True)
+    pix = torch.randn(3, 3, llm.image_size, llm.image_size, generator=torch.Generator().manual_seed(1))
+    adapted = vm(pixel_values=pix).last_hidden_state
+    plain_emb = vm.embeddings.__class__.forward(vm.embeddings, pix)  # the module's own forward, no hook
+    handle.remove()
+    assert seen == [True] and not plain_emb.is_contiguous()
+    assert torch.equal(vm.embeddings(pix), plain_emb)
+    assert adapted.shape[0] == 3
