@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,21 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_engine import measure_peaks  # noqa: E402
+from bench.bench_vision import timed  # noqa: E402
 from dycoke.decode_attention import decode_attention  # noqa: E402
-
-
-def timed(fn, reps=20, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e))
-    return statistics.median(out)
 
 
 def measure(rows, peaks, g, kv_heads, groups, dim, slots) -> list[dict]:
@@ -72,7 +58,7 @@ def measure(rows, peaks, g, kv_heads, groups, dim, slots) -> list[dict]:
             continue
         try:
             err = (fn().float() - ref).abs().max().item()
-            ms = timed(_graphed(fn))  # replayed as the engine's captured step runs it
+            ms = timed(_graphed(fn), reps=20)  # replayed as the engine's captured step runs it
         except RuntimeError as exc:
             print(rows, name, "failed:", str(exc)[:160], flush=True)
             continue
