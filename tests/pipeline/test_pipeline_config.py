@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import logging
 
+import pytest
 from pydantic import BaseModel
 
 from pipeline.config import (

@@ -81,6 +81,11 @@ def test_generate_and_fused_agree(tiny_model, llm, decoded):
     assert len(rows) == 13
     keys = [(r["video_id"], r["task_id"]) for r in rows]
     assert len(set(keys)) == len(keys) and ("short_24fps.mp4", "vq:0") in keys
+    # the driver's expectation (what resume counts as a complete video) is what the stage wrote: one function
+    from pipeline.tasks import expected_task_ids
+
+    expected = dict(zip(decoded.column("video_id").to_pylist(), expected_task_ids(cfg.tasks, decoded), strict=True))
+    assert sorted(keys) == sorted((v, t) for v, ids in expected.items() for t in ids)
     bad = [r for r in rows if r["video_id"] == "not_a_video.mp4"]
     assert len(bad) == 3 and all(r["status"] == "error" and r["error_type"] == "not_a_video" for r in bad)
     good = [r for r in rows if r["status"] == "ok"]
