@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.cli import JobOptions, job_main
 from pipeline.evaluate import PRESETS
@@ -16,6 +16,14 @@ from pipeline.evaluate import PRESETS
 
 class EvaluateOptions(JobOptions):
     settings: str | None = Field(None, description=f"Comma-separated settings to run (default all: {','.join(PRESETS)}).")
+
+    @field_validator("settings")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        unknown = [s for s in (value or "").split(",") if s and s not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; choose from {','.join(PRESETS)}")
+        return value
 
 
 def _run(cfg, options: EvaluateOptions):

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import Field, create_model
+from pydantic import Field, ValidationError, create_model
 from pydantic_settings import (
     BaseSettings,
     CliImplicitFlag,
@@ -46,7 +46,8 @@ class JobOptions(BaseSettings):
 def _cli_model(options: type[JobOptions], description: str) -> type[BaseSettings]:
     """``options`` plus every config section (all optional: the file and defaults fill the rest) plus the old
     sections, hidden from ``--help``, whose fields :mod:`pipeline.renames` moves (``--stages.fused_actors 2``)."""
-    sections = {name: (f.annotation | None, Field(None, description=f.description))
+    sections = {name: (f.annotation, Field(description=f.description) if f.is_required() else
+                       Field(f.get_default(call_default_factory=True), description=f.description))
                 for name, f in PipelineConfig.model_fields.items()}
     old: dict[str, dict] = {}
     for dotted in NEW_PLACES:
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None, prog: str, description: str, *, options: 
     the configuration is invalid."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
+        usage=f"{prog} {'--config FILE' if config_required else '[--config FILE]'} [--set FIELD=VALUE ...] [--SECTION.FIELD VALUE ...]",
         epilog="Values are parsed as YAML/JSON (16, [a, b], null). Renamed fields of earlier releases still work, "
                "with a warning naming the new place.")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -72,6 +74,8 @@ def parse_args(argv: list[str] | None, prog: str, description: str, *, options: 
         parsed = source(parsed_args=args)()
         opts = options.model_validate({k: parsed.pop(k) for k in [f.alias or n for n, f in options.model_fields.items()]
                                        if k in parsed})
+    except ValidationError as exc:
+        parser.error("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     except (SettingsError, ValueError) as exc:
         parser.error(str(exc))
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline.renames import apply_renames, set_dotted
+from pipeline.renames import apply_renames, leaves, set_dotted
 from pipeline.sections import (  # noqa: F401 - the sections are part of this module's interface
     MCQ,
     CompressionConfig,
@@ -338,20 +338,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
     for key, value in (overrides or {}).items():
         set_dotted(layers[0][1], key, value)
     for source, layer in layers:
-        for dotted, value in _leaves(apply_renames(layer, source, moved)):
+        for dotted, value in leaves(apply_renames(layer, source, moved)):
             set_dotted(raw, dotted, value)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigurationError(_format_errors(exc, str(path) if path else "arguments", moved)) from None
-
-
-def _leaves(data: dict, prefix: str = ""):
-    for k, v in data.items():
-        if isinstance(v, dict) and v:
-            yield from _leaves(v, f"{prefix}{k}.")
-        else:
-            yield prefix + k, v
 
 
 def to_yaml(cfg: PipelineConfig) -> str:

@@ -83,6 +83,15 @@ def set_dotted(data: dict, dotted: str, value: Any) -> dict:
     return data
 
 
+def leaves(data: dict, prefix: str = ""):
+    """``(dotted name, value)`` of every leaf of a nested dict (an empty dict is a leaf)."""
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
 def apply_renames(data: dict, source: str, moved: dict[str, str] | None = None) -> dict:
     """``data`` with every field of an earlier release moved to its new place (:data:`RENAMES`), each logged as a
     warning naming the new place; ``moved`` collects new name -> old name (error messages name both). A field given

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -144,6 +144,7 @@ class EncodeConfig(StageConfig):
 
 
 class _EngineStage(StageConfig):
+    _cpu_batch: ClassVar[int]
     engine_max_batch_size: int | None = Field(
         None, ge=1, description="Sequences (video x task rows) the generation engine decodes together; null = as many "
         "as 60% of the free GPU memory holds in KV cache (at most 256), 16 on CPU.")
@@ -159,7 +160,7 @@ class _EngineStage(StageConfig):
 class GenerateConfig(_EngineStage):
     """The generate stage (split mode): actors running the engine on encoded videos."""
 
-    _cpu_batch = 8
+    _cpu_batch: ClassVar[int] = 8
     batch_size: int | None = Field(None, ge=1, description="Videos per generate actor call; null = 32 with a GPU "
                                    "(several calls in flight keep the engine full), 8 on CPU.")
 
@@ -167,7 +168,7 @@ class GenerateConfig(_EngineStage):
 class FusedConfig(_EngineStage):
     """The fused stage: encode and generate in one actor sharing one loaded model."""
 
-    _cpu_batch = 4
+    _cpu_batch: ClassVar[int] = 4
     batch_size: int | None = Field(None, ge=1, description="Videos per fused actor call; null = 32 with a GPU, 4 on CPU.")
     concurrency: int | tuple[int, int] | None = Field(
         None, description="Fused actors: n, or [min, max]; null = one per GPU the cluster has at start "
