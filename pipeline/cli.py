@@ -44,8 +44,9 @@ class JobOptions(BaseSettings):
 
 
 def _cli_model(options: type[JobOptions], description: str) -> type[BaseSettings]:
-    """``options`` plus every config section (all optional: the file and defaults fill the rest) plus the old
-    sections, hidden from ``--help``, whose fields :mod:`pipeline.renames` moves (``--stages.fused_actors 2``)."""
+    """``options`` plus every config section (flags are only parsed here; :func:`load_config` validates them on top
+    of the file and the defaults) plus the old sections, hidden from ``--help``, whose fields
+    :mod:`pipeline.renames` moves (``--stages.fused_actors 2`` still works)."""
     sections = {name: (f.annotation, Field(description=f.description) if f.is_required() else
                        Field(f.get_default(call_default_factory=True), description=f.description))
                 for name, f in PipelineConfig.model_fields.items()}
@@ -64,8 +65,8 @@ def parse_args(argv: list[str] | None, prog: str, description: str, *, options: 
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         usage=f"{prog} {'--config FILE' if config_required else '[--config FILE]'} [--set FIELD=VALUE ...] [--SECTION.FIELD VALUE ...]",
-        epilog="Values are parsed as YAML/JSON (16, [a, b], null). Renamed fields of earlier releases still work, "
-               "with a warning naming the new place.")
+        epilog="Flag values: 16, null, lists as [a, b] or a repeated flag, objects as JSON. Precedence: flags over "
+               "--set over the file. Renamed fields of earlier releases still work, with a warning naming the new place.")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="Override one field by its dotted name (repeatable); VALUE is parsed as YAML.")
     source = CliSettingsSource(_cli_model(options, description), root_parser=parser)
