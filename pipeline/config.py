@@ -153,7 +153,7 @@ class DecodeConfig(StageConfig):
 
     batch_size: int = Field(4, ge=1, description="Videos per decode task call.")
     concurrency: int | None = Field(None, ge=1, description="At most this many concurrent decode tasks; null = as many as the CPUs allow.")
-    memory: int | None = Field(2 * GiB, description="Memory reserved per decode task, bytes or '2GiB' (bounds concurrent decodes per node and keeps "
+    memory: int = Field(2 * GiB, ge=1, description="Memory reserved per decode task, bytes or '2GiB' (bounds concurrent decodes per node and keeps "
                                "decode tasks out of the model actors).")
 
     num_frames: int = Field(32, ge=1, le=1024, description="F, frames sampled per video (uniform: linspace(0, n-1, F)).")
