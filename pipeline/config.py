@@ -307,17 +307,15 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def read_yaml(path: str | Path, moved: dict[str, str] | None = None) -> dict:
     """A job file's sections (a mapping), renamed fields moved to their new places."""
-    from pydantic_settings import YamlConfigSettingsSource
-
     p = Path(path)
     if not p.is_file():
         raise ConfigurationError(f"configuration file {p} does not exist")
     try:
-        data = YamlConfigSettingsSource(PipelineConfig, yaml_file=p)()  # type: ignore[arg-type]
+        data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigurationError(f"configuration file {p} is not valid YAML: {exc}") from exc
-    except TypeError as exc:
-        raise ConfigurationError(f"configuration file {p} must hold a mapping of sections ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"configuration file {p} must hold a mapping of sections, got {type(data).__name__}")
     return apply_renames(data, str(p), moved)
 
 

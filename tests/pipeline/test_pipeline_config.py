@@ -70,6 +70,8 @@ def test_other_validation(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigurationError, match="not valid YAML"):
         load_config(_write(tmp_path, "input: [unclosed\n"))
+    with pytest.raises(ConfigurationError, match="must hold a mapping of sections, got list"):
+        load_config(_write(tmp_path, "- input\n- output\n"))
     with pytest.raises(ConfigurationError, match=r"tasks\.mcq\.0\.options"):
         load_config(data={**BASE, "tasks": {"mcq": [{"question": "q", "options": ["only one"]}]}})
 
