@@ -14,14 +14,13 @@ import yaml
 from jobs import corpus
 from pipeline.config import load_config
 from pipeline.renames import NEW_PLACES
+from tests.pipeline.configdata import OLD_FILE, leaf_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_help_lists_every_field(capsys):
     """--help shows every config field as a flag with its description and default; old names are not shown."""
-    from tests.pipeline.test_pipeline_config import leaf_fields
-
     with pytest.raises(SystemExit) as exc:
         corpus.main(["--help"])
     assert exc.value.code == 0
@@ -74,8 +73,6 @@ def test_print_config_applies_overrides(tmp_path, capsys):
 def test_print_config_prints_the_new_form_of_an_old_job_file(tmp_path, capsys, caplog):
     """An old job file and old names in --set and flags work, each with a warning naming its new place;
     --print-config prints the new form, which loads back to the same configuration."""
-    from tests.pipeline.test_pipeline_config import OLD_FILE
-
     cfg = tmp_path / "job.yaml"
     cfg.write_text(OLD_FILE)
     assert corpus.main(["--config", str(cfg), "--set", "dycoke.holitom_tau=0.7", "--stages.fused_batch_size", "9",

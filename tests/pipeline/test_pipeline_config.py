@@ -6,18 +6,17 @@ import json
 import logging
 
 import pytest
-from pydantic import BaseModel
 
 from pipeline.config import (
     ConfigurationError,
     FusedConfig,
     GenerateConfig,
-    PipelineConfig,
     load_config,
     parse_override,
     to_yaml,
 )
 from pipeline.renames import NEW_PLACES
+from tests.pipeline.configdata import NEW_FILE, OLD_FILE, leaf_fields
 
 BASE = {"input": {"local_dir": "videos"}, "output": {"path": "out"}, "model": {"source": "some/model"}}
 
@@ -99,18 +98,6 @@ def test_run_id_is_deterministic():
     assert a.effective_run_id() == b.effective_run_id() != c.effective_run_id()
 
 
-def leaf_fields(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> dict[str, str]:
-    """dotted name -> description of every leaf field."""
-    out = {}
-    for name, info in model.model_fields.items():
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.update(leaf_fields(ann, f"{prefix}{name}."))
-        else:
-            out[prefix + name] = info.description
-    return out
-
-
 def test_every_field_is_documented():
     docs = leaf_fields()
     assert len(docs) > 40
@@ -164,38 +151,6 @@ def test_gpu_defaults_fill_the_device_and_fields_override():
     assert FusedConfig(concurrency=[1, 4]).concurrency == (1, 4) and FusedConfig(memory="2GiB").memory == 2 * 1024**3
     with pytest.raises(ValueError, match=r"\[min, max\]"):
         FusedConfig(concurrency=[4, 1])
-
-
-# A job file of the earlier release: every renamed field, non-default values.
-OLD_FILE = """\
-input: {local_dir: v}
-output: {path: o}
-model: {source: m}
-dycoke: {ttm_enabled: true, ttm_method: holitom, prune_ratio_k: 0.5, ttm_mode: complete, tokens_per_frame: 196, dp_enabled: false,
-         dp_layer: 2, dp_prune_ratio: 0.8, dp_threshold: 0.8, holitom_retain_ratio: 0.1, holitom_tau: 0.65,
-         holitom_max_window: 16, holitom_k: 5, holitom_beta: 0.5}
-stages: {mode: split, decode_batch_size: 3, decode_num_cpus: 0.5, decode_memory_gb: 0.25, decode_max_tasks: 6,
-         encode_batch_size: 5, encode_actors: 2, generate_batch_size: 16, generate_actors: 3, fused_batch_size: 7,
-         fused_actors: 2, max_actors: 4, gpus_per_actor: 1, actor_num_cpus: 2, engine_max_batch_size: 64,
-         actor_concurrency: 2}
-"""
-
-NEW_FILE = """\
-input: {local_dir: v}
-output: {path: o}
-model: {source: m}
-compression:
-  method: holitom
-  dycoke: {k: 0.5, ttm_mode: complete}
-  holitom: {retain_ratio: 0.1, tau: 0.65, max_window: 16, k: 5, beta: 0.5}
-  dp: {enabled: false, layer: 2, prune_ratio: 0.8, threshold: 0.8}
-  tokens_per_frame: 196
-mode: split
-decode: {batch_size: 3, num_cpus: 0.5, memory: 0.25GiB, concurrency: 6}
-encode: {batch_size: 5, concurrency: [2, 4], num_gpus: 1, num_cpus: 2}
-generate: {batch_size: 16, concurrency: [3, 4], num_gpus: 1, num_cpus: 2, engine_max_batch_size: 64, max_concurrent_batches: 2}
-fused: {batch_size: 7, concurrency: [2, 4], num_gpus: 1, num_cpus: 2, engine_max_batch_size: 64, max_concurrent_batches: 2}
-"""
 
 
 def test_old_job_file_still_works_with_a_warning_naming_each_new_place(tmp_path, caplog):
