@@ -19,9 +19,8 @@ from pipeline.decode import DecodeSettings
 from pipeline.localfs import ListingReport
 from pipeline.lock import RunLock
 from pipeline.sources import SourceError, list_videos
-from pipeline.stages import GenerateSettings, ModelSettings
 from pipeline.summary import SUMMARY_COLUMNS, Summary, summarize
-from pipeline.tasks import NO_TASK, video_tasks
+from pipeline.tasks import expected_task_ids
 
 log = logging.getLogger(__name__)
 
@@ -153,20 +152,6 @@ def model_image_size(cfg: PipelineConfig) -> int:
         ) from exc
 
 
-def expected_task_ids(tasks_cfg, videos) -> list[list[str]]:
-    """The ``task_id`` of every output row each video of ``videos`` gets (:data:`VIDEO_SCHEMA` rows).
-
-    As the generate stage does it: one row per task of :func:`pipeline.tasks.video_tasks` (error rows
-    too, when the video failed earlier), or a single ``NO_TASK`` error row when no task applies. The
-    questions go through the same ``str`` conversion as in the decode stage.
-    """
-    out = []
-    for questions in videos.column("questions").to_pylist():
-        questions = None if questions is None else [str(q) for q in questions]
-        out.append([t.task_id for t in video_tasks(tasks_cfg, questions)] or [NO_TASK.task_id])
-    return out
-
-
 def run(cfg: PipelineConfig) -> RunResult:
     """Execute the job described by ``cfg``; returns the summary of what is in its run folder.
 
@@ -245,16 +230,11 @@ def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *
     frame_size = frame_size or model_image_size(cfg)
     init_ray(cfg)
     log.info("run %s: %d videos -> %s (%s mode, %d frames at %dpx)", run_id, videos.num_rows, target.uri,
-             cfg.stages.resolved_mode, cfg.decode.num_frames, frame_size)
+             cfg.resolved_mode, cfg.decode.num_frames, frame_size)
 
-    ds = graph.build(
-        cfg,
-        videos,
-        DecodeSettings.from_config(cfg.decode, frame_size, cfg.s3),
-        ModelSettings.from_config(cfg),
-        GenerateSettings(run_id=run_id, tasks=cfg.tasks, dycoke=cfg.dycoke,
-                         engine_max_batch_size=cfg.stages.engine_max_batch_size),
-    )
+    if cfg.effective_run_id() != run_id:  # the stages write cfg's run id into the rows
+        cfg = cfg.model_copy(update={"run_id": run_id})
+    ds = graph.build(cfg, videos, DecodeSettings.from_config(cfg.decode, frame_size, cfg.s3))
     graph.write(ds, cfg, target, attempt=attempt)
     wall = time.perf_counter() - t0
 

@@ -25,7 +25,8 @@ visual_tokens_attended float64, null               mean visual tokens attended p
 prompt_tokens          int32, null                 prefill length (text + visual)
 output_tokens          int32, null                 generated tokens
 model_id               string, null                checkpoint id
-compression            string                      exact DyCoke settings, compact key-sorted JSON
+compression            string                      method + its exact settings, dp, T: {"method": "dycoke"|"holitom"|"none",
+                                                   "<method>": {...}, "dp": {...}, "tokens_per_frame": T}, compact key-sorted JSON
 timings                struct<fetch_s, decode_s,   seconds. fetch_s, decode_s: this video's. encode_s: the video's
                        encode_s, prefill_s,        share of its encode batch. prefill_s: the prefill of the engine
                        generate_s: float64>        batch this task ran in. generate_s: the task's share of its

@@ -92,8 +92,8 @@ def test_killed_actors_and_decode_worker_lose_nothing(local_ray, videos, tiny_mo
     for name, data in videos.items():
         (video_dir / name).write_bytes(data)
     cfg = _config({"local_dir": str(video_dir)}, str(tmp_path / "out"), tiny_model)
-    stages = {"mode": mode, "actor_num_cpus": 0.25, "encode_batch_size": 2, "generate_batch_size": 2}
-    cfg = cfg.model_copy(update={"stages": cfg.stages.model_copy(update=stages)})
+    cfg = cfg.model_copy(update={"mode": mode, **{s: getattr(cfg, s).model_copy(update={"num_cpus": 0.25, "batch_size": 2})
+                                                  for s in ("encode", "generate", "fused")}})
 
     with ProcessWatcher(interval=0.05) as watcher:
         # each model actor dies the moment it is seen working on a batch (model loaded, batches in flight);

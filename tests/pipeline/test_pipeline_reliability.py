@@ -210,10 +210,10 @@ def test_trust_remote_code_off_by_default_and_passed_through(monkeypatch):
     import dycoke.llava
 
     monkeypatch.setattr(dycoke.llava, "VideoLLM", FakeLLM)
-    stages.load_llm(stages.ModelSettings.from_config(cfg))
+    stages.load_llm(cfg)
     assert seen["trust_remote_code"] is False
     on = load_config(data={**_BASE, "model": {"source": "m", "trust_remote_code": True}})
-    stages.load_llm(stages.ModelSettings.from_config(on))
+    stages.load_llm(on)
     assert seen["trust_remote_code"] is True
 
 
