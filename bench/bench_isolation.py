@@ -57,8 +57,9 @@ def _decoder(mode: str, frames: int, size: int):
     import pipeline.decode
 
     if hasattr(pipeline.decode, "DecodeSettings"):  # the earlier tree (with pipeline/decode_worker.py)
-        from pipeline.decode import DecodeSettings, DecodeStage
         from pipeline.decode_worker import IsolatedDecoder
+
+        from pipeline.decode import DecodeSettings, DecodeStage
 
         if mode == "none":
             stage = DecodeStage(DecodeSettings(num_frames=frames, frame_size=size, isolation="none"))

@@ -3,7 +3,7 @@
 ::
 
     from_arrow(video list)                                     driver
-      -> map_batches(decode_batch)        CPU tasks              num_cpus=decode_num_cpus, memory=decode_memory_gb
+      -> map_batches(decode.decode_batch) CPU tasks              num_cpus=decode_num_cpus, memory=decode_memory_gb
       -> map_batches(FusedStage)          actor pool             num_gpus=gpus_per_actor       (fused mode;
                                           actor_concurrency calls per actor feed one running engine)
          or map_batches(EncodeStage) -> map_batches(GenerateStage)   two actor pools           (split mode)
@@ -26,18 +26,13 @@ import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from ray.data.datasource import FilenameProvider
 
-from pipeline.decode import DecodeSettings, DecodeStage
+from pipeline import decode
 from pipeline.sink import SinkTarget, filename_for_task, parquet_write_options
 from pipeline.stages import EncodeStage, FusedStage, GenerateSettings, GenerateStage, ModelSettings
 
 log = logging.getLogger(__name__)
 
 MAX_SOURCE_BLOCKS = 20_000
-
-
-def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
-    """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks)."""
-    return DecodeStage(settings)(batch)
 
 
 class RunFilenames(FilenameProvider):
@@ -71,9 +66,10 @@ def _actors(n: int, max_actors: int | None, concurrency: int = 1) -> ActorPoolSt
     return ActorPoolStrategy(size=n, **threads)
 
 
-def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings: ModelSettings,
+def build(cfg, videos: pa.Table, frame_size: int, model_settings: ModelSettings,
           gen_settings: GenerateSettings) -> ray.data.Dataset:
-    """The lazy Dataset from the video list to output rows (nothing runs until it is consumed)."""
+    """The lazy Dataset from the video list to output rows (nothing runs until it is consumed); ``frame_size``: the
+    model's input side (the decode stage resizes to it)."""
     st = cfg.stages
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
@@ -84,8 +80,8 @@ def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings
     # request differ from the model actors', so Ray Data never fuses decode into a model actor (it fuses a
     # task op into the next actor op when their remote args are identical).
     ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"settings": decode_settings},
+        decode.decode_batch,
+        fn_kwargs=decode.stage_kwargs(cfg, frame_size),
         batch_size=st.decode_batch_size,
         batch_format="pyarrow",
         compute=TaskPoolStrategy(size=st.decode_max_tasks),

@@ -7,27 +7,20 @@ import io
 import numpy as np
 import pytest
 
-from pipeline.decode import (
-    DecodeSettings,
-    DecodeStage,
-    VideoError,
-    decode_video,
-    fetch,
-    frames_from_row,
-    keyframe_indices,
-    looks_like_media,
-    sample_indices,
-)
+from pipeline.config import DecodeConfig
+from pipeline.decode import DecodeStage, frames_from_row
+from pipeline.fetch import fetch
+from pipeline.frames import VideoError, decode_video, keyframe_indices, looks_like_media, sample_indices
 from pipeline.schema import DECODED_SCHEMA
 from tests.pipeline.videos import make_video, write_video
 
 S = 32
 
 
-def _settings(**kw) -> DecodeSettings:
-    base = {"num_frames": 8, "frame_size": S}
+def _settings(**kw) -> DecodeConfig:
+    base = {"num_frames": 8, "frame_size": S, "isolation": "none"}  # in-process: moto's mock_aws works
     base.update(kw)
-    return DecodeSettings(**base)
+    return DecodeConfig(**base)
 
 
 def _row(path) -> dict:
