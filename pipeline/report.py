@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 REPORT_NAME, SUMMARY_NAME = "_report.html", "_summary.json"
 EXAMPLES = 3  # example inputs per error type
 W, H, PAD = 640, 220, 44  # chart size and margin (px)
+_NOT_STAGES = ("FromArrow", "Input", "Read", "Write")  # the source and the sink's file blocks (rows = files)
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
@@ -121,18 +122,23 @@ def histogram(title: str, series: dict[str, np.ndarray], xlabel: str, bins: int 
 
 
 def throughput(timeline: pa.Table, table: pa.Table, bins: int = 30) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Stage -> (bin centre s, items/s) from the block timeline; without one, the videos finished per second from the
-    rows' ``processed_at`` (each video at its last row)."""
+    """Stage -> (bin centre s, items/s) from the block timeline (Ray Data's operators, ``MapBatches(...)`` stripped; the
+    source and the write left out); without one, the videos finished per second from the rows' ``processed_at``
+    (each video at its last row)."""
     out = {}
     if timeline.num_rows:
         hi = float(pc.max(timeline.column("end_s")).as_py()) or 1.0
         edges = np.linspace(0.0, hi, bins + 1)
         width = edges[1] - edges[0]
         for stage in pc.unique(timeline.column("stage")).to_pylist():
+            if stage.startswith(_NOT_STAGES):
+                continue
             part = timeline.filter(pc.equal(timeline.column("stage"), stage))
             counts, _ = np.histogram(part.column("end_s").to_numpy(), edges, weights=part.column("rows").to_numpy())
-            out[stage] = ((edges[:-1] + edges[1:]) / 2, counts / width)
-        return out
+            name = stage.removeprefix("MapBatches(").removesuffix(")") if stage.startswith("MapBatches(") else stage
+            out[name] = ((edges[:-1] + edges[1:]) / 2, counts / width)
+        if out:
+            return out
     if table.num_rows and "processed_at" in table.column_names:
         last = table.group_by("video_id").aggregate([("processed_at", "max")]).column("processed_at_max")
         secs = pc.cast(last, pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False) / 1e6

@@ -179,8 +179,13 @@ def ray_stages(ds) -> list[dict]:
     except Exception as exc:  # noqa: BLE001 - statistics are a report, never a reason to fail a finished run
         log.info("no Ray Data statistics: %s: %s", type(exc).__name__, exc)
         return []
+    ops, todo = [], [summary]
+    while todo:  # this dataset's operators, then its parents' (the stages before the write), first stage first
+        st = todo.pop()
+        ops = list(st.operators_stats) + ops
+        todo.extend(st.parents or [])
     out = []
-    for op in summary.operators_stats:
+    for op in ops:
         rows = int(op.output_num_rows.sum) if op.output_num_rows else 0
         out.append({"name": op.operator_name, "rows_out": rows, "time_total_s": float(op.time_total_s or 0.0),
                     "rows_per_s": float(op.num_rows_per_s), "wall_s": float(op.wall_time.sum) if op.wall_time else 0.0,

@@ -24,7 +24,6 @@ import time
 from pipeline.frames import Decoded, decode_video
 
 
-
 def _no_core() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline.backends import decode_frames, pyav_sequential_frames
-from pipeline.config import TRANSIENT_ERROR_TYPES, InputConfig
-from pipeline.config import DecodeConfig
+from pipeline.config import TRANSIENT_ERROR_TYPES, DecodeConfig, InputConfig
 from pipeline.decode import DecodeStage, frames_from_row
 from pipeline.frames import decode_video, sample_indices
 from pipeline.localfs import ListingReport, path_of

@@ -8,7 +8,6 @@ which is not a config field."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline import sink
-from pipeline.config import ConfigurationError, load_config
-from pipeline.config import DecodeConfig, S3Config
+from pipeline.config import ConfigurationError, DecodeConfig, S3Config, load_config
 from pipeline.decode import DecodeStage, close_pool, frames_from_row
 from pipeline.frames import decode_video
 from pipeline.schema import ERROR_TYPES

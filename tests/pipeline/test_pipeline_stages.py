@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import MCQ, DyCokeSettings, TasksConfig
-from pipeline.config import DecodeConfig
+from pipeline.config import MCQ, DecodeConfig, DyCokeSettings, TasksConfig
 from pipeline.decode import DecodeStage
 from pipeline.schema import ENCODED_SCHEMA, OUTPUT_SCHEMA
 from pipeline.stages import (
