@@ -143,3 +143,15 @@ def test_spooled_object_has_no_name(sample_videos, mocked_s3, tmp_path):
         assert decode_video(fetched.source(), settings, "s3://bkt/v.mp4", fetched.head()).frames.shape == (8, S, S, 3)
     finally:
         fetched.cleanup()
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_listing_etag_is_carried_not_read_again(video_dir, isolation):
+    """The ETag is taken once, at listing, and carried in the row; a row without one (a manifest) gets the file's."""
+    path = video_dir / "short_24fps.mp4"
+    stage = DecodeStage(_settings(isolation=isolation))
+    listed, bare = stage([{**_row(path), "video_etag": "etag-from-the-listing"}, _row(path)]).to_pylist()
+    assert listed["status"] == bare["status"] == "ok"
+    assert listed["video_etag"] == "etag-from-the-listing"
+    st = path.stat()
+    assert bare["video_etag"] == f"{int(st.st_mtime)}-{st.st_size}"
