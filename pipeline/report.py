@@ -24,12 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.summary import NOT_STAGES, per_video
+
 log = logging.getLogger(__name__)
 
 REPORT_NAME, SUMMARY_NAME = "_report.html", "_summary.json"
 EXAMPLES = 3  # example inputs per error type
 W, H, PAD = 640, 220, 44  # chart size and margin (px)
-_NOT_STAGES = ("FromArrow", "Input", "Read", "Write")  # the source and the sink's file blocks (rows = files)
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
@@ -131,7 +132,7 @@ def throughput(timeline: pa.Table, table: pa.Table, bins: int = 30) -> dict[str,
         edges = np.linspace(0.0, hi, bins + 1)
         width = edges[1] - edges[0]
         for stage in pc.unique(timeline.column("stage")).to_pylist():
-            if stage.startswith(_NOT_STAGES):
+            if stage.startswith(NOT_STAGES):
                 continue
             part = timeline.filter(pc.equal(timeline.column("stage"), stage))
             counts, _ = np.histogram(part.column("end_s").to_numpy(), edges, weights=part.column("rows").to_numpy())
@@ -170,8 +171,6 @@ def error_examples(table: pa.Table, limit: int = EXAMPLES) -> list[dict]:
 
 def render_html(summary, table: pa.Table, timeline: pa.Table) -> str:
     """The report page (see the module docstring)."""
-    from pipeline.summary import per_video
-
     videos = per_video(table)
     ok = videos.filter(videos.column("ok"))
     ok_rows = table.filter(pc.equal(table.column("status"), "ok"))
@@ -233,6 +232,7 @@ def write_report(filesystem, folder: str, summary, table: pa.Table, timeline: pa
             with filesystem.open_output_stream(path) as f:
                 f.write(text.encode())
             written.append(path)
+        log.info("run report: %s", written[0])
     except Exception as exc:  # noqa: BLE001 - the report is a view of committed output; never fail the run for it
         log.warning("could not write the run report to %s: %s: %s", folder, type(exc).__name__, exc)
     return written

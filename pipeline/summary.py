@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = ["video_id", "video_uri", "task_id", "status", "error_type", "error_message", "num_frames",
                    "visual_tokens_full", "visual_tokens_prefill", "visual_tokens_attended", "prompt_tokens",
                    "output_tokens", "timings", "processed_at"]
+#: Ray Data operators that are not pipeline stages: the source and the sink (whose output rows are files)
+NOT_STAGES = ("FromArrow", "Input", "Read", "Write")
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Summary:
         lines.append(f"{'stage':<10}{'items':>8}  {'busy s':>9}  {'per worker':>16}")
         for s in self.stages:
             lines.append(f"{s.name:<10}{s.items:>8}  {s.busy_s:>9.2f}  {s.per_worker_s:>9.2f} {s.unit}/s")
-        for op in self.ray_stages[:4]:
+        for op in [op for op in self.ray_stages if not op["name"].startswith(NOT_STAGES)][:4]:
             lines.append(f"ray data  {op['name'][:40]:<40} {op['rows_out']:>7} rows  {op['rows_per_s']:>8.2f} rows/s")
         return "\n".join(lines)
 
