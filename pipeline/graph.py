@@ -31,7 +31,7 @@ import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from ray.data.datasource import FilenameProvider
 
-from pipeline.decode import DecodeSettings, DecodeStage
+from pipeline import decode
 from pipeline.sink import SinkTarget, filename_for_task, parquet_write_options
 from pipeline.stages import EncodeStage, FusedStage, GenerateStage, require_columns
 
@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 MAX_SOURCE_BLOCKS = 20_000
 
 
-def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
-    """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks)."""
-    require_columns(batch, DecodeStage.input_columns, "DecodeStage")
-    return DecodeStage(settings)(batch)
+def decode_task(batch: pa.Table, **kwargs) -> pa.Table:
+    """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks): checks its input columns,
+    then :func:`pipeline.decode.decode_batch` with ``kwargs`` (:func:`pipeline.decode.stage_kwargs`)."""
+    require_columns(batch, decode.DecodeStage.input_columns, "DecodeStage")
+    return decode.decode_batch(batch, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,12 @@ class StageSpec:
         return {**args, "fn_constructor_kwargs": self.kwargs, "compute": pool}
 
 
-def stage_specs(cfg, decode_settings: DecodeSettings, cluster_gpus: float = 0.0) -> list[StageSpec]:
-    """The stages of ``cfg`` in order: decode, then fused (fused mode) or encode and generate (split mode)."""
+def stage_specs(cfg, frame_size: int, cluster_gpus: float = 0.0) -> list[StageSpec]:
+    """The stages of ``cfg`` in order: decode (resizing to ``frame_size``, the model's input side), then fused
+    (fused mode) or encode and generate (split mode)."""
     # The memory request bounds concurrent decodes per node, and it also makes the decode task's resource
     # request differ from the model actors', so Ray Data never fuses decode into a model actor.
-    specs = [StageSpec(decode_batch, cfg.decode, cfg.decode.batch_size, {"settings": decode_settings},
+    specs = [StageSpec(decode_task, cfg.decode, cfg.decode.batch_size, decode.stage_kwargs(cfg, frame_size),
                        cfg.decode.concurrency)]
     if cfg.resolved_mode == "fused":
         f = cfg.fused
@@ -119,13 +121,14 @@ def _source_blocks(videos: pa.Table, rows_per_block: int) -> list[pa.Table]:
     return [videos.slice(i, rows_per_block) for i in range(0, n, rows_per_block)] or [videos]
 
 
-def build(cfg, videos: pa.Table, decode_settings: DecodeSettings) -> ray.data.Dataset:
-    """The lazy Dataset from the video list to output rows (nothing runs until it is consumed)."""
+def build(cfg, videos: pa.Table, frame_size: int) -> ray.data.Dataset:
+    """The lazy Dataset from the video list to output rows (nothing runs until it is consumed); ``frame_size``: the
+    model's input side (the decode stage resizes to it)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.enable_operator_progress_bars = cfg.ray.progress_bars
     ds = ray.data.from_arrow(_source_blocks(videos, cfg.decode.batch_size))
-    for spec in stage_specs(cfg, decode_settings, ray.cluster_resources().get("GPU", 0.0)):
+    for spec in stage_specs(cfg, frame_size, ray.cluster_resources().get("GPU", 0.0)):
         ds = ds.map_batches(spec.fn, **spec.map_args())
     return ds
 

@@ -14,7 +14,7 @@ Contract::
   everything and keeping 32 frames (issue 13). Feeding stops after the last target.
 * Colour conversion to RGB is NVDEC's own (``OutputColorType.RGB``); the resize to ``size`` runs on the GPU
   (``torch.nn.functional.interpolate``, bilinear, antialiased), and a display-matrix rotation is applied there too.
-* :class:`pipeline.backends.CannotOpen` (so the next backend takes the video) when PyNvVideoCodec or a GPU is
+* :class:`pipeline.media.CannotOpen` (so the next backend takes the video) when PyNvVideoCodec or a GPU is
   missing, NVDEC has no decoder for the codec, or the decoder cannot be created (e.g. a profile NVDEC lacks, or a
   frame below its minimum size: measured on an H200, 64 x 48 HEVC and VP9 test clips are refused).
 
@@ -29,8 +29,7 @@ import logging
 
 import numpy as np
 
-from pipeline.backends import CannotOpen, _position
-from pipeline.media import VideoError, VideoIndex, clean_message
+from pipeline.media import CannotOpen, VideoError, VideoIndex, clean_message
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def nvdec_frames_gpu(source, index: VideoIndex, indices: np.ndarray, size: int, 
         def take(frames) -> None:
             nonlocal counter
             for frame in frames:
-                p = _position(index, frame.getPTS()) if index.pts_unique else counter
+                p = index.position(frame.getPTS()) if index.pts_unique else counter
                 counter += 1
                 if p is not None and p in targets and p not in got:
                     got[p] = _resize(torch, torch.from_dlpack(frame), size, turns)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -13,13 +12,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
+
 from pipeline import s3, sink
 from pipeline.config import ConfigurationError, PipelineConfig
-from pipeline.decode import DecodeSettings
 from pipeline.localfs import ListingReport
 from pipeline.lock import RunLock
+from pipeline.report import write_report
 from pipeline.sources import SourceError, list_videos
-from pipeline.summary import SUMMARY_COLUMNS, Summary, summarize
+from pipeline.summary import SUMMARY_COLUMNS, Summary, ray_stages, ray_timeline, summarize
 from pipeline.tasks import expected_task_ids
 
 log = logging.getLogger(__name__)
@@ -124,27 +125,27 @@ def init_ray(cfg: PipelineConfig) -> None:
 
 
 def model_image_size(cfg: PipelineConfig) -> int:
-    """The model's square input side, read from its preprocessor config without loading weights."""
+    """The model's square input side: ``decode.frame_size`` when set, else the checkpoint's preprocessor config
+    read by the one reader the model stages use (:meth:`dycoke.llava.PixelSpec.from_checkpoint`; for an ``s3://``
+    checkpoint, on copies of just its preprocessor files). Called once per run, after the resume check."""
     if cfg.decode.frame_size:
         return int(cfg.decode.frame_size)
+    from dycoke.llava import PixelSpec
+
     source = cfg.model.source
     try:
-        if s3.is_s3(source):
-            bucket, prefix = s3.split_uri(source.rstrip("/") + "/")
-            client = s3.client(s3.S3Settings.from_config(cfg.s3))
+        if not s3.is_s3(source):
+            return PixelSpec.from_checkpoint(source).size
+        bucket, prefix = s3.split_uri(source.rstrip("/") + "/")
+        client = s3.client(s3.S3Settings.from_config(cfg.s3))
+        with tempfile.TemporaryDirectory() as tmp:
             for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
                 try:
-                    data = json.loads(client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read())
-                except Exception as exc:  # noqa: BLE001 - try the next file name
-                    if s3.error_code(exc) in ("NoSuchKey", "404"):
-                        continue
-                    raise
-                size = data.get("size", {})
-                return int(size.get("height") or size.get("shortest_edge"))
-            raise FileNotFoundError(f"no preprocessor config under {source}")
-        from dycoke.llava import PixelSpec
-
-        return PixelSpec.from_checkpoint(source).size
+                    client.download_file(bucket, prefix + name, os.path.join(tmp, name))
+                except Exception as exc:  # noqa: BLE001 - a missing file is fine, the reader tries the other
+                    if s3.error_code(exc) not in ("NoSuchKey", "404"):
+                        raise
+            return PixelSpec.from_checkpoint(tmp).size
     except Exception as exc:  # noqa: BLE001 - reported as a configuration problem
         raise ConfigurationError(
             f"model.source {source!r}: cannot read the model's image size ({type(exc).__name__}: {exc}); "
@@ -162,7 +163,6 @@ def run(cfg: PipelineConfig) -> RunResult:
     """
     run_id = cfg.effective_run_id()
     s3_settings = s3.S3Settings.from_config(cfg.s3)
-    frame_size = model_image_size(cfg)
 
     t0 = time.perf_counter()
     listing = ListingReport()
@@ -191,7 +191,7 @@ def run(cfg: PipelineConfig) -> RunResult:
                     return RunResult(summary=_with_listing(_summary(target, run_id, time.perf_counter() - t0, 0), listing),
                                      target=target)
         init_ray(cfg)
-        result = execute(cfg, todo, target, run_id, frame_size=frame_size, t0=t0, attempt=attempt)
+        result = execute(cfg, todo, target, run_id, t0=t0, attempt=attempt)
         _with_listing(result.summary, listing)
         return result
 
@@ -210,10 +210,11 @@ def output_lock(cfg: PipelineConfig, name: str, s3_settings: s3.S3Settings):
     return RunLock.for_output(cfg.output.path, name, s3_settings, cfg.output.lock_stale_s, cfg.effective_run_id())
 
 
-def _summary(target: sink.SinkTarget, run_id: str, wall_s: float, videos_this_run: int, written=None) -> Summary:
+def _summary(target: sink.SinkTarget, run_id: str, wall_s: float, videos_this_run: int, written=None,
+             ray=None) -> Summary:
     written = sink.read_run(target, columns=SUMMARY_COLUMNS) if written is None else written
     return summarize(written, run_id=run_id, output_uri=target.uri, wall_s=wall_s, files=len(sink.list_files(target)),
-                     videos_this_run=videos_this_run)
+                     videos_this_run=videos_this_run, ray=ray)
 
 
 def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *, frame_size: int | None = None,
@@ -234,13 +235,14 @@ def execute(cfg: PipelineConfig, videos, target: sink.SinkTarget, run_id: str, *
 
     if cfg.effective_run_id() != run_id:  # the stages write cfg's run id into the rows
         cfg = cfg.model_copy(update={"run_id": run_id})
-    ds = graph.build(cfg, videos, DecodeSettings.from_config(cfg.decode, frame_size, cfg.s3))
+    ds = graph.build(cfg, videos, frame_size)
     graph.write(ds, cfg, target, attempt=attempt)
     wall = time.perf_counter() - t0
 
     written = sink.read_run(target, columns=SUMMARY_COLUMNS)
-    summary = _summary(target, run_id, wall, videos.num_rows, written)
-    missing = len(set(videos.column("video_id").to_pylist()) - set(written.column("video_id").to_pylist()))
+    summary = _summary(target, run_id, wall, videos.num_rows, written, ray=ray_stages(ds))
+    missing = videos.num_rows - pc.sum(pc.is_in(videos.column("video_id"), value_set=written.column("video_id"))).as_py()
     if missing:
         log.error("%d input videos have no output row", missing)
+    write_report(target.filesystem, target.path, summary, written, ray_timeline(ds))
     return RunResult(summary=summary, target=target)

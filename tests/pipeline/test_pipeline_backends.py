@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipeline.backends import SKIP_NONREF_CODECS, decode_frames, pyav_frames, pyav_sequential_frames
-from pipeline.decode import sample_indices
+from pipeline.frames import sample_indices
 from pipeline.media import probe
 from pipeline.samples import frame_image
 from tests.pipeline.oddities import encode
@@ -165,7 +165,7 @@ def test_nvdec_backend_falls_back_to_the_cpu_per_video(clips):
     """``decode.backend: nvdec`` on a machine where NVDEC cannot open the video (no PyNvVideoCodec, no GPU, or a codec
     NVDEC lacks): the CPU order takes it, with the same frames."""
     from pipeline import nvdec
-    from pipeline.decode import backend_order
+    from pipeline.frames import backend_order
 
     if nvdec.available():
         pytest.skip("NVDEC is available here: test_nvdec_returns_the_same_frames covers it")

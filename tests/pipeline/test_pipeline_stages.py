@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import PipelineConfig
-from pipeline.decode import DecodeSettings, DecodeStage
+from pipeline.config import DecodeConfig, PipelineConfig
+from pipeline.decode import DecodeStage
 from pipeline.schema import ENCODED_SCHEMA, OUTPUT_SCHEMA
 from pipeline.stages import (
     EncodeStage,
@@ -36,7 +36,7 @@ def llm(tiny_model):
 def decoded(video_dir):
     rows = [{"video_id": n, "video_uri": str(video_dir / n), "questions": ["Why?"] if i == 0 else None}
             for i, n in enumerate(NAMES)]
-    return DecodeStage(DecodeSettings(num_frames=8, frame_size=56))(rows)
+    return DecodeStage(DecodeConfig(num_frames=8, frame_size=56, isolation="none"))(rows)
 
 
 def _job(tiny_model, compression: dict | None = None, **tasks) -> PipelineConfig:
