@@ -44,7 +44,7 @@ import pyarrow as pa
 from pipeline.fetch import Fetched, fetch
 from pipeline.frames import decode_video
 from pipeline.media import VideoError
-from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK
+from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK, require_columns
 
 __all__ = ["DecodeStage", "close_pool", "decode_batch", "decode_row", "frames_from_row", "stage_kwargs"]
 
@@ -219,7 +219,8 @@ def stage_kwargs(cfg, frame_size: int) -> dict:
 
 
 def decode_batch(batch: pa.Table, decode, s3=None, decoder: Callable = decode_video) -> pa.Table:
-    """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks)."""
+    """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks); checks its input columns."""
+    require_columns(batch, DecodeStage.input_columns, "DecodeStage")
     return DecodeStage(decode, s3, decoder)(batch)
 
 

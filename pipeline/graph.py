@@ -14,7 +14,7 @@
 Decode tasks reserve CPUs and memory; model actors reserve their GPUs and CPUs; so Ray's scheduler (and Ray
 Data's resource manager, which backpressures decode when the actors fall behind) keeps decode from starving the
 GPU stages and vice versa. Each stage checks its input columns on its first batch
-(:func:`pipeline.stages.require_columns`).
+(:func:`pipeline.schema.require_columns`).
 """
 
 from __future__ import annotations
@@ -33,18 +33,11 @@ from ray.data.datasource import FilenameProvider
 
 from pipeline import decode
 from pipeline.sink import SinkTarget, filename_for_task, parquet_write_options
-from pipeline.stages import EncodeStage, FusedStage, GenerateStage, require_columns
+from pipeline.stages import EncodeStage, FusedStage, GenerateStage
 
 log = logging.getLogger(__name__)
 
 MAX_SOURCE_BLOCKS = 20_000
-
-
-def decode_task(batch: pa.Table, **kwargs) -> pa.Table:
-    """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks): checks its input columns,
-    then :func:`pipeline.decode.decode_batch` with ``kwargs`` (:func:`pipeline.decode.stage_kwargs`)."""
-    require_columns(batch, decode.DecodeStage.input_columns, "DecodeStage")
-    return decode.decode_batch(batch, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -86,7 +79,7 @@ def stage_specs(cfg, frame_size: int, cluster_gpus: float = 0.0) -> list[StageSp
     (fused mode) or encode and generate (split mode)."""
     # The memory request bounds concurrent decodes per node, and it also makes the decode task's resource
     # request differ from the model actors', so Ray Data never fuses decode into a model actor.
-    specs = [StageSpec(decode_task, cfg.decode, cfg.decode.batch_size, decode.stage_kwargs(cfg, frame_size),
+    specs = [StageSpec(decode.decode_batch, cfg.decode, cfg.decode.batch_size, decode.stage_kwargs(cfg, frame_size),
                        cfg.decode.concurrency)]
     if cfg.resolved_mode == "fused":
         f = cfg.fused

@@ -19,13 +19,15 @@ import pyarrow as pa
 
 from pipeline import s3
 from pipeline.decode import _rows, frames_from_row
-from pipeline.schema import (
+from pipeline.schema import (  # noqa: F401 - StageInputError: part of this module's API
     ENCODED_SCHEMA,
     OUTPUT_SCHEMA,
     STATUS_ERROR,
     STATUS_OK,
+    StageInputError,
     error_output_row,
     output_row,
+    require_columns,
     rows_to_table,
 )
 from pipeline.tasks import NO_TASK, Task, parse_choice, row_tasks
@@ -36,27 +38,6 @@ log = logging.getLogger(__name__)
 #: patches x 1152 x 27 layers: ~1.4 GiB per video in bf16), so a 32-video call at once would hold ~46 GiB
 #: next to the engine's KV cache; 8 at a time is as fast and leaves that memory to the engine.
 ENCODE_CHUNK = 8
-
-
-class StageInputError(ValueError):
-    """A stage got a batch without the columns it needs: the graph is wired wrong (not bad data)."""
-
-
-def require_columns(batch, columns: Sequence[str], stage: str) -> None:
-    """Raise :class:`StageInputError` naming ``stage`` and the missing columns when ``batch`` (a table, a dict of
-    columns or a list of row dicts; an empty list passes) lacks any of ``columns``."""
-    if isinstance(batch, pa.Table):
-        names = batch.column_names
-    elif isinstance(batch, Mapping):
-        names = list(batch)
-    elif batch:
-        names = list(batch[0])
-    else:
-        return
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise StageInputError(f"{stage}: input batch lacks column(s) {', '.join(missing)} (it has: {', '.join(names)}); "
-                              f"the stage before {stage} must produce them")
 
 
 class Stage:

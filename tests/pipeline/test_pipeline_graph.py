@@ -5,7 +5,8 @@ from __future__ import annotations
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from pipeline.config import load_config
-from pipeline.graph import decode_task, stage_specs
+from pipeline.decode import decode_batch
+from pipeline.graph import stage_specs
 from pipeline.stages import EncodeStage, FusedStage, GenerateStage
 
 BASE = {"input": {"local_dir": "v"}, "output": {"path": "o"}, "model": {"source": "m"}}
@@ -15,7 +16,7 @@ def test_fused_specs_take_each_stage_section():
     cfg = load_config(data={**BASE, "decode": {"batch_size": 3, "num_cpus": 0.5, "memory": "1GiB", "concurrency": 6},
                             "fused": {"num_gpus": 1, "num_cpus": 2, "batch_size": 16, "max_concurrent_batches": 2}})
     decode, fused = stage_specs(cfg, 384, cluster_gpus=4)
-    assert decode.fn is decode_task and fused.fn is FusedStage
+    assert decode.fn is decode_batch and fused.fn is FusedStage
     d = decode.map_args()
     assert (d["batch_size"], d["num_cpus"], d["memory"]) == (3, 0.5, 1024**3) and "num_gpus" not in d
     assert isinstance(d["compute"], TaskPoolStrategy) and d["compute"].size == 6
@@ -32,7 +33,7 @@ def test_split_specs_and_autoscaling_pools():
     cfg = load_config(data={**BASE, "mode": "split", "encode": {"num_gpus": 1, "concurrency": [1, 3]},
                             "generate": {"num_gpus": 1, "concurrency": 2}})
     specs = stage_specs(cfg, 384)
-    assert [s.fn for s in specs] == [decode_task, EncodeStage, GenerateStage]
+    assert [s.fn for s in specs] == [decode_batch, EncodeStage, GenerateStage]
     enc, gen = specs[1].map_args()["compute"], specs[2].map_args()["compute"]
     assert (enc.min_size, enc.max_size) == (1, 3) and (gen.min_size, gen.max_size) == (2, 2)
     assert specs[2].map_args()["batch_size"] == 32  # GPU default
