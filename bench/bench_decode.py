@@ -48,7 +48,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.backends import decode_frames, pyav_sequential_frames  # noqa: E402
-from pipeline.decode import DecodeSettings, decode_video, sample_indices  # noqa: E402
+from pipeline.config import DecodeConfig  # noqa: E402
+from pipeline.frames import decode_video, sample_indices  # noqa: E402
 from pipeline.media import probe  # noqa: E402
 from pipeline.samples import make_video  # noqa: E402
 
@@ -125,7 +126,7 @@ def _run(method: str, data: bytes, frames: int, size: int) -> np.ndarray:
         return pyav_sequential_frames(io.BytesIO(data), index, sample_indices(index.n, frames), size)
     backend = {"decord": "decord", "pyav": "auto", "keyframe (approx.)": "auto"}[method]
     sampling = "keyframe" if method.startswith("keyframe") else "uniform"
-    settings = DecodeSettings(num_frames=frames, frame_size=size, num_threads=1, backend=backend, sampling=sampling)
+    settings = DecodeConfig(num_frames=frames, frame_size=size, num_threads=1, backend=backend, sampling=sampling)
     return decode_video(io.BytesIO(data), settings).frames
 
 

@@ -15,7 +15,7 @@ Modes:
 ``run`` makes ``--videos`` inputs (default: 150 s of the stage's rate, at least 200; 384 without it) by
 hard-linking the clips of ``--videos-dir`` round robin under distinct names (each a different ``video_id``),
 writes a job YAML that is the job's DEFAULT configuration except what this machine needs (``input.local_dir``,
-``output.path``, ``model.source``, ``stages.gpus_per_actor: 1`` on GPU) plus the realistic task mix of
+``output.path``, ``model.source``, ``num_gpus: 1`` in the encode, generate and fused sections on GPU) plus the realistic task mix of
 ``bench/bench_stage.py`` (caption + 2 open questions at 128 new tokens + 1 MCQ at 8), and runs
 ``python -m jobs.corpus --config job.yaml`` as a subprocess (``--set FIELD=VALUE`` passes overrides through).
 ``RAY_LOGGING_CONFIG_ENCODING=TEXT`` makes Ray apply an INFO logging config in its workers, so the actor's
@@ -200,7 +200,7 @@ def run(args) -> int:
         data = {"input": {"local_dir": str(work / "inputs")}, "output": {"path": str(work / "output")},
                 "model": {"source": str(ckpt)}, "tasks": MIX}
         if not args.tiny:
-            data["stages"] = {"gpus_per_actor": 1}
+            data.update({s: {"num_gpus": 1} for s in ("encode", "generate", "fused")})
         cfg = load_config(data=data, overrides=args.set or None)  # validates, and resolves the stage defaults
         tasks_per_video = int(bool(cfg.tasks.caption_prompt)) + len(cfg.tasks.questions) + len(cfg.tasks.mcq)
         lay = layout(cfg)

@@ -4,25 +4,29 @@ Random weights at real LLaVA-OneVision shapes (speed does not depend on weight v
 384 px per video, DyCoke K=0.7 L=3 P=0.7 (the config defaults). Input: decoded rows as the decode stage
 emits them (``pipeline.schema.DECODED_SCHEMA``, frames as bytes). The stage is built from a default
 ``PipelineConfig`` with one GPU per actor, exactly as ``pipeline.run`` builds it: videos per call
-(``stages.fused_batch_size``), calls in flight per actor (``stages.actor_concurrency``, one thread each, as
-Ray's threaded actor runs them) and engine rows (``stages.engine_max_batch_size``: from free memory).
+(``fused.batch_size``), calls in flight per actor (``fused.max_concurrent_batches``, one thread each, as
+Ray's threaded actor runs them) and engine rows (``fused.engine_max_batch_size``: from free memory).
 Generation runs to each task's own limit (random weights practically never emit EOS).
 
 Variants per shape:
   fused_mix            FusedStage, realistic mix: caption + 2 open questions (128 tokens) + 1 MCQ (8)
   fused_caption        FusedStage, caption only (128 tokens)
-  fused_mix_drain      as fused_mix with actor_concurrency=1 (each call drains before the next)
+  fused_mix_drain      as fused_mix with max_concurrent_batches=1 (each call drains before the next)
   split_mix            EncodeStage (tokens packed to bytes) then GenerateStage on its rows, each timed alone:
                        rate of two actors on two GPUs = min of the two; on one GPU = harmonic sum
   mix:<preset>         fused_mix with a compression preset of the evaluation job: off, dycoke-k0.7-p0.7,
-                       holitom-r0.10 / holitom-r0.15 / holitom-r0.25 (the method axis)
+                       holitom-r0.10 / holitom-r0.15 / holitom-r0.25; ``methods`` = the method axis (off,
+                       DyCoke K=0.7, HoliTom r=0.10 / 0.15 / 0.25)
+  <fused variant>+sdpa     ablation: decode steps attend with SDPA instead of the Triton decode kernel
+  <fused variant>+unfused  ablation: the vision tower's MLP without the fused GELU epilogue
+  <fused variant>+plainllm ablation: the decoder's RMSNorm and SwiGLU without the fused adapters (dycoke.fused)
 
 Floor per video (DESIGN 7): vision FLOPs + ONE video prefill + the task suffix prefills at the measured
 bf16 matmul rate, plus decode bytes (decoder weights once per engine step, shared by the rows decoding
 together; KV read per row and step) at the measured copy bandwidth.
 
     python bench/bench_stage.py --shape 7b --shape 0.5b      # table on stdout, $OUT/bench_stage_7b_0.5b.json
-    python bench/bench_stage.py --shape 7b --variants mix:off,mix:dycoke-k0.7-p0.7,mix:holitom-r0.15
+    python bench/bench_stage.py --shape 7b --variants methods   # mix:off,mix:dycoke-k0.7-p0.7,mix:holitom-r0.10,...
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from bench.bench_engine import build_model, measure_peaks  # noqa: E402
 from dycoke.testing import build_tiny_tokenizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.schema import DECODED_SCHEMA  # noqa: E402
-from pipeline.stages import EncodeStage, FusedStage, GenerateSettings, GenerateStage, ModelSettings  # noqa: E402
+from pipeline.stages import EncodeStage, FusedStage, GenerateStage  # noqa: E402
 
 MIX = {"questions": ["What is the main person doing, and with which objects?",
                      "How does the scene change from the beginning to the end of the clip?"],
@@ -54,11 +58,16 @@ MIX = {"questions": ["What is the main person doing, and with which objects?",
                                                                              "an office"]}]}
 
 
-def job_config(tasks: dict, dycoke: dict | None = None, **stages):
-    """The default job configuration with one GPU per actor (what a user's GPU run starts from); ``dycoke``:
-    compression fields on top of the defaults (an evaluation preset)."""
+METHODS = ["mix:off", "mix:dycoke-k0.7-p0.7", "mix:holitom-r0.10", "mix:holitom-r0.15", "mix:holitom-r0.25"]
+
+
+def job_config(tasks: dict, compression: dict | None = None, **engine):
+    """The default job configuration with one GPU per actor (what a user's GPU run starts from); ``compression``:
+    fields on top of the defaults (an evaluation preset); ``engine``: fields of the fused and generate sections."""
+    stage = {"num_gpus": 1, **engine}
     return load_config(data={"input": {"local_dir": "."}, "output": {"path": "out"}, "model": {"source": "random"},
-                             "tasks": tasks, "dycoke": dycoke or {}, "stages": {"gpus_per_actor": 1, **stages}})
+                             "tasks": tasks, "compression": compression or {}, "fused": stage, "generate": stage,
+                             "encode": {"num_gpus": 1}})
 
 
 def variant_config(variant: str):
@@ -70,7 +79,7 @@ def variant_config(variant: str):
     if variant.startswith("mix:"):
         return job_config(MIX, PRESETS[variant[4:]])
     return job_config({} if variant == "fused_caption" else MIX,
-                      **({"actor_concurrency": 1} if variant.endswith("drain") else {}))
+                      **({"max_concurrent_batches": 1} if variant.endswith("drain") else {}))
 
 
 def decoded_rows(n: int, frames: int, size: int = 384, distinct: int = 8) -> list[dict]:
@@ -145,13 +154,19 @@ class Timed:
         return out
 
 
-def run_fused(llm, cfg, rows: list[dict], warm: list[dict]) -> tuple[dict, list[dict]]:
-    st = cfg.stages
-    gs = GenerateSettings(run_id="bench", tasks=cfg.tasks, dycoke=cfg.dycoke, engine_max_batch_size=st.engine_max_batch_size)
-    stage = FusedStage(ModelSettings(source="random"), gs, llm=llm)
+def run_fused(llm, cfg, rows: list[dict], warm: list[dict], ablations: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
+    from dycoke.fused import adapt_language_model, restore
+    from dycoke.vision import fuse_mlp_gelu, unfuse_mlp_gelu
+
+    st = cfg.fused
+    stage = FusedStage(cfg, llm=llm)
+    if "sdpa" in ablations:
+        stage.generate.engine.use_decode_kernel = False  # before the first call builds the session
+    (unfuse_mlp_gelu if "unfused" in ablations else fuse_mlp_gelu)(llm.model.model.vision_tower)
+    (restore if "plainllm" in ablations else adapt_language_model)(llm.language_model)
     timer = Timed(stage.encode)
     stage.encode.encode_rows = timer
-    size, threads = st.resolved_fused_batch_size, st.actor_concurrency
+    size, threads = st.resolved_batch_size, st.max_concurrent_batches
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # as Ray's threaded actor runs the calls
         list(pool.map(stage, batches(warm, size)))  # warm-up: session allocation, graph capture
         _sync()
@@ -172,21 +187,20 @@ def run_fused(llm, cfg, rows: list[dict], warm: list[dict]) -> tuple[dict, list[
 
 
 def run_split(llm, cfg, rows: list[dict], warm: list[dict]) -> dict:
-    st = cfg.stages
-    enc = EncodeStage(ModelSettings(source="random"), cfg.dycoke, llm=llm)
-    gs = GenerateSettings(run_id="bench", tasks=cfg.tasks, dycoke=cfg.dycoke, engine_max_batch_size=st.engine_max_batch_size)
-    gen = GenerateStage(ModelSettings(source="random"), gs, llm=llm)
-    enc_batches = [enc(b) for b in batches(warm, st.encode_batch_size)]
-    with concurrent.futures.ThreadPoolExecutor(st.actor_concurrency) as pool:
-        list(pool.map(gen, [t for b in enc_batches for t in batches(b.to_pylist(), st.resolved_generate_batch_size)]))
+    e, g = cfg.encode, cfg.generate
+    enc = EncodeStage(cfg, llm=llm)
+    gen = GenerateStage(cfg, llm=llm)
+    enc_batches = [enc(b) for b in batches(warm, e.batch_size)]
+    with concurrent.futures.ThreadPoolExecutor(g.max_concurrent_batches) as pool:
+        list(pool.map(gen, [t for b in enc_batches for t in batches_of(b.to_pylist(), g.resolved_batch_size)]))
     _sync()
     t0 = time.perf_counter()
-    encoded = [r for b in batches(rows, st.encode_batch_size) for r in enc(b).to_pylist()]
+    encoded = [r for b in batches(rows, e.batch_size) for r in enc(b).to_pylist()]
     t_enc = time.perf_counter() - t0
     gen.engine.stats.clear()
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(st.actor_concurrency) as pool:
-        list(pool.map(gen, batches_of(encoded, st.resolved_generate_batch_size)))
+    with concurrent.futures.ThreadPoolExecutor(g.max_concurrent_batches) as pool:
+        list(pool.map(gen, batches_of(encoded, g.resolved_batch_size)))
     t_gen = time.perf_counter() - t0
     gen.loop.close()
     n = len(rows)
@@ -210,7 +224,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script on a tiny checkpoint (no figures)")
     args = ap.parse_args()
     shapes = ["tiny"] if args.tiny else (args.shape or ["7b", "0.5b"])
-    variants = args.variants.split(",")
+    variants = [v for name in args.variants.split(",") for v in (METHODS if name == "methods" else [name])]
     out_dir = Path(os.environ.get("OUT", "."))
     if args.tiny:  # nominal peaks: the run checks the script, its figures mean nothing
         peaks, device = {"matmul_flops": 1e12, "copy_bytes_per_s": 1e11}, "cpu"
@@ -225,14 +239,15 @@ def main() -> None:
         rows = decoded_rows(args.videos, args.frames, llm.image_size)
         st = lm_stats(llm)
         for variant in variants:
-            cfg = variant_config(variant)
-            tasks = {} if variant == "fused_caption" else MIX
-            warm = rows[: 2 * cfg.stages.resolved_fused_batch_size]
+            base, *ablations = variant.split("+")
+            cfg = variant_config(base)
+            tasks = {} if base == "fused_caption" else MIX
+            warm = rows[: 2 * cfg.fused.resolved_batch_size]
             _reset_peak()
             if variant.startswith("split"):
                 r = run_split(llm, cfg, rows, warm)
             else:
-                r, out = run_fused(llm, cfg, rows, warm)
+                r, out = run_fused(llm, cfg, rows, warm, tuple(ablations))
                 assert len(out) == len(rows) * (1 if tasks == {} else 4) and all(o["status"] == "ok" for o in out), \
                     [o["error_message"] for o in out if o["status"] != "ok"][:3]
                 ok = [o for o in out if o["video_id"] == out[0]["video_id"]]

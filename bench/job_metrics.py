@@ -147,15 +147,15 @@ def count_at(progress: list[tuple[float, int]], t: float) -> float | None:
 
 
 def layout(cfg) -> dict:
-    """The stage layout the job resolves from its config (read defensively: a renamed field gives None)."""
-    st = cfg.stages
-    g = lambda name: getattr(st, name, None)  # noqa: E731
-    mode = g("resolved_mode")
-    return {"mode": mode, "videos_per_call": g("resolved_fused_batch_size") if mode == "fused" else g("resolved_generate_batch_size"),
-            "calls_in_flight": g("actor_concurrency"), "engine_rows": g("engine_max_batch_size"),
-            "decode_batch_size": g("decode_batch_size"), "decode_num_cpus": g("decode_num_cpus") or 1.0,
-            "decode_max_tasks": g("decode_max_tasks"), "actor_num_cpus": g("actor_num_cpus") or 1.0,
-            "model_actors": (g("fused_actors") if mode == "fused" else (g("encode_actors") or 1) + (g("generate_actors") or 1)) or 1}
+    """The stage layout the job resolves from its config (the per-stage sections)."""
+    mode = cfg.resolved_mode
+    engine = cfg.fused if mode == "fused" else cfg.generate
+    actors = lambda s: (s.concurrency[0] if isinstance(s.concurrency, tuple) else s.concurrency) or 1  # noqa: E731
+    return {"mode": mode, "videos_per_call": engine.resolved_batch_size,
+            "calls_in_flight": engine.max_concurrent_batches, "engine_rows": engine.engine_max_batch_size,
+            "decode_batch_size": cfg.decode.batch_size, "decode_num_cpus": cfg.decode.num_cpus,
+            "decode_max_tasks": cfg.decode.concurrency, "actor_num_cpus": engine.num_cpus,
+            "model_actors": actors(cfg.fused) if mode == "fused" else actors(cfg.encode) + actors(cfg.generate)}
 
 
 def decode_figures(per_video: dict, kinds: dict, events: dict, lay: dict, wall: float, window: float | None,

@@ -11,7 +11,8 @@ With a context and a single query per row (a decode step) it:
   ``[B, H, S]`` matrix, no prefill maps), uses them for the output AND hands the head-averaged vector
   to :func:`dycoke.pruning.select_visual`, which leaves a ``[B, 1, 1, S]`` bias in the context;
 * layers ``>= L``: attend with that bias (unselected visual positions at ``-inf``);
-* other layers: plain masked SDPA.
+* other layers: plain masked SDPA, or on CUDA the split-K kernel of :mod:`dycoke.decode_attention`
+  (``DecodeContext.use_kernel``), which reads each row's slots only up to its length.
 
 With ``dycoke_grouped_mask`` in the kwargs (the engine's batched suffix prefill: several tokens per row over
 the cache) it attends with the query heads of a group stacked, so K and V are never repeated per head.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dycoke.decode_attention import decode_attention
 from dycoke.pruning import PruneState, keep_to_bias, select_visual
 
 ATTN_NAME = "dycoke_sdpa"
@@ -44,6 +46,8 @@ class DecodeContext:
         state: per-row :class:`PruneState`.
         dp_bias: ``[B, 1, 1, S]`` bias for layers ``>= L``, written at layer ``L - 1`` each step.
         visual_attended: ``[B]`` visual positions attended by layers ``>= L`` at the last step.
+        use_kernel: attend with :func:`dycoke.decode_attention.decode_attention` instead of SDPA.
+        lengths: ``[B]`` slots each row may read this step (``pos + 1``), set by the step when ``use_kernel``.
     """
 
     bias: torch.Tensor
@@ -55,6 +59,8 @@ class DecodeContext:
     state: PruneState
     dp_bias: torch.Tensor | None = None
     visual_attended: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    use_kernel: bool = False
+    lengths: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.visual_attended is None:
@@ -92,7 +98,10 @@ def dycoke_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             return out.reshape(bsz, 1, heads, dim), None
         if layer >= ctx.dp_layer:
             mask = ctx.dp_bias
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    if ctx.use_kernel:
+        out = decode_attention(q, key, value, mask, ctx.lengths, scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(bsz, 1, heads, dim), None
 
 

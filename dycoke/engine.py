@@ -26,12 +26,12 @@ import logging
 import time
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
-from dycoke.attention import grouped_mask, install
+from dycoke import decode_attention
+from dycoke.attention import install
 from dycoke.config import DyCokeConfig
 from dycoke.llava import VideoLLM
-from dycoke.sampling import greedy, sample
+from dycoke.prefill import prefix_batches, prefix_forward, start_rows, suffix_forward
 from dycoke.scheduling import (  # noqa: F401 - GenerationSettings, Request, Result: the engine's public API
     GenerationSettings,
     Group,
@@ -73,11 +73,15 @@ class Engine:
         compact_ratio: when nothing waits, compact when at most this fraction of rows is live (0: never).
         admit_fraction: with rows still decoding, admit only once this fraction of the rows is free (batches
             the suffix prefill of several groups into one forward).
+        decode_kernel: ``"auto"`` attends in decode steps with the split-K Triton kernel
+            (:mod:`dycoke.decode_attention`) where it can run (CUDA with Triton), else SDPA; ``"sdpa"`` always
+            SDPA; ``"triton"`` requires the kernel.
     """
 
     def __init__(self, llm: VideoLLM, config: DyCokeConfig, *, max_batch_size: int | None = 16,
                  max_batch_tokens: int | None = None, use_cuda_graph: bool | None = None, sync_every: int = 8,
-                 slot_multiple: int = 64, compact_ratio: float = 0.5, admit_fraction: float = 0.125):
+                 slot_multiple: int = 64, compact_ratio: float = 0.5, admit_fraction: float = 0.125,
+                 decode_kernel: str = "auto"):
         n_layers = llm.language_model.config.num_hidden_layers
         if config.dp_enabled and config.dp_layer >= n_layers:
             raise ValueError(f"dp_layer (L={config.dp_layer}) must be < the model's {n_layers} decoder layers")
@@ -85,6 +89,14 @@ class Engine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 0.0 <= compact_ratio < 1.0:
             raise ValueError(f"compact_ratio must be in [0, 1), got {compact_ratio}")
+        if decode_kernel not in ("auto", "sdpa", "triton"):
+            raise ValueError(f"decode_kernel must be auto, sdpa or triton, got {decode_kernel!r}")
+        lm_cfg = llm.language_model.config
+        head_dim = getattr(lm_cfg, "head_dim", None) or lm_cfg.hidden_size // lm_cfg.num_attention_heads
+        kernel_ok = decode_attention.available(llm.lm_head.weight, head_dim)
+        if decode_kernel == "triton" and not kernel_ok:
+            raise ValueError("decode_kernel='triton' needs a CUDA device and the triton package")
+        self.use_decode_kernel = kernel_ok and decode_kernel != "sdpa"
         self.llm, self.config = llm, config
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.use_cuda_graph = llm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
@@ -258,16 +270,15 @@ class Engine:
         (rows of similar suffix length together, :func:`~dycoke.scheduling.buckets`)."""
         dev = self.llm.device
         t0 = time.perf_counter()
-        for batch in _prefix_batches(admitted, self.max_prefill_tokens):
-            self._prefix_forward(batch)
+        s = self._session
+        for batch in prefix_batches(admitted, self.max_prefill_tokens):
+            prefix_forward(s, self.cache_kwarg, batch)
         _sync(dev)
         t1 = time.perf_counter()
         members = [(p, r) for g, rows in admitted for p, r in zip(g.members, rows)]
         members.sort(key=lambda m: m[0].suffix.shape[0])
-        logits = torch.cat([self._suffix_forward(b) for b in buckets(members)])
-        rows_t = torch.tensor([r for _, r in members], device=dev)
-        ends = torch.tensor([p.length for p, _ in members], device=dev)
-        self._start_rows(members, rows_t, ends, logits)
+        logits = torch.cat([suffix_forward(s, self.cache_kwarg, b) for b in buckets(members)])
+        start_rows(s, members, logits, self.pad_id)
         n = len(members)
         _sync(dev)
         t2 = time.perf_counter()
@@ -281,72 +292,6 @@ class Engine:
                 p.prefill_s = (t1 - t0) / n + (t2 - t1) / n
                 p.admitted_at = t2
                 self._rows[r] = p
-
-    def _prefix_forward(self, batch: list[tuple[Group, list[int]]]) -> None:
-        """The prefixes of ``batch``'s groups in one causal forward, right-padded to the longest (a real token never
-        sees the padding after it; the padding's KV lands past its row's prefix, where the suffix overwrites it),
-        each written to its group's first row and copied to the group's other rows."""
-        s, llm, dev = self._session, self.llm, self.llm.device
-        emb = pad_sequence([g.prefix for g, _ in batch], batch_first=True)
-        width = emb.shape[1]
-        s.cache.begin_rows(torch.tensor([rows[0] for _, rows in batch], device=dev))
-        try:
-            llm.language_model(inputs_embeds=emb, position_ids=torch.arange(width, device=dev)[None].expand(len(batch), -1),
-                               attention_mask={"full_attention": None}, use_cache=True, **{self.cache_kwarg: s.cache})
-            s.cache.check_written("prefix prefill")
-        finally:
-            s.cache.end()
-        for g, rows in batch:
-            if len(rows) > 1:
-                s.cache.copy_prefix(rows[0], torch.tensor(rows[1:], device=dev), g.prefix.shape[0])
-
-    def _suffix_forward(self, members: list[tuple[Prepared, int]]) -> torch.Tensor:
-        """One forward over the suffixes of ``members`` (padded to the longest), each row attending to its own
-        cached prefix; returns the next-token logits ``[n, V]`` (float32) at each suffix's last token."""
-        s, llm, dev = self._session, self.llm, self.llm.device
-        emb = pad_sequence([p.suffix for p, _ in members], batch_first=True)  # [n, width, D]
-        n, width = emb.shape[:2]
-        start = torch.tensor([p.prefix.shape[0] for p, _ in members], device=dev)
-        lengths = torch.tensor([p.suffix.shape[0] for p, _ in members], device=dev)
-        pos = start[:, None] + torch.arange(width, device=dev)[None]  # [n, width]
-        slots = pos.clamp(max=s.slots - 1)  # padding past a short suffix lands beyond its row's length (masked)
-        bias = torch.zeros(n, 1, width, s.slots, dtype=llm.dtype, device=dev)
-        bias.masked_fill_(s.slot_idx[None, None, None, :] > pos[:, None, :, None], float("-inf"))
-        s.cache.begin_chunk(torch.tensor([r for _, r in members], device=dev), slots)
-        try:
-            cfg = llm.language_model.config
-            h = llm.language_model(inputs_embeds=emb, position_ids=pos, attention_mask={"full_attention": bias},
-                                   use_cache=True, **{self.cache_kwarg: s.cache},
-                                   dycoke_grouped_mask=grouped_mask(bias, cfg.num_attention_heads // cfg.num_key_value_heads),
-                                   ).last_hidden_state
-            s.cache.check_written("suffix prefill")
-        finally:
-            s.cache.end()
-        return llm.lm_head(h[torch.arange(n, device=dev), lengths - 1]).float()
-
-    def _start_rows(self, members: list[tuple[Prepared, int]], rows: torch.Tensor, lengths: torch.Tensor,
-                    logits: torch.Tensor) -> None:
-        s, dev = self._session, self.llm.device
-        col = lambda vals, dt=torch.long: torch.tensor(vals, dtype=dt, device=dev)  # noqa: E731
-        sets = [p.request.settings for p, _ in members]
-        temperature = col([x.temperature for x in sets], torch.float32)
-        top_p = col([x.top_p for x in sets], torch.float32)
-        first = sample(logits, temperature, top_p) if any(x.temperature > 0 for x in sets) else greedy(logits)
-        stop_ids = col([list(p.stop_ids) + [-1] * (s.max_stop - len(p.stop_ids)) for p, _ in members])
-        max_new = col([x.max_new_tokens for x in sets])
-        for name, value in (("tok", first), ("pos", lengths), ("count", torch.ones_like(first)), ("max_new", max_new),
-                            ("vis_start", col([p.vis_start for p, _ in members])),
-                            ("vis_len", col([p.vis_len for p, _ in members])), ("steps", torch.zeros_like(first)),
-                            ("attended", torch.zeros_like(temperature)), ("temperature", temperature),
-                            ("top_p", top_p), ("stop_ids", stop_ids)):
-            getattr(s, name).index_copy_(0, rows, value)
-        s.out.index_fill_(0, rows, self.pad_id)
-        s.out[rows, 0] = first
-        stopped = (first.unsqueeze(-1) == stop_ids).any(-1)
-        s.done.index_copy_(0, rows, stopped | (max_new <= 1))
-        fresh = torch.zeros(s.rows, dtype=torch.bool, device=dev)
-        fresh[rows] = True
-        s.ctx.state.reset(fresh)
 
     # ------------------------------------------------------------------ finishing
     def _harvest(self, done: torch.Tensor) -> None:
@@ -378,17 +323,6 @@ class Engine:
         self._rows = rows + [None] * (len(self._rows) - len(rows))
         self._cur = new
         self.compactions += 1
-
-
-def _prefix_batches(admitted: list, max_tokens: int) -> list[list]:
-    """Consecutive groups whose padded prefixes (rows x longest) stay within ``max_tokens`` per forward."""
-    out: list[list] = []
-    for item in admitted:
-        if out and (len(out[-1]) + 1) * max(item[0].prefix.shape[0], *(g.prefix.shape[0] for g, _ in out[-1])) <= max_tokens:
-            out[-1].append(item)
-        else:
-            out.append([item])
-    return out
 
 
 def _sync(device: torch.device) -> None:

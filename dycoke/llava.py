@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from dycoke.config import DyCokeConfig
+from dycoke.fused import adapt_language_model
 from dycoke.holitom import holitom_merge
 from dycoke.saliency import PatchSaliency, feature_layer_index
 from dycoke.ttm import temporal_merge
+from dycoke.vision import adapt_vision_tower
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,8 @@ class VideoLLM:
         self.max_context = int(getattr(cfg.text_config, "max_position_embeddings", 32768))
         # Adapted per instance (see BilinearPooling): the model's get_video_features calls self.apply_pooling.
         model.model.apply_pooling = BilinearPooling(grid)
+        adapt_vision_tower(model.model.vision_tower)  # adapted per instance too (dycoke.vision, dycoke.fused)
+        adapt_language_model(model.model.language_model)
         self._saliency: PatchSaliency | None = None  # built on first HoliTom use
 
     @property

@@ -59,6 +59,7 @@ class Session:
             dp_layer=cfg.dp_layer if cfg.dp_enabled else 0,
             prune_ratio=cfg.dp_prune_ratio, threshold=cfg.dp_threshold,
             start=self.vis_start, length=self.vis_len, state=PruneState.empty(rows, slots, dev),
+            use_kernel=engine.use_decode_kernel,
         )
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._parent: weakref.ref | None = None  # a prefix session's root (weak: no cycle keeps a cache alive)
@@ -75,6 +76,8 @@ class Session:
         valid = self.slot_idx <= self.pos.unsqueeze(1)
         bias = self.ctx.bias
         bias.zero_().masked_fill_(~valid[:, None, None, :], float("-inf"))
+        if self.ctx.use_kernel:
+            self.ctx.lengths = self.pos + 1
         self.cache.begin_decode()
         h = llm.language_model(input_ids=self.tok.unsqueeze(1), position_ids=self.pos.unsqueeze(1),
                                attention_mask={"full_attention": bias}, use_cache=True, dycoke_ctx=self.ctx,
@@ -158,7 +161,7 @@ class Session:
             c = self.ctx
             child.ctx = DecodeContext(bias=c.bias[:m], dp_layer=c.dp_layer, prune_ratio=c.prune_ratio,
                                       threshold=c.threshold, start=child.vis_start, length=child.vis_len,
-                                      state=c.state.prefix(m))
+                                      state=c.state.prefix(m), use_kernel=c.use_kernel)
             child.graphs, child._parent, child._prefixes = {}, weakref.ref(self), {}
             self._prefixes[m] = child
         return child

@@ -6,26 +6,20 @@ Runs on a local Ray by default, on the cluster of ``ray job submit`` (``RAY_ADDR
 
 from __future__ import annotations
 
-import json
 import sys
 
-from pipeline.cli import parse_config, reported_errors
-from pipeline.config import to_yaml
-from pipeline.run import run
+from pipeline.cli import job_main
+
+
+def _run(cfg, _options):
+    from pipeline.run import run
+
+    result = run(cfg)
+    return result.summary.render(), result.summary.to_dict()
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(argv, "python -m jobs.corpus", "Caption and question every video of a corpus; write Parquet.")
-    if args.print_config:
-        print(to_yaml(cfg))
-        return 0
-    with reported_errors("python -m jobs.corpus"):
-        result = run(cfg)
-    print(result.summary.render())
-    if args.summary_json:
-        with open(args.summary_json, "w") as f:
-            json.dump(result.summary.to_dict(), f, indent=2)
-    return 0
+    return job_main(argv, "python -m jobs.corpus", "Caption and question every video of a corpus; write Parquet.", _run)
 
 
 if __name__ == "__main__":

@@ -8,28 +8,34 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import parse_config, reported_errors
-from pipeline.config import to_yaml
-from pipeline.evaluate import PRESETS, evaluate, render
+from pydantic import Field, field_validator
+
+from pipeline.cli import JobOptions, job_main
+from pipeline.evaluate import PRESETS
+
+
+class EvaluateOptions(JobOptions):
+    settings: str | None = Field(None, description=f"Comma-separated settings to run (default all: {','.join(PRESETS)}).")
+
+    @field_validator("settings")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        unknown = [s for s in (value or "").split(",") if s and s not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; choose from {','.join(PRESETS)}")
+        return value
+
+
+def _run(cfg, options: EvaluateOptions):
+    from pipeline.evaluate import evaluate, render
+
+    table = evaluate(cfg, [s for s in (options.settings or "").split(",") if s] or None)
+    return f"{render(table)}\n\ntable: {cfg.output.path.rstrip('/')}/accuracy.parquet", None
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    settings = None
-    if "--settings" in argv:
-        i = argv.index("--settings")
-        settings = [s for s in argv[i + 1].split(",") if s]
-        del argv[i : i + 2]
-    cfg, args = parse_config(argv, "python -m jobs.evaluate",
-                             f"Accuracy/throughput per setting ({', '.join(PRESETS)}); --settings a,b picks some.")
-    if args.print_config:
-        print(to_yaml(cfg))
-        return 0
-    with reported_errors("python -m jobs.evaluate"):
-        table = evaluate(cfg, settings)
-    print(render(table))
-    print(f"\ntable: {cfg.output.path.rstrip('/')}/accuracy.parquet")
-    return 0
+    return job_main(argv, "python -m jobs.evaluate", "Accuracy and throughput per compression setting.", _run,
+                    options=EvaluateOptions)
 
 
 if __name__ == "__main__":

@@ -7,27 +7,21 @@ build, run; the logic lives in :mod:`pipeline`.
 
 from __future__ import annotations
 
-import json
 import sys
 
-from pipeline.cli import parse_config, reported_errors
-from pipeline.config import to_yaml
-from pipeline.incremental import run_nightly
+from pipeline.cli import job_main
+
+
+def _run(cfg, _options):
+    from pipeline.incremental import run_nightly
+
+    result = run_nightly(cfg)
+    return result.render(), None if result.summary is None else {"run_id": result.run_id, **result.summary.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(argv, "python -m jobs.nightly",
-                             "Index only new or changed videos; write a date-partitioned, committed Parquet run.")
-    if args.print_config:
-        print(to_yaml(cfg))
-        return 0
-    with reported_errors("python -m jobs.nightly"):
-        result = run_nightly(cfg)
-    print(result.render())
-    if args.summary_json and result.summary is not None:
-        with open(args.summary_json, "w") as f:
-            json.dump({"run_id": result.run_id, **result.summary.to_dict()}, f, indent=2)
-    return 0
+    return job_main(argv, "python -m jobs.nightly",
+                    "Index only new or changed videos; write a date-partitioned, committed Parquet run.", _run)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.media import VideoError, VideoIndex, clean_message
+from pipeline.media import CannotOpen, VideoError, VideoIndex, clean_message
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,6 @@ SKIP_NONREF_CODECS = frozenset({"h264", "hevc"})
 
 class _SeekMissed(Exception):
     """A seek did not land at or before the frame it aimed for."""
-
-
-class CannotOpen(Exception):
-    """This backend cannot open this file (the next one may); ``no_decoder``: it lacks the codec."""
-
-    def __init__(self, reason: str, no_decoder: bool = False):
-        super().__init__(reason)
-        self.reason = reason
-        self.no_decoder = no_decoder
 
 
 def decode_frames(source, index: VideoIndex, indices: np.ndarray, size: int, uri: str = "<bytes>",
@@ -196,7 +187,7 @@ def _decode_group(container, stream, ctx, index: VideoIndex, targets: np.ndarray
     def frames_of(packet):
         nonlocal mode
         if skip and packet is not None:
-            p = _position(index, packet.pts)
+            p = index.position(packet.pts)
             want = "DEFAULT" if p is None or p in wanted else "NONREF"
             if want != mode:
                 ctx.skip_frame = mode = want
@@ -204,7 +195,7 @@ def _decode_group(container, stream, ctx, index: VideoIndex, targets: np.ndarray
 
     for packet in container.demux(stream):
         for frame in frames_of(packet if packet.size else None):
-            p = _position(index, frame.pts)
+            p = index.position(frame.pts)
             if p is None:
                 continue
             if p in wanted:
@@ -226,14 +217,6 @@ def _decode_group(container, stream, ctx, index: VideoIndex, targets: np.ndarray
     if skip:
         ctx.skip_frame = "DEFAULT"
     return len(targets)  # end of stream: whatever is missing is reported by _stack
-
-
-def _position(index: VideoIndex, pts) -> int | None:
-    """The frame number of a pts (None when the pts is unknown or not in the index)."""
-    if pts is None:
-        return None
-    i = int(np.searchsorted(index.pts, pts))
-    return i if i < index.n and int(index.pts[i]) == pts else None
 
 
 _BACKENDS = {"decord": decord_frames, "pyav": pyav_frames, "pyav_sequential": pyav_sequential_frames}

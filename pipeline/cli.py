@@ -1,60 +1,110 @@
-"""Command-line parsing shared by the jobs: ``--config``, ``--set a.b=v`` and one flag per config field."""
+"""The jobs' command line, from pydantic-settings: ``--config FILE``, one ``--<section>.<field> VALUE`` flag per
+config field (``--help`` lists them with type, default and description), ``--set FIELD=VALUE`` overrides, and
+the job entry helper :func:`job_main` every ``jobs/*.py`` module calls."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
-import textwrap
+from collections.abc import Callable
+from typing import Any
 
-from pipeline.config import ConfigurationError, PipelineConfig, field_docs, load_config, parse_override
+from pydantic import Field, ValidationError, create_model
+from pydantic_settings import (
+    BaseSettings,
+    CliImplicitFlag,
+    CliSettingsSource,
+    CliSuppress,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from pipeline.config import ConfigurationError, PipelineConfig, load_config, to_yaml
+from pipeline.renames import NEW_PLACES
 
 EXIT_CONFIG = 2  #: invalid configuration (also argparse's usage errors)
 EXIT_NO_INPUT = 3  #: the input cannot be read (listing denied, manifest missing) or names no videos
 EXIT_LOCKED = 75  #: another run holds the output's lock (EX_TEMPFAIL: try again later)
 
 
-def build_parser(prog: str, description: str, config_required: bool = True) -> argparse.ArgumentParser:
-    epilog = ["configuration fields (YAML sections; override any with --<field> VALUE or --set <field>=VALUE,",
-              "e.g. --decode.num_frames 16 or --set model.source=s3://bucket/models/llava/):", ""]
-    for name, type_name, default, desc in field_docs(PipelineConfig):
-        epilog.append(f"  {name}  [{type_name}, default {default}]")
-        epilog += textwrap.wrap(desc, width=100, initial_indent="      ", subsequent_indent="      ")
+class JobOptions(BaseSettings):
+    """What every job takes besides the configuration fields (a job may subclass it to add its own)."""
+
+    model_config = SettingsConfigDict(populate_by_name=True, cli_hide_none_type=True, cli_avoid_json=True,
+                                      cli_use_class_docs_for_groups=True)
+
+    config: str | None = Field(None, description="YAML configuration file (sections as printed by --print-config).")
+    print_config: CliImplicitFlag[bool] = Field(False, alias="print-config", description="Validate, print the "
+                                                "resolved configuration (current field names) and exit.")
+    summary_json: str | None = Field(None, alias="summary-json", description="Also write the run summary as JSON here.")
+    log_level: str = Field("INFO", alias="log-level", description="Python log level.")
+
+
+def _cli_model(options: type[JobOptions], description: str) -> type[BaseSettings]:
+    """``options`` plus every config section (flags are only parsed here; :func:`load_config` validates them on top
+    of the file and the defaults) plus the old sections, hidden from ``--help``, whose fields
+    :mod:`pipeline.renames` moves (``--stages.fused_actors 2`` still works)."""
+    sections = {name: (f.annotation, Field(description=f.description) if f.is_required() else
+                       Field(f.get_default(call_default_factory=True), description=f.description))
+                for name, f in PipelineConfig.model_fields.items()}
+    old: dict[str, dict] = {}
+    for dotted in NEW_PLACES:
+        section, name = dotted.split(".")
+        old.setdefault(section, {})[name] = (Any, None)
+    hidden = {s: (CliSuppress[create_model(f"old_{s}", **fields) | None], None) for s, fields in old.items()}
+    return create_model("Job", __base__=options, __doc__=description, **sections, **hidden)
+
+
+def parse_args(argv: list[str] | None, prog: str, description: str, *, options: type[JobOptions] = JobOptions,
+               defaults: dict | None = None, config_required: bool = True) -> tuple[PipelineConfig, JobOptions]:
+    """Validated config and job options from ``argv``; exits with status 2 and a message naming the field when
+    the configuration is invalid."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, epilog="\n".join(epilog), formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{prog} {'--config FILE' if config_required else '[--config FILE]'} [--set FIELD=VALUE ...] [--FIELD VALUE ...]",
-    )
-    parser.add_argument("--config", required=config_required, help="YAML configuration file.")
+        prog=prog, description=description,
+        usage=f"{prog} {'--config FILE' if config_required else '[--config FILE]'} [--set FIELD=VALUE ...] [--SECTION.FIELD VALUE ...]",
+        epilog="Flag values: 16, null, lists as [a, b] or a repeated flag, objects as JSON. Precedence: flags over "
+               "--set over the file. Renamed fields of earlier releases still work, with a warning naming the new place.")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="Override one field by its dotted name (repeatable); VALUE is parsed as YAML.")
-    parser.add_argument("--print-config", action="store_true", help="Validate, print the resolved configuration and exit.")
-    parser.add_argument("--summary-json", metavar="PATH", help="Also write the run summary as JSON to PATH.")
-    parser.add_argument("--log-level", default="INFO", help="Python log level (default INFO).")
-    for name, _type, _default, _desc in field_docs(PipelineConfig):  # documented in the epilog
-        parser.add_argument(f"--{name}", dest=f"field__{name}", metavar="VALUE", default=None, help=argparse.SUPPRESS)
-    return parser
-
-
-def parse_config(argv: list[str] | None, prog: str, description: str, config_required: bool = True,
-                 defaults: dict | None = None) -> tuple[PipelineConfig, argparse.Namespace]:
-    """Parse arguments into a validated config; exits with status 2 and a readable message when invalid."""
-    parser = build_parser(prog, description, config_required)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides: dict = {}
+    source = CliSettingsSource(_cli_model(options, description), root_parser=parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        for item in args.set:
-            key, value = parse_override(item)
-            overrides[key] = value
-        for key, value in vars(args).items():
-            if key.startswith("field__") and value is not None:
-                overrides[key[len("field__"):]] = parse_override(f"x={value}")[1]
-        cfg = load_config(args.config, overrides, data=defaults)
+        parsed = source(parsed_args=args)()
+        opts = options.model_validate({k: parsed.pop(k) for k in [f.alias or n for n, f in options.model_fields.items()]
+                                       if k in parsed})
+    except ValidationError as exc:
+        parser.error("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    except (SettingsError, ValueError) as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config_required and not opts.config:
+        parser.error("the following arguments are required: --config")
+    try:
+        cfg = load_config(opts.config, args.set, data=defaults, cli=parsed)
     except ConfigurationError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return cfg, args
+        raise SystemExit(EXIT_CONFIG) from None
+    return cfg, opts
+
+
+def job_main(argv: list[str] | None, prog: str, description: str,
+             body: Callable[[PipelineConfig, Any], tuple[str, dict | None]], **parse_kw) -> int:
+    """The whole entry point of a job: parse, ``--print-config``, run ``body(cfg, options)`` with the errors a user
+    can act on turned into exit statuses (:func:`reported_errors`), print its text, write ``--summary-json``."""
+    cfg, opts = parse_args(argv, prog, description, **parse_kw)
+    if opts.print_config:
+        print(to_yaml(cfg))
+        return 0
+    with reported_errors(prog):
+        text, summary = body(cfg, opts)
+    print(text)
+    if opts.summary_json and summary is not None:
+        with open(opts.summary_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
 
 
 @contextlib.contextmanager

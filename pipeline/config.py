@@ -1,12 +1,11 @@
-"""The one pipeline configuration: a YAML file plus command-line overrides, validated by pydantic.
+"""The one pipeline configuration: typed sections validated by pydantic, with their defaults in one place.
 
-Every field carries a description; ``python -m jobs.corpus --help`` prints them all. A bad file fails at
-start-up with :class:`ConfigurationError`, whose message names each offending field by its dotted path
-(``stages.encode_batch_size: Input should be a valid integer``).
+Every field carries a description; ``python -m jobs.corpus --help`` prints them all (:mod:`pipeline.cli`). A bad
+file fails at start-up with :class:`ConfigurationError`, whose message names each offending field by its dotted
+path (``fused.batch_size: Input should be a valid integer``). The sections go to the stages as they are.
 
-Overrides use the dotted path of a field: ``--set decode.num_frames=16`` or the generated flag
-``--decode.num_frames 16``. Values are parsed as YAML scalars (``16`` is an int, ``[a, b]`` a list,
-``null`` is None).
+Renamed fields: a job file (or override) that uses a name of an earlier release still works; the value moves
+to its new place (:mod:`pipeline.renames`, the one table of renames) with a warning naming that place.
 """
 
 from __future__ import annotations
@@ -18,27 +17,35 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dycoke import ConfigError as DyCokeConfigError
-from dycoke import DyCokeConfig
+from pipeline.renames import apply_renames, leaves, set_dotted
+from pipeline.sections import (  # noqa: F401 - the sections are part of this module's interface
+    MCQ,
+    CompressionConfig,
+    ConfigurationError,
+    DPConfig,
+    DyCokeTTMConfig,
+    EncodeConfig,
+    FusedConfig,
+    GenerateConfig,
+    GiB,
+    HoliTomConfig,
+    ModelConfig,
+    RayConfig,
+    StageConfig,
+    TasksConfig,
+)
+from pipeline.sections import Section as _Section
 
-#: Decode settings that change how decoding runs but not its rows: not part of the default run_id, so
-#: changing them (say, a longer timeout after timeouts) and re-running resumes the same run.
-#: decode settings that change how decoding runs, not which frames it produces (``backend``: every backend returns
-#: the same frames in exact mode; pixels differ only by the decoder's scaler), so they are not part of the run id
-OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation", "backend")
+#: Decode settings that change how decoding runs but not its rows (``backend``: every backend returns the same
+#: frames in exact mode), and the stage's resources: not part of the default run_id, so changing them (say, a
+#: longer timeout after timeouts) and re-running resumes the same run.
+OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation", "backend",
+                             "batch_size", "concurrency", "num_cpus", "num_gpus", "memory")
 #: Error types retried when a run is resumed (``output.retry_error_types``): they may not recur.
 TRANSIENT_ERROR_TYPES = ("fetch_failed", "decode_timeout", "decoder_crashed", "encode_failed", "generate_failed",
                          "internal")
-
-
-class ConfigurationError(ValueError):
-    """The configuration file or an override is invalid; the message names the field(s)."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 DEFAULT_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"]
@@ -57,7 +64,7 @@ class InputConfig(_Section):
     )
     local_dir: str | None = Field(None, description="A local folder, searched recursively for files with one of `extensions`.")
     extensions: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_EXTENSIONS),
+        DEFAULT_EXTENSIONS,
         description="File name endings (case-insensitive) a listed object or file must have to count as a video.",
     )
     limit: int | None = Field(None, ge=1, description="Process at most this many videos (after sorting by URI); null for all.")
@@ -97,13 +104,12 @@ class OutputConfig(_Section):
     )
     on_existing: Literal["resume", "overwrite"] = Field(
         "resume",
-        description="When <path>/<run_id>/ already holds rows. resume: keep every video whose rows are all there "
-        "(a run killed half way, or a finished one), delete unreadable files and the rows of incomplete videos, "
-        "and process only the remaining videos (nothing at all when the run is complete). overwrite: clear the "
-        "folder and process every video again.",
+        description="When <path>/<run_id>/ already holds committed chunks. resume: keep every video with a complete "
+        "committed version, delete files no chunk manifest names, and process only the others (nothing when the run "
+        "is complete; new rows supersede, nothing committed is rewritten). overwrite: clear the folder, redo all.",
     )
     retry_error_types: list[str] = Field(
-        default_factory=lambda: list(TRANSIENT_ERROR_TYPES),
+        list(TRANSIENT_ERROR_TYPES),
         description="When resuming, videos with an error row of one of these types are processed again "
         "(failures that may not recur: network, timeouts, crashes, out of memory); [] keeps every error row.",
     )
@@ -141,64 +147,13 @@ class OutputConfig(_Section):
         return self
 
 
-class MCQ(_Section):
-    """A multiple-choice question asked about every video; the answer's letter is parsed into `choice`."""
+class DecodeConfig(StageConfig):
+    """The decode stage: CPU tasks that fetch, decode and sample frames, and its resources."""
 
-    question: str = Field(description="The question text.")
-    options: list[str] = Field(min_length=2, max_length=26, description="The options, labelled A, B, C, ... in the prompt.")
-    id: str | None = Field(None, description="A stable task id (default mcq:<index>).")
-
-
-class TasksConfig(_Section):
-    """What is asked about each video. Each task gives one output row per video."""
-
-    caption_prompt: str | None = Field(
-        "Describe the video in detail.", description="The captioning prompt (task_id `caption`); null for no caption."
-    )
-    questions: list[str] = Field(default_factory=list, description="Standard questions asked about every video (task ids qa:0, qa:1, ...).")
-    use_manifest_questions: bool = Field(True, description="Also ask the manifest's per-video `questions` (task ids vq:0, vq:1, ...).")
-    mcq: list[MCQ] = Field(default_factory=list, description="Multiple-choice questions asked about every video.")
-    mcq_instruction: str = Field(
-        "Answer with the option's letter from the given choices directly.",
-        description="Appended to every multiple-choice prompt after the options.",
-    )
-    max_new_tokens: int = Field(128, ge=1, description="Generation limit for caption and open questions.")
-    mcq_max_new_tokens: int = Field(8, ge=1, description="Generation limit for multiple-choice questions.")
-    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy (deterministic).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold (only with temperature > 0).")
-
-    @model_validator(mode="after")
-    def _unique_task_ids(self) -> TasksConfig:
-        from pipeline.tasks import global_tasks
-
-        ids = [t.task_id for t in global_tasks(self)]
-        taken = [i for i in ids if ids.count(i) > 1 or i == "none" or i.startswith("vq:")]
-        if taken:
-            raise ValueError(f"task ids must be unique and not 'none' or 'vq:<i>' (per-video questions): {sorted(set(taken))}"
-                             "; give the mcq entries distinct ids")
-        return self
-
-
-class ModelConfig(_Section):
-    """The video LLM (a LLaVA-OneVision checkpoint in Hugging Face layout)."""
-
-    source: str = Field(
-        description="Hub id (llava-hf/llava-onevision-qwen2-7b-ov-hf), local directory, or s3://bucket/prefix/ "
-        "copied once per node to `cache_dir`."
-    )
-    cache_dir: str = Field(
-        "~/.cache/dycoke-pipeline/models", description="Per-node cache for s3:// checkpoints (a file lock makes one copy per node)."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights/activations dtype; auto = bfloat16 on GPU, float32 on CPU."
-    )
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when the actor has a GPU, else cpu.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel passed to transformers.")
-    trust_remote_code: bool = Field(False, description="Allow custom code shipped with the checkpoint.")
-
-
-class DecodeConfig(_Section):
-    """CPU decoding and frame sampling."""
+    batch_size: int = Field(4, ge=1, description="Videos per decode task call.")
+    concurrency: int | None = Field(None, ge=1, description="At most this many concurrent decode tasks; null = as many as the CPUs allow.")
+    memory: int = Field(2 * GiB, ge=1, description="Memory reserved per decode task, bytes or '2GiB' (bounds concurrent decodes per node and keeps "
+                               "decode tasks out of the model actors).")
 
     num_frames: int = Field(32, ge=1, le=1024, description="F, frames sampled per video (uniform: linspace(0, n-1, F)).")
     sampling: Literal["uniform", "keyframe"] = Field(
@@ -243,108 +198,12 @@ class DecodeConfig(_Section):
     )
 
 
-class DyCokeSettings(_Section):
-    """Token compression (DESIGN 4: DyCoke; 4.6: HoliTom); mirrors :class:`dycoke.DyCokeConfig`."""
-
-    ttm_enabled: bool = Field(True, description="Temporal token merging before the LLM.")
-    prune_ratio_k: float = Field(0.7, ge=0.0, lt=1.0, description="K, fraction of tokens dropped from each pruned frame, in [0, 1).")
-    ttm_mode: Literal["reference", "complete"] = Field("reference", description="reference = the paper's code exactly; complete = also prune the last window, raster order.")
-    tokens_per_frame: int | None = Field(None, ge=1, description="T, visual tokens per frame after pooling; null = from the model.")
-    dp_enabled: bool = Field(True, description="Dynamic KV-cache pruning during decoding.")
-    dp_layer: int = Field(3, ge=1, description="L, layer whose attention selects the visual tokens later layers attend to (>= 1).")
-    dp_prune_ratio: float = Field(0.7, ge=0.0, lt=1.0, description="P, fraction of candidate visual tokens not attended at a pruning step, in [0, 1).")
-    dp_threshold: float = Field(0.9, ge=-1.0, le=1.0, description="Attention-vector cosine similarity at or above which a step attends to the full cache.")
-    ttm_method: Literal["dycoke", "holitom"] = Field("dycoke", description="Pre-LLM compressor when ttm_enabled: dycoke = DyCoke TTM (prune_ratio_k, ttm_mode, ~50% of the tokens); holitom = HoliTom (holitom_*, DESIGN 4.6). DP works on top of either.")
-    holitom_retain_ratio: float = Field(0.15, gt=0.0, le=1.0, description="HoliTom r, target fraction of visual tokens kept, in (0, 1] (paper: 0.10, 0.15, 0.25).")
-    holitom_tau: float = Field(0.8, ge=-1.0, le=1.0, description="HoliTom tau, frame-to-frame cosine above which a position is static (paper: 0.8; 0.65 at r=0.10).")
-    holitom_max_window: int = Field(1024, ge=1, description="HoliTom's longest temporal segment, in frames.")
-    holitom_k: int = Field(7, ge=1, description="HoliTom DPC-KNN neighbourhood (capped at the number of centres).")
-    holitom_beta: float = Field(0.6, ge=0.0, le=1.0, description="HoliTom weight of a cluster centre against the mean of its members.")
-
-    @model_validator(mode="after")
-    def _valid(self) -> DyCokeSettings:
-        try:
-            self.to_dycoke(tokens_per_frame=self.tokens_per_frame or 196)
-        except DyCokeConfigError as exc:
-            raise ValueError(str(exc)) from exc
-        return self
-
-    def to_dycoke(self, tokens_per_frame: int | None = None) -> DyCokeConfig:
-        data = self.model_dump()
-        data["tokens_per_frame"] = int(tokens_per_frame or self.tokens_per_frame or 196)
-        return DyCokeConfig(**data)
+def _env_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-class StagesConfig(_Section):
-    """Ray Data stage layout: batch sizes, actor counts and resource requests."""
-
-    mode: Literal["auto", "fused", "split"] = Field(
-        "auto",
-        description="fused: encode+generate in one actor; split: separate encode and generate actor pools; "
-        "auto: fused when no GPU is requested or with one generate actor, else split.",
-    )
-    decode_batch_size: int = Field(4, ge=1, description="Videos per decode task batch.")
-    decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per decode task.")
-    decode_memory_gb: float = Field(
-        2.0, gt=0, description="Memory reserved per decode task (keeps a node from running more decodes than fit, "
-        "and keeps decode tasks out of the model actors)."
-    )
-    decode_max_tasks: int | None = Field(None, ge=1, description="At most this many concurrent decode tasks; null = as many as the CPUs allow.")
-    encode_batch_size: int = Field(8, ge=1, description="Videos per encode actor call.")
-    encode_actors: int = Field(1, ge=1, description="Encode actors (split mode).")
-    generate_batch_size: int | None = Field(
-        None, ge=1, description="Videos per generate actor call; null = 32 with a GPU (several calls in flight keep the "
-        "engine full), 8 on CPU.")
-    generate_actors: int = Field(1, ge=1, description="Generate actors (split mode).")
-    fused_batch_size: int | None = Field(
-        None, ge=1, description="Videos per fused actor call; null = 32 with a GPU, 4 on CPU.")
-    fused_actors: int | None = Field(
-        None, ge=1, description="Fused actors (fused mode); null = one per GPU the cluster has at start "
-        "(GPUs / gpus_per_actor, at least 1), 1 on CPU.")
-    max_actors: int | None = Field(None, ge=1, description="Let each actor pool autoscale up to this many actors; null = fixed size.")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encode/generate/fused actor (0 runs the model on CPU, for tiny models).")
-    actor_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model actor (preprocessing, batching).")
-    engine_max_batch_size: int | None = Field(
-        None, ge=1, description="Sequences (video x task rows) the generation engine decodes together; null = as many "
-        "as 60% of the free GPU memory holds in KV cache (at most 256), 16 on CPU.")
-    actor_concurrency: int = Field(
-        3, ge=1, description="Calls a generate or fused actor works on at once: their tasks join one running engine "
-        "(continuous batching), so the GPU does not wait between calls. 1 drains each call before the next.")
-
-    @property
-    def gpu(self) -> bool:
-        return self.gpus_per_actor > 0
-
-    def resolved_fused_actors(self, cluster_gpus: float) -> int:
-        """``fused_actors``, or one actor per ``gpus_per_actor`` of the cluster's GPUs (measured: fused beats a
-        split of the same GPUs, see docs/scaling.md)."""
-        if self.fused_actors:
-            return self.fused_actors
-        return max(1, int(cluster_gpus // self.gpus_per_actor)) if self.gpu else 1
-
-    @property
-    def resolved_fused_batch_size(self) -> int:
-        return self.fused_batch_size or (32 if self.gpu else 4)
-
-    @property
-    def resolved_generate_batch_size(self) -> int:
-        return self.generate_batch_size or (32 if self.gpu else 8)
-
-    @property
-    def resolved_mode(self) -> Literal["fused", "split"]:
-        if self.mode != "auto":
-            return self.mode
-        return "fused" if self.gpus_per_actor == 0 or self.generate_actors == 1 else "split"
-
-
-class RayConfig(_Section):
-    """Where the pipeline runs."""
-
-    address: str | None = Field(
-        None, description="Ray cluster address (ray://host:10001 or auto); null = the job's cluster under `ray job submit`, else a local Ray."
-    )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (ignored when connecting to a cluster).")
-    progress_bars: bool = Field(True, description="Show Ray Data progress bars while running.")
+def _env_region() -> str:
+    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
 
 
 class S3Config(_Section):
@@ -353,14 +212,9 @@ class S3Config(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    endpoint_url: str | None = Field(
-        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None,
-        description="Custom S3 endpoint (MinIO, a local test server); default $AWS_ENDPOINT_URL or AWS.",
-    )
-    region: str | None = Field(
-        default_factory=lambda: os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-        description="AWS region.",
-    )
+    endpoint_url: str | None = Field(default_factory=_env_endpoint, description="Custom S3 endpoint (MinIO, a local "
+                                     "test server); default $AWS_ENDPOINT_URL or AWS.")
+    region: str | None = Field(default_factory=_env_region, description="AWS region ($AWS_DEFAULT_REGION, $AWS_REGION, us-east-1).")
     max_attempts: int = Field(8, ge=1, le=50, description="boto3 retry attempts (adaptive retry mode).")
     connect_timeout_s: float = Field(10.0, gt=0, description="Connection timeout per request.")
     read_timeout_s: float = Field(60.0, gt=0, description="Read timeout per request.")
@@ -370,18 +224,24 @@ class PipelineConfig(_Section):
     """The whole job."""
 
     run_id: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9._-]{1,128}$",
-        description="Names the output folder; null = a hash of input, tasks, model, decode (except its operational fields: threads, spool, timeout, isolation) and dycoke settings, so an identical re-run finds its own folder (and resumes it, see output.on_existing).",
+        None, pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="Names the output folder; null = a hash of input, tasks, model, decode (except its operational "
+        "fields: threads, spool, timeout, isolation, resources) and compression settings, so an identical re-run finds "
+        "its own folder (and resumes it, see output.on_existing).",
     )
     input: InputConfig = Field(description="Where the videos come from.")
     output: OutputConfig = Field(description="Where the Parquet goes.")
-    tasks: TasksConfig = Field(default_factory=TasksConfig, description="What is asked about each video.")
+    tasks: TasksConfig = Field(TasksConfig(), description="What is asked about each video.")
     model: ModelConfig = Field(description="The video LLM.")
-    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Decoding and sampling.")
-    dycoke: DyCokeSettings = Field(default_factory=DyCokeSettings, description="Token compression.")
-    stages: StagesConfig = Field(default_factory=StagesConfig, description="Batch sizes, actors, resources.")
-    ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+    compression: CompressionConfig = Field(CompressionConfig(), description="Visual-token compression.")
+    mode: Literal["auto", "fused", "split"] = Field(
+        "auto", description="fused: encode+generate in one actor pool (`fused`); split: `encode` and `generate` pools; "
+        "auto: fused unless generate asks for GPUs and more than one actor.")
+    decode: DecodeConfig = Field(DecodeConfig(), description="Decoding, sampling and the decode stage's resources.")
+    encode: EncodeConfig = Field(EncodeConfig(), description="The encode stage (split mode).")
+    generate: GenerateConfig = Field(GenerateConfig(), description="The generate stage (split mode).")
+    fused: FusedConfig = Field(FusedConfig(), description="The fused stage (fused mode).")
+    ray: RayConfig = Field(RayConfig(), description="Ray connection.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 client settings.")
 
     @field_validator("run_id")
@@ -398,29 +258,33 @@ class PipelineConfig(_Section):
             raise ValueError("no tasks: set tasks.caption_prompt, tasks.questions or tasks.mcq (or use a manifest with questions)")
         return self
 
+    @property
+    def resolved_mode(self) -> Literal["fused", "split"]:
+        if self.mode != "auto":
+            return self.mode
+        g = self.generate
+        actors = g.concurrency[0] if isinstance(g.concurrency, tuple) else g.concurrency or 1
+        return "split" if g.num_gpus > 0 and actors > 1 else "fused"
+
     def effective_run_id(self) -> str:
-        """``run_id`` or a deterministic hash of everything that changes the output rows."""
+        """``run_id`` or a deterministic hash of everything that changes the output rows (the same as the earlier
+        release gave for the same settings)."""
         if self.run_id:
             return self.run_id
-        relevant = self.model_dump(include={"input", "tasks", "model", "decode", "dycoke"})
+        relevant = self.model_dump(include={"input", "tasks", "model", "decode"})
         relevant["model"].pop("cache_dir", None)
         for name in OPERATIONAL_DECODE_FIELDS:  # how decoding runs, not what it produces
             relevant["decode"].pop(name, None)
-        if relevant["dycoke"]["ttm_method"] == "dycoke":  # HoliTom settings unused (and run ids as before they existed)
-            for name in [n for n in relevant["dycoke"] if n == "ttm_method" or n.startswith("holitom_")]:
-                relevant["dycoke"].pop(name)
+        relevant["dycoke"] = self.compression.legacy()
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return f"run-{digest}"
 
 
-# ------------------------------------------------------------------------------------------------
-# Loading, overrides, error messages
-
-
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _format_errors(exc: ValidationError, source: str, moved: dict[str, str]) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        old = [f" (given as {o})" for n, o in moved.items() if loc == n or loc.startswith(n + ".")]
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see --help for the fields)"
@@ -428,104 +292,58 @@ def _format_errors(exc: ValidationError, source: str) -> str:
             msg = "required field is missing"
         value = err.get("input")
         shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {loc}: {msg}{shown}")
+        lines.append(f"  {loc}{''.join(old[:1])}: {msg}{shown}")
     return "\n".join(lines)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
     """``"a.b=value"`` -> ``("a.b", yaml-parsed value)``."""
-    if "=" not in item:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
         raise ConfigurationError(f"override {item!r} must look like section.field=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigurationError(f"override {item!r} has no field name")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigurationError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
-    return key, value
 
 
-def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
-    """Set dotted keys in a nested dict (creating sections as needed); returns the same dict."""
-    for key, value in overrides.items():
-        parts = key.split(".")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigurationError(f"override {key}: {part} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
+def read_yaml(path: str | Path, moved: dict[str, str] | None = None) -> dict:
+    """A job file's sections (a mapping), renamed fields moved to their new places."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigurationError(f"configuration file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"configuration file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"configuration file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return apply_renames(data, str(p), moved)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None,
-                data: dict | None = None) -> PipelineConfig:
-    """Build the validated config from ``data`` (built-in defaults, e.g. the demo's), a YAML file on top
-    (each top-level section the file sets replaces that section of ``data``) and dotted overrides last.
-
-    Raises :class:`ConfigurationError` naming every bad field.
+                data: dict | None = None, cli: dict | None = None) -> PipelineConfig:
+    """The validated config from, in increasing precedence: ``data`` (built-in defaults, e.g. the demo's), the YAML
+    file at ``path`` (each section the file sets replaces that section of ``data``), ``overrides`` (``a.b=value``
+    strings or a dotted-key dict) and ``cli`` (nested, as parsed from command-line flags). Renamed fields are moved
+    to their new places first, per source. Raises :class:`ConfigurationError` naming every bad field.
     """
-    source = str(path) if path else "arguments"
-    raw: dict = {}
+    moved: dict[str, str] = {}
+    raw = apply_renames(data or {}, "built-in configuration", moved)
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigurationError(f"configuration file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigurationError(f"configuration file {p} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigurationError(f"configuration file {p} must hold a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
-    if data:
-        raw = {**data, **raw}
-    if overrides:
-        if isinstance(overrides, list):
-            overrides = dict(parse_override(o) for o in overrides)
-        raw = apply_overrides(raw, overrides)
+        raw.update(read_yaml(path, moved))
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    layers = [("--set", {}), ("command line", cli or {})]
+    for key, value in (overrides or {}).items():
+        set_dotted(layers[0][1], key, value)
+    for source, layer in layers:
+        for dotted, value in leaves(apply_renames(layer, source, moved)):
+            set_dotted(raw, dotted, value)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigurationError(_format_errors(exc, source)) from None
-
-
-def field_docs(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted name, type, default, description) for every leaf field, in declaration order."""
-    rows: list[tuple[str, str, str, str]] = []
-    for name, info in model.model_fields.items():
-        ann = info.annotation
-        key = prefix + name
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.extend(field_docs(ann, key + "."))
-            continue
-        type_name = _type_name(ann)
-        if info.is_required():
-            default = "REQUIRED"
-        elif info.default_factory is not None:
-            default = repr(info.default_factory())
-        else:
-            default = repr(info.default)
-        rows.append((key, type_name, default, info.description or ""))
-    return rows
-
-
-def _type_name(ann) -> str:
-    import typing
-
-    origin = typing.get_origin(ann)
-    if origin is typing.Literal:
-        return "one of " + "|".join(str(a) for a in typing.get_args(ann))
-    if origin is not None:
-        return str(ann).replace("typing.", "").replace("pipeline.config.", "")
-    return getattr(ann, "__name__", str(ann))
+        raise ConfigurationError(_format_errors(exc, str(path) if path else "arguments", moved)) from None
 
 
 def to_yaml(cfg: PipelineConfig) -> str:

@@ -1,199 +1,233 @@
-"""Decode stage (CPU): fetch a video, sample F frames, resize while decoding, emit uint8 frames.
+"""Decode stage (CPU): fetch a video (:mod:`pipeline.fetch`), decode its sampled frames
+(:func:`pipeline.frames.decode_video`), emit one row per video. Plain callable; Ray-free.
 
-Every failure becomes an error row (``status="error"`` with an ``error_type`` from
-:data:`pipeline.schema.ERROR_TYPES`) and the batch carries on. Memory is bounded: a file larger than
-``max_video_bytes`` is never fetched; one larger than ``in_memory_bytes`` is decoded from disk
-(:mod:`pipeline.fetch`); frames are resized inside the decoder, so a 4K stream never materialises
-full-size RGB frames.
+Contract::
 
-Per video: :func:`pipeline.media.probe` reads the container's packets (no decoding) and gives the frame
-count, every frame's presentation time (from 0) and the duration (end of the last frame), so metadata is
-the stream's own whatever backend makes the pixels; :func:`pipeline.backends.decode_frames` then decodes
-the sampled frames with ``decode.backend`` (``auto``: PyAV, and decord for a file PyAV cannot open).
+    DecodeStage(decode_cfg, s3_cfg=None)(batch) -> pyarrow.Table      # DECODED_SCHEMA, one row per input row
 
-Sampling (``decode.sampling``):
+``decode_cfg`` is the :class:`pipeline.config.DecodeConfig` as it is (with ``frame_size`` set: the run fills it
+from the model), ``s3_cfg`` the :class:`pipeline.config.S3Config` (None: defaults). Every failure becomes an
+error row (``status="error"``, an ``error_type`` from :data:`pipeline.schema.ERROR_TYPES`) and the batch
+carries on.
 
-* ``uniform`` (default, exact): frame indices ``linspace(0, n-1, F)`` truncated to int, as the reference.
-* ``keyframe`` (APPROXIMATE, cheap): each uniform target snaps to its nearest keyframe, and only
-  keyframes are decoded (one seek + one intra frame each). With fewer keyframes than F, frames repeat.
+Isolation (``decode.isolation``, default ``process``): each video is fetched and decoded in a worker process of
+a `pebble <https://pypi.org/project/Pebble/>`_ ``ProcessPool`` (one worker, one pool per process, reused by
+every batch and stage this process runs), scheduled with ``timeout=decode.timeout_s``:
 
-Isolation (``decode.isolation``): with ``process`` (the config default) :class:`DecodeStage` hands each
-video to a long-lived decoder subprocess (:mod:`pipeline.decode_worker`), so a video that hangs the
-decoder becomes a ``decode_timeout`` row after ``decode.timeout_s`` and one that crashes it (segfault)
-a ``decoder_crashed`` row. ``none`` decodes in the calling process, unprotected. A
-:class:`DecodeSettings` built directly (tests, benchmarks, library use) defaults to ``none``, so that
-in-process mocks (moto's ``mock_aws``, botocore ``Stubber``, monkeypatched clients) keep working;
-:meth:`DecodeSettings.from_config`, which the pipeline uses, takes the config's value.
+* no answer within ``timeout_s`` (fetch + decode, counted from when the worker takes the video): pebble kills
+  the worker and the row is ``decode_timeout`` (the message names the URI and ``decode.timeout_s=<v> exceeded``);
+* the worker dies (segfault, abort, exit): ``decoder_crashed`` naming the signal or exit code;
+* the pool starts a fresh worker for the next video; other rows are unaffected.
+
+The worker never outlives this process: it is started with ``spawn`` (no copy of a threaded Ray worker), asks
+the kernel for ``SIGKILL`` when its parent dies (``PR_SET_PDEATHSIG``, Linux), takes ``SIGTERM`` with the
+default action (a decoder hung in C code holding the GIL still dies at once), and the pool is stopped and joined
+at exit. ``none`` decodes in the calling process, unprotected (in-process mocks such as moto's ``mock_aws``).
 """
 
 from __future__ import annotations
 
-import importlib
-import io
+import atexit
+import concurrent.futures
 import logging
+import multiprocessing
+import os
+import signal
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.backends import BACKENDS, decode_frames
-from pipeline.config import S3Config
-from pipeline.fetch import Fetched, check_uri, fetch
-from pipeline.media import VideoError, VideoIndex, probe
-from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK
+from pipeline.fetch import Fetched, fetch
+from pipeline.frames import decode_video
+from pipeline.media import VideoError
+from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK, require_columns
 
-__all__ = ["DecodeSettings", "DecodeStage", "Decoded", "Fetched", "VideoError", "check_uri", "decode_video", "fetch",
-           "frames_from_row", "keyframe_indices", "looks_like_media", "sample_indices"]
+__all__ = ["DecodeStage", "close_pool", "decode_batch", "decode_row", "frames_from_row", "stage_kwargs"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    """Picklable decode settings (the decode section of the config plus the resolved frame size)."""
+# ------------------------------------------------------------------------------------------------ one video
 
-    num_frames: int = 32
-    frame_size: int = 384
-    sampling: str = "uniform"
-    min_frames: int = 1
-    max_video_bytes: int = 4 * 1024**3
-    in_memory_bytes: int = 256 * 1024**2
-    num_threads: int = 1
-    spool_dir: str | None = None
-    s3: S3Config | None = None
-    timeout_s: float = 300.0
-    #: "process": decode in a decoder subprocess (hang/crash -> error row); "none": in-process, unprotected.
-    #: The dataclass default is "none" (see the module docstring); the pipeline config's default is "process".
-    isolation: Literal["process", "none"] = "none"
-    #: ``module:function`` with :func:`decode_video`'s signature. A test hook (a decoder that really crashes or
-    #: hangs); deliberately not a config field, so a configuration file cannot choose code to run.
-    decoder: str = "pipeline.decode:decode_video"
-    #: decode.backend: which decoder makes the pixels ("auto": PyAV, then decord when PyAV cannot open a file)
-    backend: str = "auto"
 
-    @classmethod
-    def from_config(cls, decode_cfg, frame_size: int, s3_cfg) -> DecodeSettings:
-        return cls(
-            num_frames=decode_cfg.num_frames,
-            frame_size=int(decode_cfg.frame_size or frame_size),
-            sampling=decode_cfg.sampling,
-            min_frames=decode_cfg.min_frames,
-            max_video_bytes=decode_cfg.max_video_bytes,
-            in_memory_bytes=decode_cfg.in_memory_bytes,
-            num_threads=decode_cfg.num_threads,
-            spool_dir=decode_cfg.spool_dir,
-            s3=s3_cfg,
-            timeout_s=float(decode_cfg.timeout_s),
-            isolation=decode_cfg.isolation,
-            backend=decode_cfg.backend,
+def decode_row(row: Mapping[str, Any], cfg, s3_cfg=None, decoder: Callable = decode_video) -> dict:
+    """Fetch and decode one video in this process; always returns a row (an error row for any failure).
+
+    ``decoder`` has :func:`pipeline.frames.decode_video`'s signature (a test hook: a decoder that really crashes
+    or hangs; deliberately not a config field, so a configuration file cannot choose code to run)."""
+    uri = row["video_uri"]
+    out: dict[str, Any] = {"video_id": row["video_id"], "video_uri": uri, "questions": _list(row.get("questions"))}
+    t0 = time.perf_counter()
+    fetched: Fetched | None = None
+    try:
+        fetched = fetch(uri, cfg, s3_cfg, etag=row.get("video_etag"))
+        out.update(video_bytes=fetched.size, video_etag=fetched.etag)
+        t1 = time.perf_counter()
+        out["fetch_s"] = t1 - t0
+        dec = decoder(fetched.source(), cfg, uri, fetched.head())
+        out.update(
+            frames=dec.frames.tobytes(), frames_shape=list(dec.frames.shape), num_frames=int(dec.frames.shape[0]),
+            frame_timestamps_s=dec.timestamps, duration_s=dec.duration_s, decode_s=time.perf_counter() - t1,
+            status=STATUS_OK,
         )
-
-
-# ------------------------------------------------------------------------------------------------ decode
-
-_SIGNATURES = (
-    (4, b"ftyp"),  # MP4 / MOV / 3GP
-    (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"), (4, b"skip"),  # QuickTime without ftyp
-    (0, b"\x1a\x45\xdf\xa3"),  # Matroska / WebM
-    (0, b"RIFF"),  # AVI
-    (0, b"FLV"),
-    (0, b"OggS"),
-    (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"),  # MPEG-PS / ES
-    (0, b"\x30\x26\xb2\x75"),  # ASF / WMV
-    (0, b"ID3"), (0, b"fLaC"),  # audio (MP3 with ID3 tags, FLAC): media, even if without video
-    (0, b"\x00\x00\x00\x01"), (0, b"\x00\x00\x01"),  # raw H.264 / H.265 Annex B
-)  # fmt: skip
-
-
-def looks_like_media(head: bytes) -> bool:
-    """True when the first bytes carry a known container signature (or an MPEG-TS sync byte)."""
-    if len(head) >= 189 and head[0] == 0x47 and head[188] == 0x47:
-        return True
-    if head[:1] == b"\x47" and len(head) < 189:
-        return True
-    return any(head[off : off + len(sig)] == sig for off, sig in _SIGNATURES)
-
-
-def sample_indices(n: int, num_frames: int) -> np.ndarray:
-    """``linspace(0, n-1, F)`` truncated to int (the reference's uniform sampling); repeats when n < F."""
-    return np.linspace(0, n - 1, num_frames, dtype=int)
-
-
-def keyframe_indices(targets: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Each target snapped to its nearest keyframe index (ties go to the earlier keyframe)."""
-    keys = np.asarray(sorted(set(int(k) for k in keys)) or [0])
-    pos = np.searchsorted(keys, targets)
-    lo = keys[np.clip(pos - 1, 0, len(keys) - 1)]
-    hi = keys[np.clip(pos, 0, len(keys) - 1)]
-    return np.where(np.abs(targets - lo) <= np.abs(hi - targets), lo, hi)
-
-
-@dataclass
-class Decoded:
-    frames: np.ndarray  # [F, S, S, 3] uint8
-    timestamps: list[float]
-    duration_s: float | None
-    total_frames: int
-
-
-def looks_like_text(head: bytes) -> bool:
-    """No NUL byte in the first bytes: text, not a media file (every container header has NULs early)."""
-    return len(head) > 0 and b"\x00" not in head
-
-
-def _probe(source, uri: str, head: bytes) -> VideoIndex:
-    """The frame index (:func:`pipeline.media.probe`), after the cheap checks on the first bytes."""
-    if looks_like_text(head):
-        # a decoder may echo the whole input to stderr when it fails to open it; never hand it text.
-        raise VideoError("not_a_video", f"{uri}: text, not a media file (first bytes {head[:8]!r})")
-    try:
-        return probe(source, uri)
     except VideoError as exc:
-        if head and not looks_like_media(head):  # FFmpeg guesses formats from random bytes too
-            raise VideoError("not_a_video", f"{uri}: not a known media container (first bytes {head[:8]!r})") from exc
-        raise
+        out.update(status=STATUS_ERROR, error_type=exc.error_type, error_message=exc.message)
+        log.warning("video %s: %s: %s", row["video_id"], exc.error_type, exc.message)
+    except Exception as exc:  # noqa: BLE001 - any other failure must still become a row
+        out.update(status=STATUS_ERROR, error_type="internal", error_message=f"{type(exc).__name__}: {exc}")
+        log.exception("video %s: unexpected decode failure", row["video_id"])
+    finally:
+        if fetched is not None:
+            fetched.cleanup()
+    out.setdefault("fetch_s", time.perf_counter() - t0)
+    return out
 
 
-def decode_video(source, settings: DecodeSettings, uri: str = "<bytes>", head: bytes = b"") -> Decoded:
-    """Probe, sample and read frames; raises :class:`VideoError`.
+# ------------------------------------------------------------------------------------------------ isolation
 
-    Frame numbers, timestamps and the duration come from the container's own packet timestamps
-    (:func:`pipeline.media.probe`); the backends (:func:`pipeline.backends.decode_frames`) only produce pixels."""
-    if not head and isinstance(source, io.BytesIO):
-        head = source.getvalue()[:4096]
-    index = _probe(source, uri, head)
-    n = index.n
-    if n < max(1, settings.min_frames):
-        raise VideoError("too_few_frames", f"{uri}: {n} frames, decode.min_frames={settings.min_frames}")
-    targets = sample_indices(n, settings.num_frames)
-    indices = keyframe_indices(targets, index.keyframes) if settings.sampling == "keyframe" else targets
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _worker_init(parent: int) -> None:
+    """In each pool worker: die with the parent, die at once on SIGTERM, keep decoder chatter quiet."""
     try:
-        frames, _backend = decode_frames(source, index, indices, settings.frame_size, uri,
-                                         backends=backend_order(settings.backend), num_threads=settings.num_threads)
-    except VideoError as exc:
-        if not exc.message.startswith(uri):
-            exc = VideoError(exc.error_type, f"{uri}: {exc.message}")
-        raise exc from None
-    if frames.shape[0] != settings.num_frames or frames.dtype != np.uint8:
-        raise VideoError("decode_failed", f"{uri}: decoder returned {frames.shape} {frames.dtype}")
-    timestamps = [round(float(s), 6) for s in index.timestamps_s[indices]]
-    return Decoded(frames=np.ascontiguousarray(frames), timestamps=timestamps, duration_s=index.duration_s, total_frames=n)
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError) as exc:
+        log.debug("PR_SET_PDEATHSIG unavailable: %s", exc)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _quiet_decord()
 
 
-def backend_order(backend: str) -> tuple[str, ...]:
-    """``decode.backend`` -> the backends to try in order (``auto``: :data:`pipeline.backends.BACKENDS`)."""
-    if backend == "nvdec":  # a GPU node: the CPU backends take what NVDEC cannot (codec, profile, no GPU)
-        return ("nvdec", *BACKENDS)
-    return BACKENDS if backend == "auto" else (backend,)
+def _quiet_decord() -> None:
+    import decord  # ffmpeg's own messages for broken files; each failure is reported in its row instead
+
+    decord.logging.set_level(decord.logging.QUIET)
+
+
+def _pool():
+    """This process's decoder pool (started on first use; a broken one is replaced)."""
+    global _POOL
+    from pebble import ProcessPool
+
+    with _POOL_LOCK:
+        if _POOL is None or not _POOL.active:
+            _POOL = ProcessPool(max_workers=1, initializer=_worker_init, initargs=(os.getpid(),),
+                                context=multiprocessing.get_context("spawn"))
+        return _POOL
+
+
+def close_pool() -> None:
+    """Stop this process's decoder pool and reap its worker (at exit this happens anyway)."""
+    global _POOL
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.stop()
+        pool.join()
+
+
+atexit.register(close_pool)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit status"
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def decode_isolated(row: Mapping[str, Any], cfg, s3_cfg=None, decoder: Callable = decode_video) -> dict:
+    """:func:`decode_row` in the pool's worker, with the timeout and crash handling of the module docstring."""
+    from pebble import ProcessExpired
+
+    request = {"video_id": row["video_id"], "video_uri": row["video_uri"], "questions": _list(row.get("questions")),
+               "video_etag": row.get("video_etag")}
+    uri = request["video_uri"]
+    t0 = time.monotonic()
+    try:
+        return _pool().schedule(decode_row, args=(request, cfg, s3_cfg, decoder), timeout=cfg.timeout_s).result()
+    except concurrent.futures.TimeoutError:
+        elapsed = time.monotonic() - t0
+        log.warning("video %s: decode_timeout after %.1fs; decoder process killed", request["video_id"], elapsed)
+        return _error_row(request, "decode_timeout", f"{uri}: fetch + decode did not finish in {elapsed:.1f}s "
+                          f"(decode.timeout_s={cfg.timeout_s:g} exceeded); decoder process killed", elapsed)
+    except ProcessExpired as exc:
+        elapsed = time.monotonic() - t0
+        how = _describe_exit(exc.exitcode)
+        log.warning("video %s: decoder_crashed (%s) after %.1fs", request["video_id"], how, elapsed)
+        return _error_row(request, "decoder_crashed", f"{uri}: the decoder process died ({how}) on this video; "
+                          "a new one is started for the next video", elapsed)
+    except Exception as exc:  # noqa: BLE001 - the pool broke (a worker that cannot start) or a row that cannot be sent
+        close_pool()
+        log.exception("video %s: decoder pool failure", request["video_id"])
+        return _error_row(request, "decoder_crashed", f"{uri}: the decoder process failed: {type(exc).__name__}: {exc}",
+                          time.monotonic() - t0)
+
+
+def _error_row(request: dict, error_type: str, message: str, elapsed: float) -> dict:
+    out = {k: v for k, v in request.items() if k != "video_etag"}
+    return {**out, "status": STATUS_ERROR, "error_type": error_type, "error_message": message, "fetch_s": elapsed}
 
 
 # ------------------------------------------------------------------------------------------------ stage
 
 
-def _rows(batch) -> list[dict]:
+class DecodeStage:
+    """``video rows -> decoded rows`` (one out per one in); see the module docstring.
+
+    Input columns: ``video_id, video_uri, questions`` (and ``video_etag`` when the listing had it). Output:
+    :data:`pipeline.schema.DECODED_SCHEMA` (frames as raw bytes + ``frames_shape``, timestamps, sizes, timings,
+    status and errors)."""
+
+    input_columns = ("video_id", "video_uri", "questions")
+    output_columns = tuple(DECODED_SCHEMA.names)
+
+    def __init__(self, decode, s3=None, decoder: Callable = decode_video):
+        if not decode.frame_size:
+            raise ValueError("DecodeStage needs decode.frame_size (the run fills it from the model's preprocessor config)")
+        self.cfg, self.s3, self.decoder = decode, s3, decoder
+        if decode.isolation == "none":
+            _quiet_decord()
+
+    def decode_one(self, row: Mapping[str, Any]) -> dict:
+        """Fetch and decode one video; always returns a row (an error row for any failure)."""
+        if self.cfg.isolation == "process":
+            return decode_isolated(row, self.cfg, self.s3, self.decoder)
+        return decode_row(row, self.cfg, self.s3, self.decoder)
+
+    def __call__(self, batch) -> pa.Table:
+        return pa.Table.from_pylist([self.decode_one(r) for r in rows_of(batch)], schema=DECODED_SCHEMA)
+
+
+def stage_kwargs(cfg, frame_size: int) -> dict:
+    """The keyword arguments of :func:`decode_batch` for a run (what the graph passes to the decode tasks)."""
+    return {"decode": cfg.decode.model_copy(update={"frame_size": int(frame_size)}), "s3": cfg.s3}
+
+
+def decode_batch(batch: pa.Table, decode, s3=None, decoder: Callable = decode_video) -> pa.Table:
+    """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks); checks its input columns."""
+    require_columns(batch, DecodeStage.input_columns, "DecodeStage")
+    return DecodeStage(decode, s3, decoder)(batch)
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+def rows_of(batch) -> list[dict]:
     """The rows of a batch as dicts; binary columns (frames, visual tokens) of a ``pyarrow.Table`` come as
     zero-copy ``pyarrow.Buffer`` slices of the table instead of per-row ``bytes`` copies (a 32-video batch
     holds ~450 MB of frames: copying it would hold the GIL while the engine thread wants to launch work)."""
@@ -204,6 +238,9 @@ def _rows(batch) -> list[dict]:
         n = len(batch[keys[0]]) if keys else 0
         return [{k: batch[k][i] for k in keys} for i in range(n)]
     return list(batch)
+
+
+_rows = rows_of  # the name pipeline.stages imports
 
 
 def _table_rows(batch: pa.Table) -> list[dict]:
@@ -220,80 +257,6 @@ def _table_rows(batch: pa.Table) -> list[dict]:
                 rows[i][name] = None if nulls[k] else data.slice(int(offsets[k]), int(offsets[k + 1] - offsets[k]))
                 i += 1
     return rows
-
-
-def resolve_decoder(path: str):
-    """``"module:function"`` -> the function (:attr:`DecodeSettings.decoder`)."""
-    module, sep, name = path.partition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"decoder must look like 'module:function', got {path!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-class DecodeStage:
-    """``video rows -> decoded rows`` (one out per one in). Plain callable; Ray-free.
-
-    Input columns: ``video_id, video_uri, questions``. Output: :data:`pipeline.schema.DECODED_SCHEMA`
-    (adds frames as raw bytes + ``frames_shape``, timestamps, sizes, timings, status and errors).
-
-    With ``settings.isolation == "process"`` every video goes through this process's shared decoder
-    subprocess for these settings (:func:`pipeline.decode_worker.shared_decoder`, started on first use and
-    reused by later stages and batches); :meth:`decode_in_process` is the unprotected in-process path.
-    """
-
-    input_columns = ("video_id", "video_uri", "questions")
-    output_columns = tuple(DECODED_SCHEMA.names)
-
-    def __init__(self, settings: DecodeSettings, quiet: bool = True):
-        self.settings = settings
-        self._decode = resolve_decoder(settings.decoder) if settings.isolation == "none" else None
-        if quiet and settings.isolation == "none":
-            # ffmpeg's own messages for broken files; each failure is reported in its row instead
-            import decord
-
-            decord.logging.set_level(decord.logging.QUIET)
-
-    def decode_one(self, row: Mapping[str, Any]) -> dict:
-        """Fetch and decode one video; always returns a row (an error row for any failure)."""
-        if self.settings.isolation == "process":
-            from pipeline.decode_worker import shared_decoder
-
-            return shared_decoder(self.settings).decode_one(row)
-        return self.decode_in_process(row)
-
-    def decode_in_process(self, row: Mapping[str, Any]) -> dict:
-        """:meth:`decode_one` in this process: no timeout, and a decoder crash takes the process down."""
-        if self._decode is None:
-            self._decode = resolve_decoder(self.settings.decoder)
-        uri = row["video_uri"]
-        out: dict[str, Any] = {"video_id": row["video_id"], "video_uri": uri, "questions": _list(row.get("questions"))}
-        t0 = time.perf_counter()
-        fetched: Fetched | None = None
-        try:
-            fetched = fetch(uri, self.settings)
-            out.update(video_bytes=fetched.size, video_etag=fetched.etag)
-            t1 = time.perf_counter()
-            out["fetch_s"] = t1 - t0
-            dec = self._decode(fetched.source(), self.settings, uri, fetched.head())
-            out.update(
-                frames=dec.frames.tobytes(), frames_shape=list(dec.frames.shape), num_frames=int(dec.frames.shape[0]),
-                frame_timestamps_s=dec.timestamps, duration_s=dec.duration_s, decode_s=time.perf_counter() - t1,
-                status=STATUS_OK,
-            )
-        except VideoError as exc:
-            out.update(status=STATUS_ERROR, error_type=exc.error_type, error_message=exc.message)
-            log.warning("video %s: %s: %s", row["video_id"], exc.error_type, exc.message)
-        except Exception as exc:  # noqa: BLE001 - any other failure must still become a row
-            out.update(status=STATUS_ERROR, error_type="internal", error_message=f"{type(exc).__name__}: {exc}")
-            log.exception("video %s: unexpected decode failure", row["video_id"])
-        finally:
-            if fetched is not None:
-                fetched.cleanup()
-        out.setdefault("fetch_s", time.perf_counter() - t0)
-        return out
-
-    def __call__(self, batch) -> pa.Table:
-        return pa.Table.from_pylist([self.decode_one(r) for r in _rows(batch)], schema=DECODED_SCHEMA)
 
 
 def _list(value) -> list | None:

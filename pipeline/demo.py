@@ -22,8 +22,6 @@ model:
   source: demo_output/tiny-llava         # for a real model:   llava-hf/llava-onevision-qwen2-7b-ov-hf
   dtype: float32
   device: cpu
-decode:
-  num_frames: 8
 tasks:
   caption_prompt: Describe the video in detail.
   questions: ["What is moving in the video?"]
@@ -32,13 +30,18 @@ tasks:
       options: [a street, a kitchen, a park, a dance]
   max_new_tokens: 16
   mcq_max_new_tokens: 4
-stages:
-  mode: fused
-  fused_batch_size: 2
-  decode_batch_size: 2
-  decode_num_cpus: 0.5
-  decode_memory_gb: 0.25
-  actor_num_cpus: 1
+decode:
+  num_frames: 8
+  batch_size: 2                          # the decode stage: videos per task, and its resources
+  num_cpus: 0.5
+  memory: 0.25GiB
+mode: fused                              # encode + generate in one actor (split: separate pools)
+fused:
+  batch_size: 2                          # videos per actor call
+  num_cpus: 1
+  num_gpus: 0                            # 1 on a GPU machine
+compression:
+  method: dycoke                         # or holitom (about 15% of the tokens) or none
 ray:
   num_cpus: 2
   progress_bars: false
@@ -54,6 +57,24 @@ and run:  python -m jobs.corpus --config job.yaml   (or: ray job submit --workin
 
 def demo_data() -> dict:
     return yaml.safe_load(DEMO_CONFIG)
+
+
+def run_demo(cfg, _options=None) -> tuple[str, dict]:
+    """Prepare the inputs, run the job, and describe what it wrote: the summary, a few rows, how to go real."""
+    from pipeline.run import run
+    from pipeline.sink import read_committed
+
+    prepare()
+    result = run(cfg)
+    lines = ["", result.summary.render()]
+    rows = read_committed(result.target, columns=["video_uri", "task_id", "status", "error_type", "choice", "answer"])
+    lines.append("\nfirst rows:")
+    for r in rows.sort_by([("video_uri", "ascending"), ("task_id", "ascending")]).to_pylist()[:6]:
+        name = r["video_uri"].rsplit("/", 1)[-1]
+        what = repr((r["answer"] or "")[:40]) if r["status"] == "ok" else f"ERROR {r['error_type']}"
+        lines.append(f"  {name:<20} {r['task_id']:<8} {what}" + (f"  choice={r['choice']}" if r["task_id"].startswith("mcq") else ""))
+    lines += [f"\nParquet: {result.target.uri}\n", REAL_RUN_HINT]
+    return "\n".join(lines), result.summary.to_dict()
 
 
 def prepare(root: Path = DEMO_ROOT) -> None:

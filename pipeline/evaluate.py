@@ -29,18 +29,26 @@ from pipeline.tasks import LETTERS, mcq_prompt, parse_choice
 
 log = logging.getLogger(__name__)
 
-#: setting name -> DyCoke field values (on top of the configured ``dycoke`` section).
+#: setting name -> ``compression`` fields (on top of the configured section): the method axis of issue 11 (off,
+#: DyCoke K=0.7, HoliTom r = 0.10 / 0.15 / 0.25) and DyCoke K=0.5.
 PRESETS: dict[str, dict] = {
-    "off": {"ttm_enabled": False, "dp_enabled": False},
-    "dycoke-k0.7-p0.7": {"ttm_enabled": True, "ttm_method": "dycoke", "dp_enabled": True, "prune_ratio_k": 0.7,
-                         "dp_prune_ratio": 0.7},
-    "dycoke-k0.5-p0.7": {"ttm_enabled": True, "ttm_method": "dycoke", "dp_enabled": True, "prune_ratio_k": 0.5,
-                         "dp_prune_ratio": 0.7},
+    "off": {"method": "none", "dp": {"enabled": False}},
+    **{f"dycoke-k{k}-p0.7": {"method": "dycoke", "dycoke": {"k": k}, "dp": {"enabled": True, "prune_ratio": 0.7}}
+       for k in (0.7, 0.5)},
     # HoliTom's outer stages as its authors run LLaVA-OV-7B (tau 0.65 at r = 0.10), without DP
-    **{f"holitom-r{r:.2f}": {"ttm_enabled": True, "ttm_method": "holitom", "dp_enabled": False,
-                             "holitom_retain_ratio": r, "holitom_tau": 0.65 if r <= 0.10 else 0.8}
+    **{f"holitom-r{r:.2f}": {"method": "holitom", "holitom": {"retain_ratio": r, "tau": 0.65 if r <= 0.10 else 0.8},
+                             "dp": {"enabled": False}}
        for r in (0.10, 0.15, 0.25)},
 }
+
+
+def with_preset(compression, name: str):
+    """``compression`` (a :class:`pipeline.config.CompressionConfig`) with the fields of preset ``name`` set."""
+    data = compression.model_dump()
+    for key, value in PRESETS[name].items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    return type(compression).model_validate(data)
+
 
 TABLE_SCHEMA = pa.schema([
     ("setting", pa.string()), ("compression", pa.string()), ("videos", pa.int64()), ("questions", pa.int64()),
@@ -162,9 +170,8 @@ def evaluate(cfg, settings: list[str] | None = None) -> pa.Table:
                                              "max_new_tokens": cfg.tasks.mcq_max_new_tokens})
         init_ray(cfg)  # once, before the first setting's clock starts: every setting is timed alike
         for name in names:
-            dycoke = cfg.dycoke.model_copy(update=PRESETS[name])
             run_cfg = cfg.model_copy(update={
-                "run_id": f"{base_id}-{name}", "tasks": tasks, "dycoke": dycoke,
+                "run_id": f"{base_id}-{name}", "tasks": tasks, "compression": with_preset(cfg.compression, name),
                 # every setting is measured afresh (a resumed folder would report no work and no throughput)
                 "output": cfg.output.model_copy(update={"on_existing": "overwrite"}),
                 "input": cfg.input.model_copy(update={"manifest": str(manifest)})})

@@ -2,9 +2,12 @@
 
 Contract::
 
-    fetched = fetch(uri, settings)      # settings: pipeline.decode.DecodeSettings
+    fetched = fetch(uri, decode_cfg, s3_cfg, etag=None)   # pipeline.config.DecodeConfig / S3Config
     fetched.source()                    # a fresh BytesIO over the bytes, or a path a decoder can open
     fetched.cleanup()                   # always, when done
+
+* The ETag is read once, at listing, and carried in the video's row: ``etag`` given, it is the one reported;
+  only a video listed without one (a manifest row) takes it from the GET (S3) or the file's ``mtime-size``.
 
 * Memory is bounded: a file larger than ``max_video_bytes`` is never read (``too_large``); one larger than
   ``in_memory_bytes`` is decoded from disk: a local file through its open descriptor
@@ -25,13 +28,10 @@ import re
 import stat
 import tempfile
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from pipeline import storage
 from pipeline.media import VideoError
-
-if TYPE_CHECKING:
-    from pipeline.decode import DecodeSettings
 
 
 @dataclass
@@ -114,18 +114,22 @@ def check_uri(uri) -> None:
         raise VideoError("invalid_uri", f"{uri}: unsupported scheme (use s3://, file:// or a path)")
 
 
-def fetch(uri: str, settings: DecodeSettings) -> Fetched:
-    """Get the video's bytes (or an open file to decode from); raises :class:`VideoError`."""
+def fetch(uri: str, settings, s3_cfg=None, etag: str | None = None) -> Fetched:
+    """Get the video's bytes (or an open file to decode from); raises :class:`VideoError`.
+
+    ``settings``: the decode section (``max_video_bytes``, ``in_memory_bytes``, ``spool_dir``); ``s3_cfg``: the S3
+    section (None: defaults); ``etag``: the listing's, when it had one."""
     check_uri(uri)
-    if storage.is_s3(uri):
-        return _fetch_s3(uri, settings)
-    return _fetch_local(uri, settings)
+    fetched = _fetch_s3(uri, settings, s3_cfg) if storage.is_s3(uri) else _fetch_local(uri, settings)
+    if etag:
+        fetched.etag = etag
+    return fetched
 
 
-def _fetch_s3(uri: str, settings: DecodeSettings) -> Fetched:
+def _fetch_s3(uri: str, settings, s3_cfg) -> Fetched:
     bucket, key = storage.split_uri(uri)
     try:
-        resp = storage.client(settings.s3).get_object(Bucket=bucket, Key=key)
+        resp = storage.client(s3_cfg).get_object(Bucket=bucket, Key=key)
     except Exception as exc:  # botocore ClientError / EndpointConnectionError / ...
         raise _s3_error(exc, uri) from exc
     body = resp["Body"]
@@ -158,7 +162,7 @@ def _fetch_s3(uri: str, settings: DecodeSettings) -> Fetched:
         body.close()
 
 
-def _fetch_local(uri: str, settings: DecodeSettings) -> Fetched:
+def _fetch_local(uri: str, settings) -> Fetched:
     path = storage.path_of(uri)
     try:
         fd = storage.open_file(path)
@@ -184,7 +188,7 @@ def _fetch_local(uri: str, settings: DecodeSettings) -> Fetched:
         raise
 
 
-def _check_size(uri: str, size: int, settings: DecodeSettings) -> None:
+def _check_size(uri: str, size: int, settings) -> None:
     if size > settings.max_video_bytes:
         raise VideoError("too_large", f"{uri}: {size} bytes exceeds decode.max_video_bytes={settings.max_video_bytes}")
     if size == 0:

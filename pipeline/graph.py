@@ -1,24 +1,29 @@
-"""The Ray Data graph: the ONLY module that imports ``ray.data``.
+"""The Ray Data graph: the ONLY module that imports ``ray.data``. The graph is data: a list of
+:class:`StageSpec` built from the per-stage config sections, applied in one loop of ``map_batches``.
 
 ::
 
     from_arrow(video list)                                     driver
-      -> map_batches(decode_batch)        CPU tasks              num_cpus=decode_num_cpus, memory=decode_memory_gb
-      -> map_batches(FusedStage)          actor pool             num_gpus=gpus_per_actor       (fused mode;
-                                          actor_concurrency calls per actor feed one running engine)
-         or map_batches(EncodeStage) -> map_batches(GenerateStage)   two actor pools           (split mode)
-      -> write_datasink(CommitSink)       write tasks: each writes its rows as new Parquet files and commits
-                                          them with a chunk manifest (pipeline.sink: the output protocol)
+      -> decode_batch       CPU tasks    cfg.decode: batch_size, concurrency (max tasks), num_cpus, memory
+      -> FusedStage         actor pool   cfg.fused: batch_size, concurrency (actors), num_gpus, num_cpus;
+                                         max_concurrent_batches calls per actor feed one running engine  (fused mode)
+         or EncodeStage -> GenerateStage  two actor pools, cfg.encode and cfg.generate                    (split mode)
+      -> CommitSink         write tasks  each writes its rows as new Parquet files and commits them with a chunk
+                                         manifest (pipeline.sink: the output protocol)
 
-Decode tasks reserve CPUs and memory; model actors reserve their GPUs plus ``actor_num_cpus``; so
-Ray's scheduler (and Ray Data's resource manager, which backpressures decode when the actors fall
-behind) keeps decode from starving the GPU stages and vice versa.
+Decode tasks reserve CPUs and memory; model actors reserve their GPUs and CPUs; so Ray's scheduler (and Ray
+Data's resource manager, which backpressures decode when the actors fall behind) keeps decode from starving the
+GPU stages and vice versa. Each stage checks its input columns on its first batch
+(:func:`pipeline.schema.require_columns`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -26,18 +31,65 @@ import ray.data
 from ray.data import ActorPoolStrategy, Datasink, TaskPoolStrategy
 from ray.data.block import BlockAccessor
 
-from pipeline.decode import DecodeSettings, DecodeStage
+from pipeline import decode
 from pipeline.sink import ChunkWriter
-from pipeline.stages import EncodeStage, FusedStage, GenerateSettings, GenerateStage, ModelSettings
+from pipeline.stages import EncodeStage, FusedStage, GenerateStage
 
 log = logging.getLogger(__name__)
 
 MAX_SOURCE_BLOCKS = 20_000
 
 
-def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
-    """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks)."""
-    return DecodeStage(settings)(batch)
+@dataclass(frozen=True)
+class StageSpec:
+    """One ``map_batches`` step: the callable (a function for CPU tasks, a class for an actor pool), its arguments,
+    its batch size and its resources (a :class:`pipeline.sections.StageConfig`: num_cpus, num_gpus, memory, and
+    concurrency = max tasks, or actors / [min, max] actors)."""
+
+    fn: Callable
+    section: Any
+    batch_size: int
+    kwargs: dict = field(default_factory=dict)
+    concurrency: int | tuple[int, int] | None = None
+    calls_per_actor: int = 1
+
+    @property
+    def is_actor(self) -> bool:
+        return isinstance(self.fn, type)
+
+    def map_args(self) -> dict:
+        s = self.section
+        args: dict = {"batch_size": self.batch_size, "batch_format": "pyarrow", "num_cpus": s.num_cpus}
+        if s.num_gpus:
+            args["num_gpus"] = s.num_gpus
+        if s.memory:
+            args["memory"] = int(s.memory)
+        if not self.is_actor:
+            return {**args, "fn_kwargs": self.kwargs, "compute": TaskPoolStrategy(size=self.concurrency)}
+        n = self.concurrency or 1
+        lo, hi = n if isinstance(n, tuple) else (n, n)
+        threads = ({"max_concurrent_calls_per_actor": self.calls_per_actor, "enable_true_multi_threading": True}
+                   if self.calls_per_actor > 1 else {})  # the engine stages are thread-safe: calls feed one engine loop
+        pool = ActorPoolStrategy(size=lo, **threads) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi, **threads)
+        return {**args, "fn_constructor_kwargs": self.kwargs, "compute": pool}
+
+
+def stage_specs(cfg, frame_size: int, cluster_gpus: float = 0.0) -> list[StageSpec]:
+    """The stages of ``cfg`` in order: decode (resizing to ``frame_size``, the model's input side), then fused
+    (fused mode) or encode and generate (split mode)."""
+    # The memory request bounds concurrent decodes per node, and it also makes the decode task's resource
+    # request differ from the model actors', so Ray Data never fuses decode into a model actor.
+    specs = [StageSpec(decode.decode_batch, cfg.decode, cfg.decode.batch_size, decode.stage_kwargs(cfg, frame_size),
+                       cfg.decode.concurrency)]
+    if cfg.resolved_mode == "fused":
+        f = cfg.fused
+        if f.num_gpus and f.concurrency is None and cluster_gpus < f.num_gpus:
+            log.warning("the cluster shows no GPU yet (autoscaling?): starting 1 fused actor; set fused.concurrency")
+        return specs + [StageSpec(FusedStage, f, f.resolved_batch_size, {"cfg": cfg}, f.resolved_concurrency(cluster_gpus),
+                                  f.max_concurrent_batches)]
+    e, g = cfg.encode, cfg.generate
+    return specs + [StageSpec(EncodeStage, e, e.batch_size, {"cfg": cfg}, e.concurrency),
+                    StageSpec(GenerateStage, g, g.resolved_batch_size, {"cfg": cfg}, g.concurrency, g.max_concurrent_batches)]
 
 
 class CommitSink(Datasink):
@@ -64,63 +116,15 @@ def _source_blocks(videos: pa.Table, rows_per_block: int) -> list[pa.Table]:
     return [videos.slice(i, rows_per_block) for i in range(0, n, rows_per_block)] or [videos]
 
 
-def _actors(n: int, max_actors: int | None, concurrency: int = 1) -> ActorPoolStrategy:
-    """A pool of ``n`` actors (autoscaling to ``max_actors``); ``concurrency > 1`` lets each actor run that many
-    calls at once on threads (the engine stages are thread-safe: their calls feed one engine loop)."""
-    threads = {"max_concurrent_calls_per_actor": concurrency, "enable_true_multi_threading": True} if concurrency > 1 else {}
-    if max_actors and max_actors > n:
-        return ActorPoolStrategy(min_size=n, max_size=max_actors, **threads)
-    return ActorPoolStrategy(size=n, **threads)
-
-
-def build(cfg, videos: pa.Table, decode_settings: DecodeSettings, model_settings: ModelSettings,
-          gen_settings: GenerateSettings) -> ray.data.Dataset:
-    """The lazy Dataset from the video list to output rows (nothing runs until it is consumed)."""
-    st = cfg.stages
+def build(cfg, videos: pa.Table, frame_size: int) -> ray.data.Dataset:
+    """The lazy Dataset from the video list to output rows (nothing runs until it is consumed); ``frame_size``: the
+    model's input side (the decode stage resizes to it)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.enable_operator_progress_bars = cfg.ray.progress_bars
-
-    ds = ray.data.from_arrow(_source_blocks(videos, st.decode_batch_size))
-    # The memory request bounds concurrent decodes per node, and it also makes the decode task's resource
-    # request differ from the model actors', so Ray Data never fuses decode into a model actor (it fuses a
-    # task op into the next actor op when their remote args are identical).
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"settings": decode_settings},
-        batch_size=st.decode_batch_size,
-        batch_format="pyarrow",
-        compute=TaskPoolStrategy(size=st.decode_max_tasks),
-        num_cpus=st.decode_num_cpus,
-        memory=int(st.decode_memory_gb * 1024**3),
-    )
-    model_args = {"num_gpus": st.gpus_per_actor, "num_cpus": st.actor_num_cpus, "batch_format": "pyarrow"}
-    if st.resolved_mode == "fused":
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        if st.gpu and st.fused_actors is None and gpus < st.gpus_per_actor:
-            log.warning("the cluster shows no GPU yet (autoscaling?): starting 1 fused actor; set stages.fused_actors")
-        ds = ds.map_batches(
-            FusedStage,
-            fn_constructor_kwargs={"model": model_settings, "settings": gen_settings},
-            batch_size=st.resolved_fused_batch_size,
-            compute=_actors(st.resolved_fused_actors(gpus), st.max_actors, st.actor_concurrency),
-            **model_args,
-        )
-    else:
-        ds = ds.map_batches(
-            EncodeStage,
-            fn_constructor_kwargs={"model": model_settings, "dycoke_settings": gen_settings.dycoke},
-            batch_size=st.encode_batch_size,
-            compute=_actors(st.encode_actors, st.max_actors),
-            **model_args,
-        )
-        ds = ds.map_batches(
-            GenerateStage,
-            fn_constructor_kwargs={"model": model_settings, "settings": gen_settings},
-            batch_size=st.resolved_generate_batch_size,
-            compute=_actors(st.generate_actors, st.max_actors, st.actor_concurrency),
-            **model_args,
-        )
+    ds = ray.data.from_arrow(_source_blocks(videos, cfg.decode.batch_size))
+    for spec in stage_specs(cfg, frame_size, ray.cluster_resources().get("GPU", 0.0)):
+        ds = ds.map_batches(spec.fn, **spec.map_args())
     return ds
 
 

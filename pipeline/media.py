@@ -87,10 +87,26 @@ class VideoIndex:
     def n(self) -> int:
         return int(self.pts.shape[0])
 
+    def position(self, pts) -> int | None:
+        """The frame number of a pts (None when the pts is unknown or not in the index)."""
+        if pts is None:
+            return None
+        i = int(np.searchsorted(self.pts, pts))
+        return i if i < self.n and int(self.pts[i]) == pts else None
+
     @property
     def pts_unique(self) -> bool:
         """Frames can be identified by their pts (all known, no two equal)."""
         return self.pts_exact and bool(np.all(np.diff(self.pts) > 0))
+
+
+class CannotOpen(Exception):
+    """This backend cannot open this file (the next one may); ``no_decoder``: it lacks the codec."""
+
+    def __init__(self, reason: str, no_decoder: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.no_decoder = no_decoder
 
 
 def _video_stream(container, uri: str):

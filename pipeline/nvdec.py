@@ -14,8 +14,9 @@ Contract::
   everything and keeping 32 frames (issue 13). Feeding stops after the last target.
 * Colour conversion to RGB is NVDEC's own (``OutputColorType.RGB``); the resize to ``size`` runs on the GPU
   (``torch.nn.functional.interpolate``, bilinear, antialiased), and a display-matrix rotation is applied there too.
-* :class:`pipeline.backends.CannotOpen` (so the next backend takes the video) when PyNvVideoCodec or a GPU is
-  missing, NVDEC has no decoder for the codec, or the decoder cannot be created (e.g. a profile NVDEC lacks).
+* :class:`pipeline.media.CannotOpen` (so the next backend takes the video) when PyNvVideoCodec or a GPU is
+  missing, NVDEC has no decoder for the codec, or the decoder cannot be created (e.g. a profile NVDEC lacks, or a
+  frame below its minimum size: measured on an H200, 64 x 48 HEVC and VP9 test clips are refused).
 
 Needs the ``pynvvideocodec`` wheel and the driver's ``libnvcuvid``; nothing here runs on a machine without them
 (the tests that use it are marked ``gpu``).
@@ -28,8 +29,7 @@ import logging
 
 import numpy as np
 
-from pipeline.backends import CannotOpen, _position
-from pipeline.media import VideoError, VideoIndex, clean_message
+from pipeline.media import CannotOpen, VideoError, VideoIndex, clean_message
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,14 @@ def nvdec_frames_gpu(source, index: VideoIndex, indices: np.ndarray, size: int, 
     if hasattr(source, "seek"):
         source.seek(0)
     container = av.open(source, mode="r")
+    counter = 0
     try:
         stream = container.streams[index.stream_index]
-        counter = 0
 
         def take(frames) -> None:
             nonlocal counter
             for frame in frames:
-                p = _position(index, frame.getPTS()) if index.pts_unique else counter
+                p = index.position(frame.getPTS()) if index.pts_unique else counter
                 counter += 1
                 if p is not None and p in targets and p not in got:
                     got[p] = _resize(torch, torch.from_dlpack(frame), size, turns)
@@ -135,6 +135,10 @@ def nvdec_frames_gpu(source, index: VideoIndex, indices: np.ndarray, size: int, 
     except CannotOpen:
         raise
     except Exception as exc:  # PyNvVCException / av.error.FFmpegError while decoding
+        if counter == 0 and "CreateDecoder" in str(exc):
+            # NVDEC creates its decoder at the first sequence header and refuses streams it cannot take (below its
+            # minimum size, e.g. 144 x 144 for HEVC and 128 x 128 for VP9 on Hopper; profiles it lacks): a CPU backend takes it
+            raise CannotOpen(f"NVDEC cannot decode this stream: {clean_message(str(exc))}") from exc
         raise VideoError("corrupt_video", f"NVDEC decoding failed after {len(got)} targets: "
                          f"{clean_message(str(exc))}") from exc
     finally:

@@ -12,14 +12,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
+
 from pipeline import sink, storage
 from pipeline.config import ConfigurationError, PipelineConfig
-from pipeline.decode import DecodeSettings
 from pipeline.lock import RunLock
+from pipeline.report import write_report
 from pipeline.sources import ListingReport, SourceError, list_videos
-from pipeline.stages import GenerateSettings, ModelSettings
-from pipeline.summary import SUMMARY_COLUMNS, Summary, summarize
-from pipeline.tasks import NO_TASK, video_tasks
+from pipeline.summary import SUMMARY_COLUMNS, Summary, ray_stages, ray_timeline, summarize
+from pipeline.tasks import expected_task_ids
 
 log = logging.getLogger(__name__)
 
@@ -123,42 +124,31 @@ def init_ray(cfg: PipelineConfig) -> None:
 
 
 def model_image_size(cfg: PipelineConfig) -> int:
-    """The model's square input side, read from its preprocessor config without loading weights."""
+    """The model's square input side: ``decode.frame_size`` when set, else the checkpoint's preprocessor config
+    read by the one reader the model stages use (:meth:`dycoke.llava.PixelSpec.from_checkpoint`; for an ``s3://``
+    checkpoint, on copies of just its preprocessor files). Called once per run, after the resume check."""
     if cfg.decode.frame_size:
         return int(cfg.decode.frame_size)
+    from dycoke.llava import PixelSpec
+
     source = cfg.model.source
     try:
-        if storage.is_s3(source):
+        if not storage.is_s3(source):
+            return PixelSpec.from_checkpoint(source).size
+        with tempfile.TemporaryDirectory() as tmp:
             for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
                 try:
-                    data = storage.read_json(source.rstrip("/") + "/" + name, cfg.s3)
+                    body = storage.read_bytes(source.rstrip("/") + "/" + name, cfg.s3)
                 except FileNotFoundError:
-                    continue
-                size = data.get("size", {})
-                return int(size.get("height") or size.get("shortest_edge"))
-            raise FileNotFoundError(f"no preprocessor config under {source}")
-        from dycoke.llava import PixelSpec
-
-        return PixelSpec.from_checkpoint(source).size
+                    continue  # the reader tries the other
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(body)
+            return PixelSpec.from_checkpoint(tmp).size
     except Exception as exc:  # noqa: BLE001 - reported as a configuration problem
         raise ConfigurationError(
             f"model.source {source!r}: cannot read the model's image size ({type(exc).__name__}: {exc}); "
             "check the path or set decode.frame_size"
         ) from exc
-
-
-def expected_task_ids(tasks_cfg, videos) -> list[list[str]]:
-    """The ``task_id`` of every output row each video of ``videos`` gets (:data:`VIDEO_SCHEMA` rows).
-
-    As the generate stage does it: one row per task of :func:`pipeline.tasks.video_tasks` (error rows
-    too, when the video failed earlier), or a single ``NO_TASK`` error row when no task applies. The
-    questions go through the same ``str`` conversion as in the decode stage.
-    """
-    out = []
-    for questions in videos.column("questions").to_pylist():
-        questions = None if questions is None else [str(q) for q in questions]
-        out.append([t.task_id for t in video_tasks(tasks_cfg, questions)] or [NO_TASK.task_id])
-    return out
 
 
 def run(cfg: PipelineConfig) -> RunResult:
@@ -170,7 +160,6 @@ def run(cfg: PipelineConfig) -> RunResult:
     started). ``"overwrite"`` clears the folder and processes every video.
     """
     run_id = cfg.effective_run_id()
-    frame_size = model_image_size(cfg)
 
     t0 = time.perf_counter()
     listing = ListingReport()
@@ -196,10 +185,10 @@ def run(cfg: PipelineConfig) -> RunResult:
                              plan.retried, ",".join(cfg.output.retry_error_types))
             if todo.num_rows == 0:
                 log.info("run %s is complete: nothing to do", run_id)
-                return RunResult(summary=_with_listing(_summary(target, cfg, run_id, time.perf_counter() - t0, 0),
-                                                       listing), target=target)
+                summary, _ = _summary(target, cfg, run_id, time.perf_counter() - t0, 0)
+                return RunResult(summary=_with_listing(summary, listing), target=target)
         init_ray(cfg)
-        result = execute(cfg, todo, target, run_id, frame_size=frame_size, t0=t0, attempt=attempt)
+        result = execute(cfg, todo, target, run_id, t0=t0, attempt=attempt)
         _with_listing(result.summary, listing)
         return result
 
@@ -218,16 +207,14 @@ def output_lock(cfg: PipelineConfig, name: str):
     return RunLock.for_output(cfg.output.path, name, cfg.s3, cfg.output.lock_stale_s, cfg.effective_run_id())
 
 
-def _summary(target: storage.Location, cfg, run_id: str, wall_s: float, videos_this_run: int, videos=None) -> Summary:
-    """The summary of every committed row of the run folder; logs the videos of ``videos`` without a row."""
+def _summary(target: storage.Location, cfg, run_id: str, wall_s: float, videos_this_run: int,
+             ray=None) -> tuple[Summary, object]:
+    """The summary of every committed row of the run folder, and those rows (:data:`SUMMARY_COLUMNS`, read by the
+    committed reader: one version per video)."""
     state = sink.committed(target, cfg.s3)
     written = sink.read_committed(target, SUMMARY_COLUMNS, s3_cfg=cfg.s3, state=state)
-    if videos is not None:
-        missing = set(videos.column("video_id").to_pylist()) - set(written.column("video_id").to_pylist())
-        if missing:
-            log.error("%d input videos have no committed row", len(missing))
     return summarize(written, run_id=run_id, output_uri=target.uri, wall_s=wall_s, files=len(state.file_paths()),
-                     videos_this_run=videos_this_run)
+                     videos_this_run=videos_this_run, ray=ray), written
 
 
 def execute(cfg: PipelineConfig, videos, target: storage.Location, run_id: str, *, frame_size: int | None = None,
@@ -243,17 +230,18 @@ def execute(cfg: PipelineConfig, videos, target: storage.Location, run_id: str, 
     frame_size = frame_size or model_image_size(cfg)
     init_ray(cfg)
     log.info("run %s: %d videos -> %s (%s mode, %d frames at %dpx)", run_id, videos.num_rows, target.uri,
-             cfg.stages.resolved_mode, cfg.decode.num_frames, frame_size)
+             cfg.resolved_mode, cfg.decode.num_frames, frame_size)
 
-    ds = graph.build(
-        cfg,
-        videos,
-        DecodeSettings.from_config(cfg.decode, frame_size, cfg.s3),
-        ModelSettings.from_config(cfg),
-        GenerateSettings(run_id=run_id, tasks=cfg.tasks, dycoke=cfg.dycoke,
-                         engine_max_batch_size=cfg.stages.engine_max_batch_size),
-    )
+    if cfg.effective_run_id() != run_id:  # the stages write cfg's run id into the rows
+        cfg = cfg.model_copy(update={"run_id": run_id})
+    ds = graph.build(cfg, videos, frame_size)
     chunks = graph.write(ds, sink.ChunkWriter.for_run(target.uri, attempt, cfg.output, cfg.s3))
     log.info("run %s: %d chunks committed", run_id, len(chunks))
-    return RunResult(summary=_summary(target, cfg, run_id, time.perf_counter() - t0, videos.num_rows, videos),
-                     target=target)
+    wall = time.perf_counter() - t0
+
+    summary, written = _summary(target, cfg, run_id, wall, videos.num_rows, ray=ray_stages(ds))
+    missing = videos.num_rows - pc.sum(pc.is_in(videos.column("video_id"), value_set=written.column("video_id"))).as_py()
+    if missing:
+        log.error("%d input videos have no committed row", missing)
+    write_report(target, summary, written, ray_timeline(ds))
+    return RunResult(summary=summary, target=target)

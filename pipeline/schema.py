@@ -25,7 +25,8 @@ visual_tokens_attended float64, null               mean visual tokens attended p
 prompt_tokens          int32, null                 prefill length (text + visual)
 output_tokens          int32, null                 generated tokens
 model_id               string, null                checkpoint id
-compression            string                      exact DyCoke settings, compact key-sorted JSON
+compression            string                      method + its exact settings, dp, T: {"method": "dycoke"|"holitom"|"none",
+                                                   "<method>": {...}, "dp": {...}, "tokens_per_frame": T}, compact key-sorted JSON
 timings                struct<fetch_s, decode_s,   seconds. fetch_s, decode_s: this video's. encode_s: the video's
                        encode_s, prefill_s,        share of its encode batch. prefill_s: the prefill of the engine
                        generate_s: float64>        batch this task ran in. generate_s: the task's share of its
@@ -40,7 +41,7 @@ processed_at           timestamp[us, UTC]          when the row was produced
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -203,3 +204,24 @@ def check_table(table: pa.Table) -> None:
     """Raise if ``table`` does not have exactly the output schema (metadata aside)."""
     if not table.schema.equals(OUTPUT_SCHEMA, check_metadata=False):
         raise ValueError(f"schema mismatch:\n{table.schema}\n!=\n{OUTPUT_SCHEMA}")
+
+
+class StageInputError(ValueError):
+    """A stage got a batch without the columns it needs: the graph is wired wrong (not bad data)."""
+
+
+def require_columns(batch, columns: Sequence[str], stage: str) -> None:
+    """Raise :class:`StageInputError` naming ``stage`` and the missing columns when ``batch`` (a table, a dict of
+    columns or a list of row dicts; an empty list passes) lacks any of ``columns``."""
+    if isinstance(batch, pa.Table):
+        names = batch.column_names
+    elif isinstance(batch, Mapping):
+        names = list(batch)
+    elif batch:
+        names = list(batch[0])
+    else:
+        return
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise StageInputError(f"{stage}: input batch lacks column(s) {', '.join(missing)} (it has: {', '.join(names)}); "
+                              f"the stage before {stage} must produce them")

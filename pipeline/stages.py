@@ -9,29 +9,28 @@ with ``status="error"``; nothing here raises for bad data.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.config import S3Config
 from pipeline.decode import _rows, frames_from_row
-from pipeline.schema import (
+from pipeline.schema import (  # noqa: F401 - StageInputError: part of this module's API
     ENCODED_SCHEMA,
     OUTPUT_SCHEMA,
     STATUS_ERROR,
     STATUS_OK,
+    StageInputError,
     error_output_row,
     output_row,
+    require_columns,
     rows_to_table,
 )
-from pipeline.tasks import NO_TASK, Task, parse_choice, video_tasks
+from pipeline.tasks import NO_TASK, Task, parse_choice, row_tasks
 
 log = logging.getLogger(__name__)
 
@@ -41,36 +40,20 @@ log = logging.getLogger(__name__)
 ENCODE_CHUNK = 8
 
 
-@dataclass(frozen=True)
-class ModelSettings:
-    """How an actor loads the model (picklable)."""
+class Stage:
+    """A model stage: ``__call__(batch)`` checks the first batch against ``input_columns``, then :meth:`process`."""
 
-    source: str
-    cache_dir: str = "~/.cache/dycoke-pipeline/models"
-    dtype: str = "auto"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
-    num_threads: int | None = None  # torch CPU threads (None: leave as is)
-    s3: S3Config | None = None
+    input_columns: tuple[str, ...] = ()
+    _checked = False
 
-    @classmethod
-    def from_config(cls, cfg) -> ModelSettings:
-        m = cfg.model
-        threads = None if cfg.stages.gpus_per_actor > 0 else max(1, int(cfg.stages.actor_num_cpus))
-        return cls(m.source, m.cache_dir, m.dtype, m.device, m.attn_implementation, m.trust_remote_code, threads,
-                   cfg.s3)
+    def __call__(self, batch) -> pa.Table:
+        if not self._checked:
+            require_columns(batch, self.input_columns, type(self).__name__)
+            self._checked = True
+        return self.process(batch)
 
-
-@dataclass(frozen=True)
-class GenerateSettings:
-    """What the generate stage asks and how (picklable)."""
-
-    run_id: str
-    tasks: Any  # pipeline.config.TasksConfig (a pydantic model, picklable)
-    dycoke: Any  # pipeline.config.DyCokeSettings
-    engine_max_batch_size: int | None = None  # None: sized from free device memory (16 rows on CPU)
-    extra: dict = field(default_factory=dict)
+    def process(self, batch) -> pa.Table:
+        raise NotImplementedError
 
 
 def ensure_local_model(source: str, cache_dir: str, cfg=None) -> str:
@@ -104,25 +87,23 @@ def ensure_local_model(source: str, cache_dir: str, cfg=None) -> str:
     return dest
 
 
-def load_llm(settings: ModelSettings):
-    """Load the checkpoint (copying an s3:// prefix to the node cache first)."""
+def load_llm(cfg, section=None):
+    """Load ``cfg.model`` (copying an s3:// prefix to the node cache first). On CPU, torch uses as many threads as
+    the stage ``section`` reserves CPUs."""
     import torch
 
     from dycoke.llava import VideoLLM
 
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = settings.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    path = ensure_local_model(settings.source, settings.cache_dir, settings.s3)
+    m = cfg.model
+    if section is not None and section.num_gpus == 0:
+        torch.set_num_threads(max(1, int(section.num_cpus)))
+    device = "cuda" if m.device == "auto" and torch.cuda.is_available() else "cpu" if m.device == "auto" else m.device
+    dtype = ("bfloat16" if device == "cuda" else "float32") if m.dtype == "auto" else m.dtype
+    path = ensure_local_model(m.source, m.cache_dir, cfg.s3)
     t0 = time.perf_counter()
-    llm = VideoLLM.load(path, dtype=dtype, device=device, attn_implementation=settings.attn_implementation,
-                        trust_remote_code=settings.trust_remote_code)
-    log.info("loaded %s on %s (%s) in %.1fs", settings.source, device, dtype, time.perf_counter() - t0)
+    llm = VideoLLM.load(path, dtype=dtype, device=device, attn_implementation=m.attn_implementation,
+                        trust_remote_code=m.trust_remote_code)
+    log.info("loaded %s on %s (%s) in %.1fs", m.source, device, dtype, time.perf_counter() - t0)
     return llm
 
 
@@ -151,8 +132,9 @@ def unpack_visual(blob: bytes, device="cpu"):
 # ------------------------------------------------------------------------------------------------ encode
 
 
-class EncodeStage:
-    """``decoded rows -> encoded rows``: preprocessing, vision tower, projector, pooling, TTM.
+class EncodeStage(Stage):
+    """``decoded rows -> encoded rows``: preprocessing, vision tower, projector, pooling, compression
+    (``cfg.compression``: DyCoke TTM, HoliTom or none).
 
     Input: :data:`pipeline.schema.DECODED_SCHEMA`. Output: :data:`pipeline.schema.ENCODED_SCHEMA` (the
     frames are dropped; ``visual`` holds the compressed tokens, far smaller than the frames).
@@ -161,10 +143,11 @@ class EncodeStage:
     input_columns = ("video_id", "frames", "frames_shape", "status")
     output_columns = tuple(ENCODED_SCHEMA.names)
 
-    def __init__(self, model: ModelSettings, dycoke_settings, llm=None):
-        self.model_settings = model
-        self.llm = llm if llm is not None else load_llm(model)
-        self.dycoke = dycoke_settings.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
+    def __init__(self, cfg, llm=None):
+        """``cfg``: the :class:`pipeline.config.PipelineConfig`; ``llm``: an already loaded model to share."""
+        self.model_id = cfg.model.source
+        self.llm = llm if llm is not None else load_llm(cfg, cfg.encode)
+        self.dycoke = cfg.compression.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
 
     def _encode(self, frames: list[np.ndarray]) -> list:
         import warnings
@@ -200,7 +183,7 @@ class EncodeStage:
         share = (time.perf_counter() - t0) / max(1, len(ok_idx))
         for i, r in enumerate(rows):
             row = {k: r.get(k) for k in ENCODED_SCHEMA.names if k in r}
-            row["model_id"] = self.model_settings.source
+            row["model_id"] = self.model_id
             if i in visuals:
                 v = visuals[i]
                 row.update(visual=pack_visual(v) if pack else v, visual_tokens_full=int(v.num_full), visual_tokens_prefill=int(v.num_kept),
@@ -210,14 +193,14 @@ class EncodeStage:
             out.append(row)
         return out
 
-    def __call__(self, batch) -> pa.Table:
+    def process(self, batch) -> pa.Table:
         return pa.Table.from_pylist(self.encode_rows(_rows(batch)), schema=ENCODED_SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------------ generate
 
 
-class GenerateStage:
+class GenerateStage(Stage):
     """``encoded rows -> output rows``: every task of every video, generated in one engine call.
 
     Output: :data:`pipeline.schema.OUTPUT_SCHEMA`, one row per (video, task); error videos give one
@@ -227,23 +210,26 @@ class GenerateStage:
     input_columns = ("video_id", "video_uri", "questions", "visual", "status")
     output_columns = tuple(OUTPUT_SCHEMA.names)
 
-    def __init__(self, model: ModelSettings, settings: GenerateSettings, llm=None):
+    def __init__(self, cfg, llm=None, section=None):
+        """``cfg``: the :class:`pipeline.config.PipelineConfig`; ``section``: the stage section whose engine settings
+        apply (default ``cfg.generate``; the fused stage passes ``cfg.fused``); ``llm``: a loaded model to share."""
         from dycoke.engine import Engine
         from dycoke.serving import EngineLoop
 
-        self.model_settings = model
-        self.settings = settings
-        self.llm = llm if llm is not None else load_llm(model)
-        self.dycoke = settings.dycoke.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
-        self.compression = self.dycoke.to_json()
-        self.engine = Engine(self.llm, self.dycoke, max_batch_size=settings.engine_max_batch_size)
+        section = section or cfg.generate
+        self.run_id, self.tasks = cfg.effective_run_id(), cfg.tasks
+        self.llm = llm if llm is not None else load_llm(cfg, section)
+        tokens_per_frame = getattr(self.llm, "tokens_per_frame", None)
+        self.dycoke = cfg.compression.to_dycoke(tokens_per_frame=tokens_per_frame)
+        self.compression = cfg.compression.record(tokens_per_frame=self.dycoke.tokens_per_frame)
+        self.engine = Engine(self.llm, self.dycoke, max_batch_size=section.engine_max_batch_size)
         # One thread owns the device: concurrent actor calls add their requests to the running engine.
         self.loop = EngineLoop(self.engine)
 
     def _requests(self, video: Mapping[str, Any], tasks: Sequence[Task]):
         from dycoke.engine import GenerationSettings, Request
 
-        t = self.settings.tasks
+        t = self.tasks
         visual = video["visual"]
         if isinstance(visual, (bytes, bytearray, memoryview, pa.Buffer)):  # from an encode actor; in-actor tokens as they are
             visual = unpack_visual(visual)  # host tensor: the engine thread moves it to the device, once per video
@@ -258,16 +244,16 @@ class GenerateStage:
         return self.loop.submit([req for _, _, req in items]).result()
 
     def generate_rows(self, rows: list[dict]) -> list[dict]:
-        run_id, comp = self.settings.run_id, self.compression
+        run_id, comp = self.run_id, self.compression
         out: list[dict] = []
         items: list[tuple[dict, Task, Any]] = []
         for video in rows:
-            tasks = video_tasks(self.settings.tasks, video.get("questions"))
+            tasks = row_tasks(self.tasks, video.get("questions"))
             if video.get("status") != STATUS_OK:  # the video's own error, also when no task applies to it
                 out += [error_output_row(video, t, run_id=run_id, compression=comp, error_type=video.get("error_type") or "internal",
-                                         error_message=video.get("error_message") or "unknown error") for t in tasks or [NO_TASK]]
+                                         error_message=video.get("error_message") or "unknown error") for t in tasks]
                 continue
-            if not tasks:
+            if tasks == [NO_TASK]:
                 out.append(error_output_row(video, NO_TASK, run_id=run_id, compression=comp, error_type="no_tasks",
                                             error_message="no task applies to this video"))
                 continue
@@ -321,7 +307,7 @@ class GenerateStage:
             ))
         return out
 
-    def __call__(self, batch) -> pa.Table:
+    def process(self, batch) -> pa.Table:
         return rows_to_table(self.generate_rows(_rows(batch)))
 
 
@@ -330,27 +316,23 @@ def generate_error_type(message: str) -> str:
     return "prompt_too_long" if "context" in message.lower() else "generate_failed"
 
 
-class FusedStage:
+class FusedStage(Stage):
     """``decoded rows -> output rows``: encode and generate in one actor sharing one loaded model.
 
     Thread-safe: an actor may run several calls at once; each call's videos are encoded on the engine
     thread and their tasks join the running engine, so the device never waits for a call to drain.
     """
 
-    input_columns = EncodeStage.input_columns
+    input_columns = ("video_id", "video_uri", "questions", "frames", "frames_shape", "status")
     output_columns = GenerateStage.output_columns
 
-    def __init__(self, model: ModelSettings, settings: GenerateSettings, llm=None):
-        llm = llm if llm is not None else load_llm(model)
-        self.encode = EncodeStage(model, settings.dycoke, llm=llm)
-        self.generate = GenerateStage(model, settings, llm=llm)
+    def __init__(self, cfg, llm=None):
+        llm = llm if llm is not None else load_llm(cfg, cfg.fused)
+        self.encode = EncodeStage(cfg, llm=llm)
+        self.generate = GenerateStage(cfg, llm=llm, section=cfg.fused)
 
-    def __call__(self, batch) -> pa.Table:
+    def process(self, batch) -> pa.Table:
         # Encoding runs on the engine's thread between decode steps (one thread launches all GPU work).
         encoded = self.generate.loop.call(self.encode.encode_rows, _rows(batch), pack=False).result()
         return rows_to_table(self.generate.generate_rows(encoded))
 
-
-def describe(stage) -> str:
-    """One line naming a stage's declared input and output columns (for logs and docs)."""
-    return json.dumps({"stage": type(stage).__name__, "in": list(stage.input_columns), "out": list(stage.output_columns)})

@@ -1,14 +1,32 @@
-"""The end-of-run summary, computed from the rows actually written (read back from the sink)."""
+"""The end-of-run summary, computed from the rows actually written (read back from the sink) with Arrow compute
+(``pyarrow.compute``, ``Table.group_by``: no Python pass over rows), plus Ray Data's own per-stage statistics
+(:func:`ray_stages`) when the run executed a graph.
+
+Contract::
+
+    summarize(table, run_id=..., output_uri=..., wall_s=..., files=..., videos_this_run=None, ray=None) -> Summary
+    Summary.render() -> str      # one screen of text
+    Summary.to_dict() -> dict    # what ``_summary.json`` holds
+
+``table`` has the columns :data:`SUMMARY_COLUMNS` (any number of rows; a video is ``ok`` when every one of its rows
+is, and an errored video counts under the ``error_type`` of its first error row).
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+import logging
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-SUMMARY_COLUMNS = ["video_id", "task_id", "status", "error_type", "num_frames", "visual_tokens_full",
-                   "visual_tokens_prefill", "visual_tokens_attended", "prompt_tokens", "output_tokens", "timings"]
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ["video_id", "video_uri", "task_id", "status", "error_type", "error_message", "num_frames",
+                   "visual_tokens_full", "visual_tokens_prefill", "visual_tokens_attended", "prompt_tokens",
+                   "output_tokens", "timings", "processed_at"]
+#: Ray Data operators that are not pipeline stages: the source and the sink (whose output rows are files)
+NOT_STAGES = ("FromArrow", "Input", "Read", "Write")
 
 
 @dataclass
@@ -45,6 +63,8 @@ class Summary:
     #: what the input listing saw but did not list, by reason (unreadable folders, duplicates, special files)
     not_listed: dict[str, int] = field(default_factory=dict)
     not_listed_examples: dict[str, list[str]] = field(default_factory=dict)
+    #: Ray Data's statistics per operator of this run's graph (:func:`ray_stages`); empty when nothing ran
+    ray_stages: list[dict] = field(default_factory=list)
 
     @property
     def videos_per_s(self) -> float:
@@ -61,6 +81,7 @@ class Summary:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["compression_ratio"] = self.compression_ratio
+        d["videos_per_s"] = self.videos_per_s
         for s, fig in zip(d["stages"], self.stages):
             s["per_worker_s"] = fig.per_worker_s
         return d
@@ -93,52 +114,112 @@ class Summary:
         lines.append(f"{'stage':<10}{'items':>8}  {'busy s':>9}  {'per worker':>16}")
         for s in self.stages:
             lines.append(f"{s.name:<10}{s.items:>8}  {s.busy_s:>9.2f}  {s.per_worker_s:>9.2f} {s.unit}/s")
+        for op in [op for op in self.ray_stages if not op["name"].startswith(NOT_STAGES)][:4]:
+            lines.append(f"ray data  {op['name'][:40]:<40} {op['rows_out']:>7} rows  {op['rows_per_s']:>8.2f} rows/s")
         return "\n".join(lines)
 
 
-def _sum(values) -> float:
-    return float(sum(v for v in values if v is not None))
+def _sum(values: pa.Array | pa.ChunkedArray) -> float:
+    return float(pc.sum(values).as_py() or 0.0)
+
+
+def per_video(table: pa.Table) -> pa.Table:
+    """One row per video: ``video_id, video_uri, ok`` (every row ok), ``error_type`` (of its first error row, null
+    when ok), the video-level figures of its first row (``visual_tokens_*``, ``fetch_s``, ``decode_s``, ``encode_s``)."""
+    timings = table.column("timings")
+    t = table.select(["video_id", "video_uri", "visual_tokens_full", "visual_tokens_prefill"]).append_column(
+        "ok", pc.equal(table.column("status"), "ok"))
+    for name in ("fetch_s", "decode_s", "encode_s"):
+        t = t.append_column(name, pc.struct_field(timings, name))
+    firsts = [(c, "first") for c in ("video_uri", "visual_tokens_full", "visual_tokens_prefill", "fetch_s", "decode_s",
+                                     "encode_s")]
+    videos = t.group_by("video_id", use_threads=False).aggregate([("ok", "min"), *firsts])
+    videos = videos.rename_columns([n.removesuffix("_first").removesuffix("_min") for n in videos.column_names])
+    errors = table.filter(pc.not_equal(table.column("status"), "ok")).select(["video_id", "error_type"])
+    errors = errors.group_by("video_id", use_threads=False).aggregate([("error_type", "first")])
+    videos = videos.join(errors.rename_columns(["video_id", "error_type"]), "video_id", join_type="left outer")
+    return videos
 
 
 def summarize(table: pa.Table, *, run_id: str, output_uri: str, wall_s: float, files: int,
-              videos_this_run: int | None = None) -> Summary:
+              videos_this_run: int | None = None, ray: list[dict] | None = None) -> Summary:
     """Aggregate the written rows (columns :data:`SUMMARY_COLUMNS`); ``videos_this_run``: how many of the
-    videos this run processed (the rest were complete before it), for the throughput figure."""
-    rows = table.to_pylist()
-    videos: dict[str, dict] = {}
-    for r in rows:
-        v = videos.setdefault(r["video_id"], {"ok": True, "first": r, "error_type": None})
-        if r["status"] != "ok" and v["ok"]:
-            v["ok"], v["error_type"] = False, r["error_type"]
-    ok_videos = [v["first"] for v in videos.values() if v["ok"]]
-    errors = Counter(v["error_type"] or "unknown" for v in videos.values() if not v["ok"])
-    rows_ok = sum(1 for r in rows if r["status"] == "ok")
-    attended = [r["visual_tokens_attended"] for r in rows if r["status"] == "ok" and r["visual_tokens_attended"] is not None]
-
-    firsts = [v["first"] for v in videos.values()]
-    t = [f["timings"] or {} for f in firsts]
-    decoded = [f for f in firsts if (f["timings"] or {}).get("decode_s") is not None]
+    videos this run processed (the rest were complete before it), for the throughput figure; ``ray``: the run's
+    :func:`ray_stages`."""
+    videos = per_video(table)
+    ok_rows = pc.equal(table.column("status"), "ok")
+    rows_ok = int(_sum(pc.cast(ok_rows, pa.int64())))
+    ok_videos = videos.filter(videos.column("ok"))
+    failed = videos.filter(pc.invert(videos.column("ok")))
+    counts = pc.value_counts(pc.fill_null(failed.column("error_type"), "unknown")).to_pylist() if failed.num_rows else []
+    attended = pc.mean(table.filter(ok_rows).column("visual_tokens_attended")).as_py()
+    generate_s = pc.struct_field(table.column("timings"), "generate_s")
     stages = [
-        StageFigures("decode", len(firsts), "videos", _sum(x.get("fetch_s") for x in t) + _sum(x.get("decode_s") for x in t)),
-        StageFigures("encode", len(decoded), "videos", _sum(x.get("encode_s") for x in t)),
-        StageFigures("generate", rows_ok, "tasks", _sum((r["timings"] or {}).get("generate_s") for r in rows)),
+        StageFigures("decode", videos.num_rows, "videos", _sum(videos.column("fetch_s")) + _sum(videos.column("decode_s"))),
+        StageFigures("encode", int(pc.count(videos.column("decode_s")).as_py()), "videos", _sum(videos.column("encode_s"))),
+        StageFigures("generate", rows_ok, "tasks", _sum(generate_s)),
     ]
     return Summary(
-        run_id=run_id,
-        output_uri=output_uri,
-        wall_s=wall_s,
-        videos=len(videos),
-        videos_ok=len(ok_videos),
-        videos_error=len(videos) - len(ok_videos),
-        rows=len(rows),
-        rows_ok=rows_ok,
-        rows_error=len(rows) - rows_ok,
-        files=files,
-        errors_by_type=dict(errors),
-        visual_tokens_full=int(_sum(f["visual_tokens_full"] for f in ok_videos)),
-        visual_tokens_prefill=int(_sum(f["visual_tokens_prefill"] for f in ok_videos)),
-        visual_tokens_attended_mean=(sum(attended) / len(attended)) if attended else None,
-        output_tokens=int(_sum(r["output_tokens"] for r in rows)),
-        stages=stages,
-        videos_this_run=videos_this_run,
-    )
+        run_id=run_id, output_uri=output_uri, wall_s=wall_s, videos=videos.num_rows, videos_ok=ok_videos.num_rows,
+        videos_error=failed.num_rows, rows=table.num_rows, rows_ok=rows_ok, rows_error=table.num_rows - rows_ok,
+        files=files, errors_by_type={c["values"]: c["counts"] for c in counts},
+        visual_tokens_full=int(_sum(ok_videos.column("visual_tokens_full"))),
+        visual_tokens_prefill=int(_sum(ok_videos.column("visual_tokens_prefill"))),
+        visual_tokens_attended_mean=attended, output_tokens=int(_sum(table.column("output_tokens"))),
+        stages=stages, videos_this_run=videos_this_run, ray_stages=list(ray or []),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ Ray Data
+
+
+def ray_stages(ds) -> list[dict]:
+    """Ray Data's statistics per operator of an executed (written) Dataset: ``name, rows_out, time_total_s,
+    rows_per_s, wall_s, cpu_s`` (sums over the operator's tasks). Empty when the Dataset has no statistics."""
+    try:
+        summary = ds.get_stats_summary()
+    except Exception as exc:  # noqa: BLE001 - statistics are a report, never a reason to fail a finished run
+        log.info("no Ray Data statistics: %s: %s", type(exc).__name__, exc)
+        return []
+    ops, todo = [], [summary]
+    while todo:  # this dataset's operators, then its parents' (the stages before the write), first stage first
+        st = todo.pop()
+        ops = list(st.operators_stats) + ops
+        todo.extend(st.parents or [])
+    out = []
+    for op in ops:
+        rows = int(op.output_num_rows.sum) if op.output_num_rows else 0
+        out.append({"name": op.operator_name, "rows_out": rows, "time_total_s": float(op.time_total_s or 0.0),
+                    "rows_per_s": float(op.num_rows_per_s), "wall_s": float(op.wall_time.sum) if op.wall_time else 0.0,
+                    "cpu_s": float(op.cpu_time.sum) if op.cpu_time else 0.0})
+    return out
+
+
+def ray_timeline(ds) -> pa.Table:
+    """Every output block of every operator of an executed (written) Dataset: ``stage, end_s, rows`` (``end_s``:
+    seconds since the first block of the run started; one node's monotonic clock per block), from Ray Data's block
+    execution statistics. Empty when the Dataset has none."""
+    names, ends, rows = [], [], []
+    stats = None
+    try:  # the written Dataset's statistics; Ray keeps them on the internal dataset its write executed
+        inner = getattr(ds, "_write_ds", None) or ds
+        stats = inner._raw_stats()
+    except Exception as exc:  # noqa: BLE001 - statistics are a report, never a reason to fail a finished run
+        log.info("no Ray Data block statistics: %s: %s", type(exc).__name__, exc)
+    starts = []
+    todo = [stats] if stats is not None else []
+    while todo:
+        st = todo.pop()
+        todo.extend(getattr(st, "parents", None) or [])
+        for name, blocks in (getattr(st, "metadata", None) or {}).items():
+            for b in blocks:
+                ex = getattr(b, "exec_stats", None)
+                if ex is None or ex.end_time_s is None:
+                    continue
+                names.append(name)
+                ends.append(float(ex.end_time_s))
+                starts.append(float(ex.start_time_s if ex.start_time_s is not None else ex.end_time_s))
+                rows.append(int(b.num_rows or 0))
+    t0 = min(starts) if starts else 0.0
+    return pa.table({"stage": pa.array(names, pa.string()), "end_s": pa.array([e - t0 for e in ends], pa.float64()),
+                     "rows": pa.array(rows, pa.int64())})

@@ -89,3 +89,15 @@ def parse_choice(text: str | None, options: Sequence[str]) -> str | None:
     if len(matches) == 1:
         return LETTERS[matches[0]]
     return None
+
+
+def row_tasks(tasks_cfg, questions: Sequence[str] | None) -> list[Task]:
+    """The tasks whose rows one video gets, in the driver (what a complete video holds) and in the stages (what
+    they write): :func:`video_tasks`, or the single :data:`NO_TASK` (an error row) when no task applies."""
+    questions = None if questions is None else [str(q) for q in questions]
+    return video_tasks(tasks_cfg, questions) or [NO_TASK]
+
+
+def expected_task_ids(tasks_cfg, videos) -> list[list[str]]:
+    """The ``task_id`` of every output row each video of ``videos`` (a table with a ``questions`` column) gets."""
+    return [[t.task_id for t in row_tasks(tasks_cfg, q)] for q in videos.column("questions").to_pylist()]

@@ -284,12 +284,9 @@ def test_example_job_config_is_a_valid_pipeline_config(name, doc, tmp_path):
         for g in spec["workerGroupSpecs"]
         for c in g["template"]["spec"]["containers"]
     )
-    st = cfg.stages
-    if st.resolved_mode == "split":
-        pools = [max(st.encode_actors, st.max_actors or 0), max(st.generate_actors, st.max_actors or 0)]
-    else:
-        pools = [max(st.fused_actors, st.max_actors or 0)]
-    assert sum(pools) * st.gpus_per_actor <= gpus, (
+    most = lambda n: max(n) if isinstance(n, tuple) else n  # noqa: E731 - actors, or [min, max]
+    stages = [cfg.encode, cfg.generate] if cfg.resolved_mode == "split" else [cfg.fused]
+    assert sum(most(s.concurrency) * s.num_gpus for s in stages) <= gpus, (
         f"{name}: actor pools can ask for more GPUs than the cluster has"
     )
 

@@ -63,9 +63,9 @@ def test_evaluate_job_two_settings(tmp_path, tiny_model, capsys):
 input: {{manifest: {tmp_path / 'eval.jsonl'}}}
 output: {{path: {tmp_path / 'out'}}}
 model: {{source: {tiny_model}}}
-decode: {{num_frames: 4}}
 tasks: {{mcq_max_new_tokens: 2}}
-stages: {{decode_num_cpus: 0.5, actor_num_cpus: 0.5, decode_memory_gb: 0.25, fused_batch_size: 4}}
+decode: {{num_frames: 4, num_cpus: 0.5, memory: 0.25GiB}}
+fused: {{num_cpus: 0.5, batch_size: 4}}
 ray: {{num_cpus: 2, progress_bars: false}}
 """)
     import ray
@@ -81,7 +81,7 @@ ray: {{num_cpus: 2, progress_bars: false}}
         assert r["accuracy"] == r["correct"] / 4 and 0 <= r["correct"] <= r["parsed"] <= 3
     assert table[0]["mean_visual_tokens_prefill"] > table[1]["mean_visual_tokens_prefill"]  # TTM compresses
     assert table[0]["mean_visual_tokens_prefill"] > table[2]["mean_visual_tokens_prefill"]  # so does HoliTom
-    assert json.loads(table[2]["compression"])["ttm_method"] == "holitom"
+    assert json.loads(table[2]["compression"])["method"] == "holitom" and json.loads(table[0]["compression"])["method"] == "none"
     out = capsys.readouterr().out
     assert "accuracy" in out and "dycoke-k0.7-p0.7" in out
     assert render(pq.read_table(tmp_path / "out" / "accuracy.parquet")).count("\n") == 4

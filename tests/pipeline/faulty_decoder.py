@@ -1,6 +1,7 @@
-"""A decoder that really crashes or hangs, for the isolation tests (``DecodeSettings.decoder``).
+"""A decoder that really crashes or hangs, for the isolation tests (the ``decoder`` argument of
+:class:`pipeline.decode.DecodeStage`).
 
-``decode(source, settings, uri, head)`` has :func:`pipeline.decode.decode_video`'s signature and delegates to it,
+``decode(source, cfg, uri, head)`` has :func:`pipeline.frames.decode_video`'s signature and delegates to it,
 except when the video's URI contains a marker:
 
 * ``SEGFAULT``: reads address 0 (a real SIGSEGV, as a broken ffmpeg build would);
@@ -20,16 +21,14 @@ import resource
 import sys
 import time
 
-from pipeline.decode import Decoded, DecodeSettings, decode_video
-
-PATH = "tests.pipeline.faulty_decoder:decode"
+from pipeline.frames import Decoded, decode_video
 
 
 def _no_core() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def decode(source, settings: DecodeSettings, uri: str = "<bytes>", head: bytes = b"") -> Decoded:
+def decode(source, cfg, uri: str = "<bytes>", head: bytes = b"") -> Decoded:
     if "SEGFAULT" in uri:
         _no_core()
         ctypes.string_at(0)
@@ -45,4 +44,4 @@ def decode(source, settings: DecodeSettings, uri: str = "<bytes>", head: bytes =
         os.write(1, b"\x00\x00\x00\x00\x00\x00\x00\x10 junk from C code on fd 1\n")
         print("a stray print from the decoder")
         sys.stdout.flush()
-    return decode_video(source, settings, uri, head)
+    return decode_video(source, cfg, uri, head)

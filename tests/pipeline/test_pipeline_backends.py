@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipeline.backends import SKIP_NONREF_CODECS, decode_frames, pyav_frames, pyav_sequential_frames
-from pipeline.decode import sample_indices
+from pipeline.frames import sample_indices
 from pipeline.media import probe
 from pipeline.samples import frame_image
 from tests.pipeline.oddities import encode
@@ -130,9 +130,11 @@ def test_nonref_skipping_really_skips(clips):
     assert decoded_with_skip <= 0.9 * 60
 
 
-#: NVDEC converts YUV to RGB itself and resizes with torch (bilinear, antialiased): provisional bounds, to be replaced
-#: by the figures the first GPU run prints (the frame identity check is exact regardless)
-NVDEC_MEAN_TOL, NVDEC_P99_TOL = 8.0, 64
+#: NVDEC converts YUV to RGB itself and resizes with torch (bilinear, antialiased). Measured on an H200 (these clips):
+#: mean 4.45-4.47, p99 45, max 80 against PyAV's swscale conversion (the frame identity check is exact regardless)
+NVDEC_MEAN_TOL, NVDEC_P99_TOL = 6.0, 56
+#: clips NVDEC refuses (below its minimum frame size for the codec): the CPU backend must take them
+NVDEC_TOO_SMALL = {"hevc_gop12", "vp9"}
 
 
 @pytest.mark.gpu
@@ -147,6 +149,10 @@ def test_nvdec_returns_the_same_frames(clips, name):
     index = probe(io.BytesIO(data))
     indices = sample_indices(index.n, 32)
     reference = pyav_sequential_frames(io.BytesIO(data), index, indices, S)
+    if name in NVDEC_TOO_SMALL:
+        frames, used = decode_frames(io.BytesIO(data), index, indices, S, backends=("nvdec", "pyav"))
+        assert used == "pyav" and np.array_equal(frames, reference)
+        return
     frames, used = decode_frames(io.BytesIO(data), index, indices, S, backends=("nvdec",))
     assert used == "nvdec" and frames.shape == reference.shape and frames.dtype == np.uint8
     assert _shown(frames, _truth(index.n)) == indices.tolist()
@@ -159,7 +165,7 @@ def test_nvdec_backend_falls_back_to_the_cpu_per_video(clips):
     """``decode.backend: nvdec`` on a machine where NVDEC cannot open the video (no PyNvVideoCodec, no GPU, or a codec
     NVDEC lacks): the CPU order takes it, with the same frames."""
     from pipeline import nvdec
-    from pipeline.decode import backend_order
+    from pipeline.frames import backend_order
 
     if nvdec.available():
         pytest.skip("NVDEC is available here: test_nvdec_returns_the_same_frames covers it")

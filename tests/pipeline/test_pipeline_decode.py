@@ -7,27 +7,20 @@ import io
 import numpy as np
 import pytest
 
-from pipeline.decode import (
-    DecodeSettings,
-    DecodeStage,
-    VideoError,
-    decode_video,
-    fetch,
-    frames_from_row,
-    keyframe_indices,
-    looks_like_media,
-    sample_indices,
-)
+from pipeline.config import DecodeConfig
+from pipeline.decode import DecodeStage, frames_from_row
+from pipeline.fetch import fetch
+from pipeline.frames import VideoError, decode_video, keyframe_indices, looks_like_media, sample_indices
 from pipeline.schema import DECODED_SCHEMA
 from tests.pipeline.videos import make_video, write_video
 
 S = 32
 
 
-def _settings(**kw) -> DecodeSettings:
-    base = {"num_frames": 8, "frame_size": S}
+def _settings(**kw) -> DecodeConfig:
+    base = {"num_frames": 8, "frame_size": S, "isolation": "none"}  # in-process: moto's mock_aws works
     base.update(kw)
-    return DecodeSettings(**base)
+    return DecodeConfig(**base)
 
 
 def _row(path) -> dict:
@@ -150,3 +143,15 @@ def test_spooled_object_has_no_name(sample_videos, mocked_s3, tmp_path):
         assert decode_video(fetched.source(), settings, "s3://bkt/v.mp4", fetched.head()).frames.shape == (8, S, S, 3)
     finally:
         fetched.cleanup()
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_listing_etag_is_carried_not_read_again(video_dir, isolation):
+    """The ETag is taken once, at listing, and carried in the row; a row without one (a manifest) gets the file's."""
+    path = video_dir / "short_24fps.mp4"
+    stage = DecodeStage(_settings(isolation=isolation))
+    listed, bare = stage([{**_row(path), "video_etag": "etag-from-the-listing"}, _row(path)]).to_pylist()
+    assert listed["status"] == bare["status"] == "ok"
+    assert listed["video_etag"] == "etag-from-the-listing"
+    st = path.stat()
+    assert bare["video_etag"] == f"{int(st.st_mtime)}-{st.st_size}"

@@ -92,8 +92,8 @@ def test_killed_actors_and_decode_worker_lose_nothing(local_ray, videos, tiny_mo
     for name, data in videos.items():
         (video_dir / name).write_bytes(data)
     cfg = _config({"local_dir": str(video_dir)}, str(tmp_path / "out"), tiny_model)
-    stages = {"mode": mode, "actor_num_cpus": 0.25, "encode_batch_size": 2, "generate_batch_size": 2}
-    cfg = cfg.model_copy(update={"stages": cfg.stages.model_copy(update=stages)})
+    cfg = cfg.model_copy(update={"mode": mode, **{s: getattr(cfg, s).model_copy(update={"num_cpus": 0.25, "batch_size": 2})
+                                                  for s in ("encode", "generate", "fused")}})
 
     with ProcessWatcher(interval=0.05) as watcher:
         # each model actor dies the moment it is seen working on a batch (model loaded, batches in flight);
@@ -174,9 +174,7 @@ def test_s3_throttling_on_list_read_and_write_loses_nothing(local_ray, videos, t
 def test_crashing_and_hanging_decoder_in_a_ray_run(local_ray, videos, tiny_model, tmp_path, monkeypatch):
     """A decoder that segfaults, aborts or hangs on one video each: three error rows, the rest of the run ok;
     a re-run retries just those three."""
-    import dataclasses
-
-    from pipeline.decode import DecodeSettings
+    from pipeline import decode
     from tests.pipeline import faulty_decoder
 
     video_dir = tmp_path / "videos"
@@ -187,12 +185,12 @@ def test_crashing_and_hanging_decoder_in_a_ray_run(local_ray, videos, tiny_model
     for name in faulty:
         (video_dir / name).write_bytes(videos["clip_00.mp4"])
 
-    real = DecodeSettings.from_config
+    real = decode.stage_kwargs
 
-    def with_faulty_decoder(*args, **kwargs):  # settings are built on the driver and shipped to the decode tasks
-        return dataclasses.replace(real(*args, **kwargs), decoder=faulty_decoder.PATH)
+    def with_faulty_decoder(*args, **kwargs):  # the decode tasks' arguments are built on the driver and shipped
+        return {**real(*args, **kwargs), "decoder": faulty_decoder.decode}
 
-    monkeypatch.setattr(run_module.DecodeSettings, "from_config", with_faulty_decoder)
+    monkeypatch.setattr(decode, "stage_kwargs", with_faulty_decoder)
     cfg = _config({"local_dir": str(video_dir)}, str(tmp_path / "out"), tiny_model,
                   decode={"num_frames": 8, "timeout_s": 5, "isolation": "process"})
     t0 = time.monotonic()
@@ -212,7 +210,7 @@ def test_crashing_and_hanging_decoder_in_a_ray_run(local_ray, videos, tiny_model
     assert any("decode.timeout_s=5" in m for m in messages)
     # the faults were transient: re-running the same config (the decoder now fine) resumes and retries exactly
     # those three videos (output.retry_error_types), and the folder ends all ok, still one row per (video, task)
-    monkeypatch.setattr(run_module.DecodeSettings, "from_config", real)
+    monkeypatch.setattr(decode, "stage_kwargs", real)
     again = run_module.run(cfg)
     assert again.summary.videos_this_run == len(faulty)
     final = sink.read_committed(again.target)

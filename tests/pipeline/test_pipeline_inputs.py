@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from pipeline.backends import decode_frames, pyav_sequential_frames
-from pipeline.config import TRANSIENT_ERROR_TYPES, InputConfig, S3Config
-from pipeline.decode import DecodeSettings, DecodeStage, decode_video, frames_from_row, sample_indices
+from pipeline.config import TRANSIENT_ERROR_TYPES, DecodeConfig, InputConfig, S3Config
+from pipeline.decode import DecodeStage, frames_from_row
+from pipeline.frames import decode_video, sample_indices
 from pipeline.media import probe
 from pipeline.sources import ListingReport, list_videos
 from pipeline.storage import path_of, stat_etag
@@ -35,7 +36,7 @@ def odd():
 
 
 def _decode(uri: str, **kw) -> dict:
-    return DecodeStage(DecodeSettings(num_frames=F, frame_size=S, **kw)).decode_one(
+    return DecodeStage(DecodeConfig(**{"num_frames": F, "frame_size": S, "isolation": "none", **kw})).decode_one(
         {"video_id": "v", "video_uri": str(uri), "questions": None})
 
 
@@ -140,17 +141,17 @@ import json, logging, sys
 sys.path.insert(0, {root!r})
 logging.basicConfig(level=logging.WARNING)
 from pipeline.config import InputConfig
-from pipeline.decode import DecodeSettings, DecodeStage
-from pipeline.decode_worker import close_shared
-from pipeline.config import S3Config
+from pipeline.config import DecodeConfig, S3Config
+from pipeline.decode import DecodeStage, close_pool
 from pipeline.sources import ListingReport, list_videos
 report = ListingReport()
 uris = list_videos(InputConfig(local_dir={corpus!r}), S3Config(), report).column("video_uri").to_pylist()
 rows = {{}}
-for name, kw in (("small", {{}}), ("large", {{"in_memory_bytes": 100}}), ("isolated", {{"isolation": "process"}})):
-    st = DecodeStage(DecodeSettings(num_frames=4, frame_size=16, **kw))
+for name, kw in (("small", {{"isolation": "none"}}), ("large", {{"isolation": "none", "in_memory_bytes": 100}}),
+                 ("isolated", {{"isolation": "process"}})):
+    st = DecodeStage(DecodeConfig(num_frames=4, frame_size=16, **kw))
     rows[name] = st.decode_one({{"video_id": "v", "video_uri": {secret!r}, "questions": None}})
-close_shared()
+close_pool()
 print(json.dumps({{"uris": uris, "skipped": dict(report.skipped), "examples": report.examples,
                   "rows": {{k: [r["status"], r.get("error_type"), r.get("error_message")] for k, r in rows.items()}}}}))
 """
@@ -232,7 +233,7 @@ def test_6_av1_is_decoded_by_pyav_and_unsupported_codec_names_the_codec(odd, tmp
 
 def test_7_audio_with_cover_art_is_no_video_stream(odd):
     with pytest.raises(Exception) as info:
-        decode_video(io.BytesIO(odd["audio_cover_art.m4a.mp4"][0]), DecodeSettings(num_frames=F, frame_size=S))
+        decode_video(io.BytesIO(odd["audio_cover_art.m4a.mp4"][0]), DecodeConfig(num_frames=F, frame_size=S))
     assert info.value.error_type == "no_video_stream" and "cover art" in info.value.message
 
 
@@ -242,7 +243,7 @@ def test_8_live_webm_without_duration_or_index_decodes(odd):
 
     with av.open(io.BytesIO(data)) as c:  # the file really has no duration and no cues
         assert c.duration is None and c.streams.video[0].frames == 0
-    dec = decode_video(io.BytesIO(data), DecodeSettings(num_frames=F, frame_size=S))
+    dec = decode_video(io.BytesIO(data), DecodeConfig(num_frames=F, frame_size=S))
     assert dec.total_frames == 20 and dec.timestamps == sorted(dec.timestamps)
     assert dec.duration_s == pytest.approx(20 / 24, abs=0.01)
     index = probe(io.BytesIO(data))
@@ -252,7 +253,7 @@ def test_8_live_webm_without_duration_or_index_decodes(odd):
 
 def test_9_zero_sample_track_is_too_few_frames_without_library_text(odd):
     with pytest.raises(Exception) as info:
-        decode_video(io.BytesIO(odd["zero_samples.mp4"][0]), DecodeSettings(num_frames=F, frame_size=S))
+        decode_video(io.BytesIO(odd["zero_samples.mp4"][0]), DecodeConfig(num_frames=F, frame_size=S))
     assert info.value.error_type == "too_few_frames" and "0 frames" in info.value.message
     assert "Check failed" not in info.value.message and "avfilter" not in info.value.message
 
@@ -271,19 +272,19 @@ def test_9_library_internals_are_cleaned_from_messages():
 
 
 def test_10_one_frame_mkv_has_true_timestamps(odd):
-    dec = decode_video(io.BytesIO(odd["one_frame.mkv"][0]), DecodeSettings(num_frames=F, frame_size=S))
+    dec = decode_video(io.BytesIO(odd["one_frame.mkv"][0]), DecodeConfig(num_frames=F, frame_size=S))
     assert dec.timestamps == [0.0] * F and 0 < dec.duration_s < 0.1
 
 
 def test_11_vfr_gaps_duration_comes_from_timestamps(odd):
-    dec = decode_video(io.BytesIO(odd["vfr_gaps.mkv"][0]), DecodeSettings(num_frames=F, frame_size=S))
+    dec = decode_video(io.BytesIO(odd["vfr_gaps.mkv"][0]), DecodeConfig(num_frames=F, frame_size=S))
     real = [p / 1000 for p in oddities.VFR_GAP_PTS]
     assert set(dec.timestamps) <= set(real) and dec.timestamps[-1] == pytest.approx(real[-1])
     assert real[-1] <= dec.duration_s < real[-1] + 0.1  # not 10 frames / average fps
 
 
 def test_11_capture_clock_offset_is_removed(odd):
-    dec = decode_video(io.BytesIO(odd["broadcast_capture.ts"][0]), DecodeSettings(num_frames=F, frame_size=S))
+    dec = decode_video(io.BytesIO(odd["broadcast_capture.ts"][0]), DecodeConfig(num_frames=F, frame_size=S))
     assert dec.timestamps[0] == 0.0 and dec.duration_s == pytest.approx(1.0, abs=0.05)  # 24 frames at 24 fps, from 10 s
 
 

@@ -1,14 +1,13 @@
-"""Decoder isolation (pipeline/decode_worker.py): a video that crashes or hangs the decoder, or whose S3
-connection hangs, becomes an error row (decoder_crashed / decode_timeout) and the rest of the batch is decoded;
-the decoder subprocess is restarted, reused across batches, and never outlives its parent. No Ray.
+"""Decoder isolation (pipeline/decode.py, a pebble ProcessPool): a video that crashes or hangs the decoder, or whose
+S3 connection hangs, becomes an error row (decoder_crashed / decode_timeout) and the rest of the batch is decoded;
+the decoder process is restarted, reused across batches, and never outlives its parent. No Ray.
 
 The crashes and hangs are real (``tests/pipeline/faulty_decoder.py``: SIGSEGV by reading address 0,
-os.abort, os._exit, an endless sleep), selected by a marker in the URI through ``DecodeSettings.decoder``,
+os.abort, os._exit, an endless sleep), selected by a marker in the URI through ``DecodeStage(decoder=...)``,
 which is not a config field."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -19,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import decode_worker, storage
-from pipeline.config import ConfigurationError, S3Config, load_config
-from pipeline.decode import DecodeSettings, DecodeStage, frames_from_row
-from pipeline.decode_worker import IsolatedDecoder, shared_decoder
+from pipeline import decode, storage
+from pipeline.config import ConfigurationError, DecodeConfig, S3Config, load_config
+from pipeline.decode import DecodeStage, close_pool, frames_from_row
 from pipeline.schema import DECODED_SCHEMA, ERROR_TYPES
 from tests.pipeline import faulty_decoder
 from tests.pipeline.videos import make_video, write_video
@@ -31,9 +29,17 @@ F, S = 8, 32
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _settings(**kw) -> DecodeSettings:
-    base = {"num_frames": F, "frame_size": S, "isolation": "process", "timeout_s": 20.0, "decoder": faulty_decoder.PATH}
-    return DecodeSettings(**{**base, **kw})
+def _stage(s3_cfg=None, **kw) -> DecodeStage:
+    base = {"num_frames": F, "frame_size": S, "isolation": "process", "timeout_s": 20.0}
+    return DecodeStage(DecodeConfig(**{**base, **kw}), s3_cfg, decoder=faulty_decoder.decode)
+
+
+def _worker_pid() -> int | None:
+    """The pid of this process's live decoder worker (None when there is none)."""
+    pool = decode._POOL
+    workers = pool._pool_manager.worker_manager.workers if pool is not None and pool.active else {}
+    alive = [pid for pid, w in workers.items() if w.is_alive()]
+    return alive[0] if alive else None
 
 
 def _row(path) -> dict:
@@ -76,9 +82,11 @@ def vids(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_shared_children_left():
+def _no_children_left():
     yield
-    decode_worker.close_shared()
+    pid = _worker_pid()
+    close_pool()
+    assert pid is None or _gone(pid)
 
 
 def test_error_types_are_documented():
@@ -89,9 +97,10 @@ def test_error_types_are_documented():
 
 
 def test_segfault_is_decoder_crashed_and_the_batch_continues(vids):
-    settings = _settings()
     batch = [_row(vids / n) for n in ("v0.mp4", "v1.mp4", "v3_SEGFAULT.mp4", "v2.mp4")]
-    table = DecodeStage(settings)(batch)
+    stage = _stage()
+    pid = stage.decode_one(batch[0]) and _worker_pid()
+    table = stage(batch)
     assert table.schema.equals(DECODED_SCHEMA)
     rows = table.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok"]
@@ -101,33 +110,43 @@ def test_segfault_is_decoder_crashed_and_the_batch_continues(vids):
     assert crashed["questions"] == ["q"]
     for r in rows[:2] + rows[3:]:
         assert frames_from_row(r).shape == (F, S, S, 3) and len(r["frame_timestamps_s"]) == F
-    dec = shared_decoder(settings)
-    assert dec.starts == 2  # one restart, for v2 after the crash
-    # the next batch (a new DecodeStage, as decode_batch builds per Ray task) reuses the same child
-    pid = dec.pid
-    again = DecodeStage(settings)([_row(vids / "v0.mp4")]).to_pylist()[0]
-    assert again["status"] == "ok" and dec.pid == pid and dec.starts == 2
+    after = _worker_pid()
+    assert pid and after and after != pid and _gone(pid)  # one restart, for v2 after the crash
+    # the next batch (a new DecodeStage, as decode_batch builds per Ray task) reuses the same worker
+    again = _stage()([_row(vids / "v0.mp4")]).to_pylist()[0]
+    assert again["status"] == "ok" and _worker_pid() == after
 
 
 @pytest.mark.parametrize("name, how", [("v5_ABORT.mp4", "SIGABRT"), ("v6_EXIT3.mp4", "exit code 3")])
 def test_abort_and_exit_are_decoder_crashed(vids, name, how):
-    with IsolatedDecoder(_settings()) as dec:
-        bad = dec.decode_one(_row(vids / name))
-        good = dec.decode_one(_row(vids / "v0.mp4"))
+    stage = _stage()
+    bad = stage.decode_one(_row(vids / name))
+    good = stage.decode_one(_row(vids / "v0.mp4"))
     assert bad["error_type"] == "decoder_crashed" and how in bad["error_message"]
     assert good["status"] == "ok"
 
 
 def test_stray_output_on_stdout_does_not_corrupt_the_protocol(vids):
-    with IsolatedDecoder(_settings()) as dec:
-        rows = [dec.decode_one(_row(vids / n)) for n in ("v7_NOISY.mp4", "v0.mp4")]
-        assert dec.starts == 1
-    assert [r["status"] for r in rows] == ["ok", "ok"]
+    stage = _stage()
+    first = stage.decode_one(_row(vids / "v7_NOISY.mp4"))
+    pid = _worker_pid()
+    rows = [first, stage.decode_one(_row(vids / "v0.mp4"))]
+    assert [r["status"] for r in rows] == ["ok", "ok"] and _worker_pid() == pid
 
 
-def test_decoder_that_cannot_start_is_an_error_row(vids):
-    row = DecodeStage(_settings(decoder="no_such_module_xyz:decode")).decode_one(_row(vids / "v0.mp4"))
-    assert row["error_type"] == "decoder_crashed" and "ModuleNotFoundError" in row["error_message"]
+def test_decoder_that_cannot_start_is_an_error_row(vids, monkeypatch):
+    """A worker whose start-up fails (here: its initializer raises) breaks the pool: an error row, and the next
+    video gets a fresh pool."""
+    monkeypatch.setattr(decode, "_worker_init", _failing_init)
+    row = _stage().decode_one(_row(vids / "v0.mp4"))
+    assert row["error_type"] == "decoder_crashed" and row["status"] == "error", row
+    monkeypatch.undo()
+    close_pool()
+    assert _stage().decode_one(_row(vids / "v0.mp4"))["status"] == "ok"
+
+
+def _failing_init(parent: int) -> None:
+    raise ImportError("no decoder library in this worker")
 
 
 # ------------------------------------------------------------------------------------------------ hangs
@@ -135,10 +154,9 @@ def test_decoder_that_cannot_start_is_an_error_row(vids):
 
 def test_hang_is_decode_timeout_within_the_limit(vids):
     timeout = 1.0
-    settings = _settings(timeout_s=timeout)
     batch = [_row(vids / n) for n in ("v0.mp4", "v4_HANG.mp4", "v1.mp4", "v2.mp4")]
-    stage = DecodeStage(settings)
-    stage.decode_one(batch[0])  # child started outside the timed part
+    stage = _stage(timeout_s=timeout)
+    stage.decode_one(batch[0])  # worker started outside the timed part
     t0 = time.monotonic()
     hung = stage.decode_one(batch[1])
     took = time.monotonic() - t0
@@ -168,9 +186,9 @@ def test_hung_s3_connection_is_decode_timeout(tmp_path):
         with FaultProxy(endpoint, rule) as proxy:
             storage.client.cache_clear()
             try:
-                settings = _settings(timeout_s=2.0, s3=S3Config(endpoint_url=proxy.url, max_attempts=2))
+                stage = _stage(S3Config(endpoint_url=proxy.url, max_attempts=2), timeout_s=2.0)
                 t0 = time.monotonic()
-                rows = DecodeStage(settings)([{"video_id": f"v{i}", "video_uri": f"s3://bkt/v{i}.mp4", "questions": None}
+                rows = stage([{"video_id": f"v{i}", "video_uri": f"s3://bkt/v{i}.mp4", "questions": None}
                                               for i in range(3)]).to_pylist()
                 took = time.monotonic() - t0
             finally:
@@ -185,41 +203,33 @@ def test_hung_s3_connection_is_decode_timeout(tmp_path):
 # ------------------------------------------------------------------------------------------------ lifecycle
 
 
-def test_child_is_killed_on_close_and_on_garbage_collection(vids):
-    dec = IsolatedDecoder(_settings())
-    dec.start()
-    pid = dec.pid
+def test_worker_is_reaped_on_close(vids):
+    assert _stage().decode_one(_row(vids / "v0.mp4"))["status"] == "ok"
+    pid = _worker_pid()
     assert pid and not _gone(pid)
-    dec.close()
-    assert _gone(pid) and dec.pid is None
-
-    dec = IsolatedDecoder(_settings())
-    assert dec.decode_one(_row(vids / "v0.mp4"))["status"] == "ok"
-    pid = dec.pid
-    del dec
-    gc.collect()
-    assert _wait_gone(pid, 2.0)
+    close_pool()
+    assert _gone(pid) and _worker_pid() is None
 
 
-def test_timed_out_child_is_reaped(vids):
-    with IsolatedDecoder(_settings(timeout_s=0.5)) as dec:
-        dec.start()
-        pid = dec.pid
-        assert dec.decode_one(_row(vids / "v4_HANG.mp4"))["error_type"] == "decode_timeout"
-        assert _gone(pid) and dec.pid is None
+def test_timed_out_worker_is_reaped(vids):
+    stage = _stage(timeout_s=0.5)
+    stage.decode_one(_row(vids / "v0.mp4"))
+    pid = _worker_pid()
+    assert stage.decode_one(_row(vids / "v4_HANG.mp4"))["error_type"] == "decode_timeout"
+    assert _wait_gone(pid, 1.0) and _worker_pid() != pid
 
 
 _PARENT = """
 import os, signal, sys, threading, time
 sys.path.insert(0, {root!r})
-from pipeline.decode import DecodeSettings
-from pipeline.decode_worker import IsolatedDecoder
-dec = IsolatedDecoder(DecodeSettings(num_frames=4, frame_size=16, isolation="process", timeout_s=600,
-                                     decoder="tests.pipeline.faulty_decoder:decode"))
-dec.start()
-print(dec.pid, flush=True)
+from pipeline.config import DecodeConfig
+from pipeline import decode
+from tests.pipeline import faulty_decoder
+stage = decode.DecodeStage(DecodeConfig(num_frames=4, frame_size=16, timeout_s=600), decoder=faulty_decoder.decode)
+print(stage.decode_one({{"video_id": "v", "video_uri": {ok!r}}})["status"], flush=True)
+print(list(decode._POOL._pool_manager.worker_manager.workers)[0], flush=True)
 if {busy!r}:
-    threading.Thread(target=dec.decode_one, args=({{"video_id": "h", "video_uri": {uri!r}}},), daemon=True).start()
+    threading.Thread(target=stage.decode_one, args=({{"video_id": "h", "video_uri": {uri!r}}},), daemon=True).start()
     time.sleep(0.5)
 os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no finalizers
 """
@@ -227,16 +237,17 @@ os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no finalizers
 
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy-hanging"])
 def test_child_exits_when_its_parent_is_killed(vids, busy, tmp_path):
-    """SIGKILL of the parent runs no cleanup: an idle child sees EOF, a hanging one's watchdog sees the parent gone;
-    neither leaves anything in the temp folder (issue 14, class 12: no ``decode-worker-*`` folder is made at all)."""
-    script = _PARENT.format(root=str(ROOT), busy=busy, uri=str(vids / "v4_HANG.mp4"))
+    """SIGKILL of the parent runs no cleanup: the kernel kills the worker (PR_SET_PDEATHSIG), idle or hanging;
+    nothing is left in the temp folder (issue 14, class 12: no folder is made at all)."""
+    script = _PARENT.format(root=str(ROOT), busy=busy, ok=str(vids / "v0.mp4"), uri=str(vids / "v4_HANG.mp4"))
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == -9, proc.stderr
-    pid = proc.stdout.split()[0]
-    assert _wait_gone(int(pid), 2 * decode_worker.WATCHDOG_S + 2), f"decode worker {pid} outlived its parent"
+    status, pid = proc.stdout.split()[:2]
+    assert status == "ok"
+    assert _wait_gone(int(pid), 2.0), f"decode worker {pid} outlived its parent"
     assert list(tmp.iterdir()) == []
 
 
@@ -244,15 +255,12 @@ def test_child_exits_when_its_parent_is_killed(vids, busy, tmp_path):
 
 
 def test_isolation_none_decodes_in_process(vids):
-    settings = DecodeSettings(num_frames=F, frame_size=S)
-    assert settings.isolation == "none"  # direct construction (tests, library use): in-process
-    before = len(decode_worker._SHARED)
-    rows = DecodeStage(settings)([_row(vids / n) for n in ("v0.mp4", "v1.mp4")]).to_pylist()
-    assert [r["status"] for r in rows] == ["ok", "ok"] and len(decode_worker._SHARED) == before
+    cfg = DecodeConfig(num_frames=F, frame_size=S, isolation="none")
+    rows = DecodeStage(cfg)([_row(vids / n) for n in ("v0.mp4", "v1.mp4")]).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"] and decode._POOL is None
     # the faulty decoder in process: a harmless marker decodes as usual through the hook
-    row = DecodeStage(DecodeSettings(num_frames=F, frame_size=S, decoder=faulty_decoder.PATH)).decode_one(
-        _row(vids / "v7_NOISY.mp4"))
-    assert row["status"] == "ok"
+    row = DecodeStage(cfg, decoder=faulty_decoder.decode).decode_one(_row(vids / "v7_NOISY.mp4"))
+    assert row["status"] == "ok" and decode._POOL is None
 
 
 _BASE = {"input": {"local_dir": "."}, "output": {"path": "out"}, "model": {"source": "m"}}
@@ -261,12 +269,11 @@ _BASE = {"input": {"local_dir": "."}, "output": {"path": "out"}, "model": {"sour
 def test_config_fields_and_validation():
     cfg = load_config(data=_BASE)
     assert cfg.decode.timeout_s == 300 and cfg.decode.isolation == "process"
-    settings = DecodeSettings.from_config(cfg.decode, 384, cfg.s3)
-    assert settings.isolation == "process" and settings.timeout_s == 300.0
-    assert settings.decoder == "pipeline.decode:decode_video"
+    assert DecodeConfig().isolation == "process"  # one default: a library caller gets the config's
+    kwargs = decode.stage_kwargs(cfg, 384)
+    assert kwargs["decode"].frame_size == 384 and kwargs["decode"].isolation == "process" and kwargs["s3"] is cfg.s3
     cfg = load_config(data=_BASE, overrides=["decode.timeout_s=2.5", "decode.isolation=none"])
-    settings = DecodeSettings.from_config(cfg.decode, 384, cfg.s3)
-    assert settings.timeout_s == 2.5 and settings.isolation == "none"
+    assert decode.stage_kwargs(cfg, 384)["decode"].timeout_s == 2.5
     for bad, field in ((["decode.timeout_s=0"], "decode.timeout_s"), (["decode.timeout_s=-1"], "decode.timeout_s"),
                        (["decode.timeout_s=soon"], "decode.timeout_s"), (["decode.isolation=thread"], "decode.isolation")):
         with pytest.raises(ConfigurationError, match=field.replace(".", r"\.")):
@@ -274,6 +281,8 @@ def test_config_fields_and_validation():
     # the decoder hook is not configurable: a config file cannot choose code to run
     with pytest.raises(ConfigurationError, match=r"decode\.decoder: unknown field"):
         load_config(data={**_BASE, "decode": {"decoder": "os:system"}})
+    with pytest.raises(ValueError, match="frame_size"):
+        DecodeStage(DecodeConfig())
 
 
 # ------------------------------------------------------------------------------------------------ overhead
@@ -281,8 +290,8 @@ def test_config_fields_and_validation():
 
 def test_isolation_overhead(tmp_path):
     """Per-video cost of the subprocess at the default frame shape (32 x 384 x 384 x 3 = 14.2 MB of frames per
-    video), 20 small generated videos, warm child. Two figures, medians over the videos: ``ipc_ms``, the parent's
-    wall time minus the fetch + decode time the child measured (request, frames through the pipe, unpickling);
+    video), 20 small generated videos, warm worker. Two figures, medians over the videos: ``ipc_ms``, the parent's
+    wall time minus the fetch + decode time the child measured (request, pickled frames through pebble's pipe);
     ``ab_ms``, isolated minus in-process wall time for the same video (noisier on a shared machine).
     Prints ISOLATION_OVERHEAD."""
     import statistics
@@ -290,8 +299,8 @@ def test_isolation_overhead(tmp_path):
     n, frames, size = 20, 32, 384
     paths = [write_video(tmp_path / f"o{i}.mp4", make_video(num_frames=16 + i, width=64, height=48)) for i in range(n)]
     rows = [_row(p) for p in paths]
-    none = DecodeStage(DecodeSettings(num_frames=frames, frame_size=size))
-    proc = IsolatedDecoder(DecodeSettings(num_frames=frames, frame_size=size, isolation="process"))
+    none = DecodeStage(DecodeConfig(num_frames=frames, frame_size=size, isolation="none"))
+    proc = DecodeStage(DecodeConfig(num_frames=frames, frame_size=size, isolation="process"))
     wall: dict[str, list[float]] = {"none": [], "process": []}
     ipc: list[float] = []
     try:
@@ -308,7 +317,7 @@ def test_isolation_overhead(tmp_path):
             wall["process"].append(t2 - t1)
             ipc.append((t2 - t1) - (b["fetch_s"] + b["decode_s"]))
     finally:
-        proc.close()
+        close_pool()
     med = {k: 1000 * statistics.median(v) for k, v in wall.items()}
     figures = {"videos": n, "frames_mb": round(frames * size * size * 3 / 1e6, 1), "none_ms": round(med["none"], 1),
                "process_ms": round(med["process"], 1), "ab_ms": round(med["process"] - med["none"], 1),

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline import sink
-from pipeline.config import ConfigurationError, S3Config, load_config
-from pipeline.decode import DecodeSettings, DecodeStage, decode_video, frames_from_row
+from pipeline.config import ConfigurationError, DecodeConfig, S3Config, load_config
+from pipeline.decode import DecodeStage, close_pool, frames_from_row
+from pipeline.frames import decode_video
 from pipeline.schema import ERROR_TYPES
 from tests.pipeline.badinputs import LONG_FPS, LONG_SECONDS, VFR_PTS, bad_input_set, make_muxed
 from tests.pipeline.videos import write_video
@@ -32,7 +33,7 @@ def bad_dir(tmp_path_factory, bad_inputs):
 
 
 def _decode(path, **kw) -> dict:
-    settings = DecodeSettings(**{"num_frames": F, "frame_size": S, **kw})
+    settings = DecodeConfig(**{"num_frames": F, "frame_size": S, "isolation": "none", **kw})
     return DecodeStage(settings).decode_one({"video_id": "v", "video_uri": str(path), "questions": None})
 
 
@@ -84,8 +85,8 @@ def test_variable_frame_rate_keeps_real_timestamps(bad_dir):
 
 def test_rotation_metadata_is_applied():
     """decord honours the display matrix: the frames come out upright (as a player shows them)."""
-    plain = decode_video(io.BytesIO(make_muxed(num_frames=4, width=64, height=32)), DecodeSettings(num_frames=2, frame_size=S))
-    rot = decode_video(io.BytesIO(make_muxed(num_frames=4, width=64, height=32, rotation=90)), DecodeSettings(num_frames=2, frame_size=S))
+    plain = decode_video(io.BytesIO(make_muxed(num_frames=4, width=64, height=32)), DecodeConfig(num_frames=2, frame_size=S))
+    rot = decode_video(io.BytesIO(make_muxed(num_frames=4, width=64, height=32, rotation=90)), DecodeConfig(num_frames=2, frame_size=S))
     a, b = plain.frames.astype(float), rot.frames.astype(float)
     as_is = np.abs(a - b).mean()
     turned = min(np.abs(np.rot90(a, k, axes=(1, 2)) - b).mean() for k in (1, 3))
@@ -134,7 +135,6 @@ def test_access_denied(monkeypatch):
     pytest.importorskip("moto")
     from pipeline import storage
     from pipeline.config import InputConfig
-    from pipeline.decode_worker import close_shared
     from pipeline.sources import SourceError, list_videos
     from tests.pipeline.s3auth import BUCKET, FORBIDDEN_KEY, READABLE_KEY, UNLISTABLE_BUCKET, iam_enforcing_s3
     from tests.pipeline.s3server import fake_aws_env
@@ -144,13 +144,14 @@ def test_access_denied(monkeypatch):
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
     def decode(uri, endpoint, isolation):
-        settings = DecodeSettings(num_frames=4, frame_size=32, isolation=isolation, s3=S3Config(endpoint_url=endpoint))
-        return DecodeStage(settings).decode_one({"video_id": "v", "video_uri": uri, "questions": None})
+        stage = DecodeStage(DecodeConfig(num_frames=4, frame_size=32, isolation=isolation), S3Config(endpoint_url=endpoint))
+        return stage.decode_one({"video_id": "v", "video_uri": uri, "questions": None})
 
     with iam_enforcing_s3() as (endpoint, key_id, secret):
         creds = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_EC2_METADATA_DISABLED": "true"}
         storage.client.cache_clear()
+        close_pool()  # the decoder process starts below, inside the environment holding the user's credentials
         try:
             with fake_aws_env(creds):
                 # the config default: the decoder subprocess inherits the environment's credentials
@@ -174,7 +175,7 @@ def test_access_denied(monkeypatch):
             assert "not-the-secret" not in wrong["error_message"] and secret not in wrong["error_message"]
         finally:
             storage.client.cache_clear()
-            close_shared()  # no decoder subprocess keeps the restricted credentials
+            close_pool()  # no decoder process keeps the restricted credentials
 
 
 # ------------------------------------------------------------------------------------------------ prompt too long
@@ -209,10 +210,10 @@ def test_trust_remote_code_off_by_default_and_passed_through(monkeypatch):
     import dycoke.llava
 
     monkeypatch.setattr(dycoke.llava, "VideoLLM", FakeLLM)
-    stages.load_llm(stages.ModelSettings.from_config(cfg))
+    stages.load_llm(cfg)
     assert seen["trust_remote_code"] is False
     on = load_config(data={**_BASE, "model": {"source": "m", "trust_remote_code": True}})
-    stages.load_llm(stages.ModelSettings.from_config(on))
+    stages.load_llm(on)
     assert seen["trust_remote_code"] is True
 
 

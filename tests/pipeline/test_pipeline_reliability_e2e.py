@@ -96,10 +96,14 @@ def test_bad_inputs_end_to_end(setup, tmp_path, monkeypatch, caplog, capfd):
     # ---- nothing written outside <output>/<run_id>/
     keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in p.get("Contents", [])]
     outside = [k for k in keys if not k.startswith(("videos/", "models/", "manifests/"))]
-    written = [k for k in outside if k not in {"out/", f"out/{run_id}/"}]  # (folder markers, if any)
+    markers = {"out/", f"out/{run_id}/"}  # empty "folder" objects pyarrow's S3 filesystem creates
+    reports = {f"out/{run_id}/_report.html", f"out/{run_id}/_summary.json"}  # the run report, next to the rows
+    written = [k for k in outside if k not in markers and k not in reports]
     assert written and all(k.startswith((f"out/{run_id}/part-", f"out/{run_id}/_commits/")) for k in written), outside
+    assert reports <= set(outside), outside
 
     blobs = [s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in written]  # data and commit manifests
+    report_blobs = [s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in sorted(reports)]
     import io
 
     rows = [r for k, b in zip(written, blobs) if k.endswith(".parquet") for r in pq.read_table(io.BytesIO(b)).to_pylist()]
@@ -136,7 +140,7 @@ def test_bad_inputs_end_to_end(setup, tmp_path, monkeypatch, caplog, capfd):
     needles = [SECRET, TOKEN, "X-Amz-Signature", "X-Amz-Credential"]
     text = json.dumps(rows, default=str)
     assert not [n for n in needles if n in text]
-    assert not [n for b in blobs for n in needles if n.encode() in b]
+    assert not [n for b in blobs + report_blobs for n in needles if n.encode() in b]
     out, err = capfd.readouterr()
     logs = [caplog.text, out, err]
     session = Path(ray._private.worker._global_node.get_session_dir_path())

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import MCQ, DyCokeSettings, TasksConfig
-from pipeline.decode import DecodeSettings, DecodeStage
+from pipeline.config import DecodeConfig, PipelineConfig
+from pipeline.decode import DecodeStage
 from pipeline.schema import ENCODED_SCHEMA, OUTPUT_SCHEMA
 from pipeline.stages import (
     EncodeStage,
     FusedStage,
-    GenerateSettings,
     GenerateStage,
-    ModelSettings,
+    StageInputError,
     load_llm,
     pack_visual,
     unpack_visual,
@@ -21,27 +20,33 @@ from pipeline.stages import (
 NAMES = ["short_24fps.mp4", "long_10fps.mp4", "not_a_video.mp4", "wide_25fps.mp4"]
 
 
+def job(tiny_model, compression: dict | None = None, **tasks) -> PipelineConfig:
+    """The job config the stages get, with the test's tasks (``tasks``) and compression fields."""
+    return PipelineConfig(run_id="test-run", input={"local_dir": "v"}, output={"path": "o"},
+                          model={"source": tiny_model, "dtype": "float32", "device": "cpu"}, tasks=tasks,
+                          compression=compression or {})
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_model):
-    return load_llm(ModelSettings(source=tiny_model, dtype="float32", device="cpu"))
+    return load_llm(job(tiny_model))
 
 
 @pytest.fixture(scope="module")
 def decoded(video_dir):
     rows = [{"video_id": n, "video_uri": str(video_dir / n), "questions": ["Why?"] if i == 0 else None}
             for i, n in enumerate(NAMES)]
-    return DecodeStage(DecodeSettings(num_frames=8, frame_size=56))(rows)
+    return DecodeStage(DecodeConfig(num_frames=8, frame_size=56, isolation="none"))(rows)
 
 
-def _gen_settings(**tasks) -> GenerateSettings:
+def _job(tiny_model, compression: dict | None = None, **tasks) -> PipelineConfig:
     base = {"questions": ["What moves?"], "max_new_tokens": 5, "mcq_max_new_tokens": 3,
-            "mcq": [MCQ(question="Which?", options=["bars", "cats"])]}
-    base.update(tasks)
-    return GenerateSettings(run_id="test-run", tasks=TasksConfig(**base), dycoke=DyCokeSettings())
+            "mcq": [{"question": "Which?", "options": ["bars", "cats"]}]}
+    return job(tiny_model, compression, **{**base, **tasks})
 
 
 def test_encode_stage(tiny_model, llm, decoded):
-    stage = EncodeStage(ModelSettings(source=tiny_model), DyCokeSettings(), llm=llm)
+    stage = EncodeStage(job(tiny_model), llm=llm)
     out = stage(decoded)
     assert out.schema.equals(ENCODED_SCHEMA) and "frames" not in out.column_names
     rows = out.to_pylist()
@@ -60,23 +65,27 @@ def test_pack_roundtrip(llm, decoded):
     from pipeline.decode import frames_from_row
 
     row = decoded.to_pylist()[0]
-    vis = llm.encode([torch.from_numpy(frames_from_row(row).copy())], DyCokeSettings().to_dycoke(4))[0]
+    vis = llm.encode([torch.from_numpy(frames_from_row(row).copy())], job("m").compression.to_dycoke(4))[0]
     back = unpack_visual(pack_visual(vis))
     assert torch.equal(back.tokens, vis.tokens) and back.num_kept == vis.num_kept
 
 
 def test_generate_and_fused_agree(tiny_model, llm, decoded):
-    ms = ModelSettings(source=tiny_model)
-    gs = _gen_settings()
-    encoded = EncodeStage(ms, gs.dycoke, llm=llm)(decoded)
-    split = GenerateStage(ms, gs, llm=llm)(encoded)
-    fused = FusedStage(ms, gs, llm=llm)(decoded)
+    cfg = _job(tiny_model)
+    encoded = EncodeStage(cfg, llm=llm)(decoded)
+    split = GenerateStage(cfg, llm=llm)(encoded)
+    fused = FusedStage(cfg, llm=llm)(decoded)
     assert split.schema.equals(OUTPUT_SCHEMA) and fused.schema.equals(OUTPUT_SCHEMA)
     rows = split.to_pylist()
     # 4 videos x (caption, qa:0, mcq:0) + one manifest question on the first video
     assert len(rows) == 13
     keys = [(r["video_id"], r["task_id"]) for r in rows]
     assert len(set(keys)) == len(keys) and ("short_24fps.mp4", "vq:0") in keys
+    # the driver's expectation (what resume counts as a complete video) is what the stage wrote: one function
+    from pipeline.tasks import expected_task_ids
+
+    expected = dict(zip(decoded.column("video_id").to_pylist(), expected_task_ids(cfg.tasks, decoded), strict=True))
+    assert sorted(keys) == sorted((v, t) for v, ids in expected.items() for t in ids)
     bad = [r for r in rows if r["video_id"] == "not_a_video.mp4"]
     assert len(bad) == 3 and all(r["status"] == "error" and r["error_type"] == "not_a_video" for r in bad)
     good = [r for r in rows if r["status"] == "ok"]
@@ -93,16 +102,14 @@ def test_generate_and_fused_agree(tiny_model, llm, decoded):
 
 
 def test_prompt_too_long_is_an_error_row(tiny_model, llm, decoded):
-    ms = ModelSettings(source=tiny_model)
-    gs = _gen_settings(max_new_tokens=100_000, questions=[], mcq=[])
-    rows = FusedStage(ms, gs, llm=llm)(decoded.slice(1, 1)).to_pylist()
+    cfg = _job(tiny_model, max_new_tokens=100_000, questions=[], mcq=[])
+    rows = FusedStage(cfg, llm=llm)(decoded.slice(1, 1)).to_pylist()
     assert len(rows) == 1 and rows[0]["status"] == "error" and rows[0]["error_type"] == "prompt_too_long"
     assert "context" in rows[0]["error_message"]
 
 
 def test_engine_failure_is_isolated_per_video(tiny_model, llm, decoded, monkeypatch):
-    ms = ModelSettings(source=tiny_model)
-    stage = FusedStage(ms, _gen_settings(questions=[], mcq=[]), llm=llm)
+    stage = FusedStage(_job(tiny_model, questions=[], mcq=[]), llm=llm)
     real = stage.generate.engine.add
 
     def flaky(requests):
@@ -118,7 +125,7 @@ def test_engine_failure_is_isolated_per_video(tiny_model, llm, decoded, monkeypa
 
 
 def test_encode_failure_is_isolated(tiny_model, llm, decoded, monkeypatch):
-    stage = EncodeStage(ModelSettings(source=tiny_model), DyCokeSettings(), llm=llm)
+    stage = EncodeStage(job(tiny_model), llm=llm)
     real = stage._encode
 
     def flaky(frames):
@@ -132,11 +139,12 @@ def test_encode_failure_is_isolated(tiny_model, llm, decoded, monkeypatch):
 
 
 def test_no_tasks_gives_one_error_row(tiny_model, llm, decoded):
-    gs = GenerateSettings(run_id="r", tasks=TasksConfig(caption_prompt=None), dycoke=DyCokeSettings())
-    rows = FusedStage(ModelSettings(source=tiny_model), gs, llm=llm)(decoded.slice(1, 1)).to_pylist()
+    cfg = PipelineConfig(input={"manifest": "m.jsonl"}, output={"path": "o"}, model={"source": tiny_model},
+                         tasks={"caption_prompt": None})
+    rows = FusedStage(cfg, llm=llm)(decoded.slice(1, 1)).to_pylist()
     assert len(rows) == 1 and rows[0]["error_type"] == "no_tasks" and rows[0]["task_id"] == "none"
     # a video that failed to decode keeps its own error (retryable or not), even when no task applies
-    rows = FusedStage(ModelSettings(source=tiny_model), gs, llm=llm)(decoded.slice(2, 1)).to_pylist()
+    rows = FusedStage(cfg, llm=llm)(decoded.slice(2, 1)).to_pylist()
     assert len(rows) == 1 and rows[0]["error_type"] == "not_a_video" and rows[0]["task_id"] == "none"
 
 
@@ -149,7 +157,7 @@ def test_fused_stage_keeps_visual_tokens_in_the_actor(tiny_model, llm, decoded, 
 
     monkeypatch.setattr(stages, "pack_visual", no_round_trip)
     monkeypatch.setattr(stages, "unpack_visual", no_round_trip)
-    rows = FusedStage(ModelSettings(source=tiny_model), _gen_settings(), llm=llm)(decoded).to_pylist()
+    rows = FusedStage(_job(tiny_model), llm=llm)(decoded).to_pylist()
     good = [r for r in rows if r["video_id"] != "not_a_video.mp4"]
     assert {r["video_id"] for r in good} == set(NAMES) - {"not_a_video.mp4"} and {r["status"] for r in good} == {"ok"}
 
@@ -157,7 +165,42 @@ def test_fused_stage_keeps_visual_tokens_in_the_actor(tiny_model, llm, decoded, 
 def test_stages_declare_columns():
     assert set(EncodeStage.output_columns) == set(ENCODED_SCHEMA.names)
     assert set(GenerateStage.output_columns) == set(OUTPUT_SCHEMA.names)
-    assert FusedStage.input_columns == EncodeStage.input_columns
+    assert set(FusedStage.input_columns) == set(EncodeStage.input_columns) | set(GenerateStage.input_columns) - {"visual"}
+
+
+@pytest.mark.parametrize("method, ttm", [("dycoke", {"k": 0.5}), ("holitom", {"retain_ratio": 0.25, "tau": 0.65}),
+                                         ("none", {})])
+def test_compression_method_is_recorded_in_the_output(tiny_model, llm, decoded, method, ttm):
+    """The chosen method and its exact settings (plus DP's and T) land in every row's ``compression`` column, and
+    the method shapes the visual span (none: all F x T tokens; dycoke: K's count; holitom: fewer)."""
+    import json
+
+    compression = {"method": method, **({method: ttm} if ttm else {}), "dp": {"enabled": method != "none"}}
+    rows = FusedStage(_job(tiny_model, compression, questions=[], mcq=[]), llm=llm)(decoded.take([1, 3])).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for r in rows:
+        recorded = json.loads(r["compression"])
+        assert recorded["method"] == method and recorded["tokens_per_frame"] == 4
+        assert recorded["dp"]["enabled"] is (method != "none")
+        if ttm:
+            assert {k: recorded[method][k] for k in ttm} == ttm and set(recorded) == {"method", method, "dp", "tokens_per_frame"}
+        else:
+            assert set(recorded) == {"method", "dp", "tokens_per_frame"}
+    full = rows[0]["visual_tokens_full"]
+    assert full == 8 * 4
+    prefill = rows[0]["visual_tokens_prefill"]
+    # F=8, T=4, reference TTM: frames 0, 4, 6 whole, the other five keep int((1 - K) * T) = 2 tokens at K=0.5
+    assert {"none": prefill == full, "dycoke": prefill == 3 * 4 + 5 * 2, "holitom": prefill < full}[method], prefill
+
+
+def test_stage_checks_its_input_columns_on_the_first_batch(tiny_model, llm, decoded):
+    stage = FusedStage(_job(tiny_model), llm=llm)
+    with pytest.raises(StageInputError, match=r"FusedStage: input batch lacks column\(s\) frames, frames_shape"):
+        stage(decoded.drop_columns(["frames", "frames_shape"]))
+    generate = GenerateStage(_job(tiny_model), llm=llm)
+    with pytest.raises(StageInputError, match="GenerateStage: input batch lacks column.*visual"):
+        generate(decoded)  # decoded rows straight into generate: no visual tokens
+    assert len(stage(decoded.slice(0, 1))) == 4  # a well-formed batch passes the check (3 tasks + its own question)
 
 
 def test_stage_bench_runs_on_cpu(tmp_path):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline import storage
-from pipeline.config import S3Config
-from pipeline.decode import DecodeSettings, DecodeStage
+from pipeline.config import DecodeConfig, S3Config
+from pipeline.decode import DecodeStage
 from tests.pipeline.s3proxy import FaultProxy, first_n_per_path
 from tests.pipeline.s3server import boto_client, fake_aws_env, moto_server
 from tests.pipeline.videos import make_video
@@ -34,8 +34,9 @@ def throttled():
 
 
 def test_503_slowdown_is_retried_and_persistent_throttling_is_an_error_row(throttled):
-    settings = DecodeSettings(num_frames=4, frame_size=32, s3=S3Config(endpoint_url=throttled.url, max_attempts=3))
-    rows = DecodeStage(settings)([{"video_id": f"v{i}", "video_uri": f"s3://bkt/v{i}.mp4", "questions": None}
+    stage = DecodeStage(DecodeConfig(num_frames=4, frame_size=32, isolation="none"),
+                        S3Config(endpoint_url=throttled.url, max_attempts=3))
+    rows = stage([{"video_id": f"v{i}", "video_uri": f"s3://bkt/v{i}.mp4", "questions": None}
                                   for i in range(4)]).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error"]
     assert rows[3]["error_type"] == "fetch_failed" and "SlowDown" in rows[3]["error_message"]
