@@ -27,7 +27,7 @@ EVENTS = {  # name: pattern of the job's log line that marks it (first match win
     "loaded": r"\bloaded \S+ on \S+ \(\S+\) in [\d.]+s",
     "engine_ready": r"engine session:",
     "dataset_done": r"execution finished in [\d.]+ seconds",
-    "sink_done": r"Data sink Parquet finished",
+    "sink_done": r"Data sink \S+ finished",
 }
 PROGRESS = {"decode": r"MapBatches\(decode_batch\): (\d+)/", "model": r"MapBatches\((?:FusedStage|GenerateStage)\): (\d+)/"}
 

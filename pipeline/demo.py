@@ -67,7 +67,8 @@ def run_demo(cfg, _options=None) -> tuple[str, dict]:
     prepare()
     result = run(cfg)
     lines = ["", result.summary.render()]
-    rows = read_committed(result.target, columns=["video_uri", "task_id", "status", "error_type", "choice", "answer"])
+    rows = read_committed(result.target, columns=["video_uri", "task_id", "status", "error_type", "choice", "answer"],
+                          s3_cfg=cfg.s3)
     lines.append("\nfirst rows:")
     for r in rows.sort_by([("video_uri", "ascending"), ("task_id", "ascending")]).to_pylist()[:6]:
         name = r["video_uri"].rsplit("/", 1)[-1]

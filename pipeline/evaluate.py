@@ -177,7 +177,8 @@ def evaluate(cfg, settings: list[str] | None = None) -> pa.Table:
                 "input": cfg.input.model_copy(update={"manifest": str(manifest)})})
             result = run(run_cfg)
             rows = sink.read_committed(result.target, columns=["video_id", "task_id", "answer", "status",
-                                                         "visual_tokens_prefill", "visual_tokens_attended"])
+                                                         "visual_tokens_prefill", "visual_tokens_attended"],
+                                       s3_cfg=cfg.s3)
             out_rows.append(score(name, items, rows.to_pylist(), result.summary.wall_s,
                                   json.dumps(PRESETS[name], sort_keys=True)))
             log.info("setting %s: %d/%d correct", name, out_rows[-1]["correct"], len(items))
