@@ -13,7 +13,7 @@ Modes:
                        python bench/bench_job.py run --tiny
 
 ``run`` makes ``--videos`` inputs (default: 150 s of the stage's rate, at least 200; 384 without it) by
-hard-linking the clips of ``--videos-dir`` round robin under distinct names (each a different ``video_id``),
+copying the clips of ``--videos-dir`` round robin under distinct names (each a different ``video_id``),
 writes a job YAML that is the job's DEFAULT configuration except what this machine needs (``input.local_dir``,
 ``output.path``, ``model.source``, ``num_gpus: 1`` in the encode, generate and fused sections on GPU) plus the realistic task mix of
 ``bench/bench_stage.py`` (caption + 2 open questions at 128 new tokens + 1 MCQ at 8), and runs
