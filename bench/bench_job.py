@@ -13,7 +13,7 @@ Modes:
                        python bench/bench_job.py run --tiny
 
 ``run`` makes ``--videos`` inputs (default: 150 s of the stage's rate, at least 200; 384 without it) by
-hard-linking the clips of ``--videos-dir`` round robin under distinct names (each a different ``video_id``),
+copying the clips of ``--videos-dir`` round robin under distinct names (each a different ``video_id``),
 writes a job YAML that is the job's DEFAULT configuration except what this machine needs (``input.local_dir``,
 ``output.path``, ``model.source``, ``num_gpus: 1`` in the encode, generate and fused sections on GPU) plus the realistic task mix of
 ``bench/bench_stage.py`` (caption + 2 open questions at 128 new tokens + 1 MCQ at 8), and runs
@@ -26,7 +26,9 @@ Reported (table last; JSON and the job's log under ``$OUT``, else the current fo
   start-up     Ray ready (and how long ``ray.init`` took), model load (start, logged duration), first video done
   steady       videos completed per second between the ``--q-lo`` and ``--q-hi`` quantiles of the videos'
                completion times (``processed_at`` of their rows); end to end = videos / subprocess wall
-  vs stage     steady / ``--stage-videos-per-s`` (the stage alone, measured by ``bench/bench_stage.py``)
+               (biased upward when the window spans few actor calls: the calls in flight when it opens started
+               earlier); engine span = all videos / (last completion - the engine's first session), not biased so
+  vs stage     steady and engine span / ``--stage-videos-per-s`` (the stage alone, ``bench/bench_stage.py``)
   decode       CPU share = sum over videos of ``timings.fetch_s + decode_s`` over (wall x Ray CPUs), and over
                the processing window (dataset start to last video); capacity = decode slots (Ray CPUs minus the
                actors' CPUs) / mean CPU s per video, per clip kind too; in the job: when every video was decoded
@@ -139,6 +141,8 @@ def print_table(rep: dict) -> None:
         ("  window s / videos", f"{_f(y.get('from_s'), '{:.1f}')}-{_f(y.get('to_s'), '{:.1f}')} / {_f(y.get('videos'), '{:.0f}')}"
                                 + ("" if y.get("source", "").startswith("processed_at") else f"  ({y.get('source') or y.get('why')})")),
         ("videos/s after the first completion", _f(r.get("after_first_videos_per_s"), "{:.3f}")),
+        ("videos/s engine ready -> last / vs stage", f"{_f(r.get('engine_span_videos_per_s'), '{:.3f}')} / "
+                                                     f"{_f(r.get('engine_span_ratio_to_stage'), '{:.2f}')}"),
         ("stage alone videos/s / steady ratio", f"{_f(r.get('stage_videos_per_s'), '{:.3f}')} / {_f(r.get('ratio_to_stage'))}"),
         ("decode CPU s per video", _f(d["cpu_s_per_video"])
          + "".join(f"  {k} {v['cpu_s_per_video']:.2f}" for k, v in d["by_clip"].items())),

@@ -8,7 +8,6 @@ low bitrate so the files stay small enough to travel with the working tree. Enco
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -69,21 +68,15 @@ def make_videos(out: Path, clips: dict, fps: int = FPS, kbps: int = 450, preset:
 
 
 def link_inputs(clips: list[Path], folder: Path, n: int) -> dict[str, str]:
-    """``n`` inputs in ``folder`` under distinct names (so distinct ``video_id``), hard links to ``clips`` round
-    robin (each clip is copied next to ``folder`` first, so the links never cross file systems; symlinks would
-    not do: the local source resolves them to one path). Returns input file name -> clip kind."""
-    own = folder.with_name(folder.name + "_clips")
-    own.mkdir(parents=True, exist_ok=True)
+    """``n`` inputs in ``folder`` under distinct names (so distinct ``video_id``), copies of ``clips`` round robin
+    (links would not do: the local source lists each real file once, and counts a hard link or symlink to a listed
+    file as a duplicate). Returns input file name -> clip kind."""
     folder.mkdir(parents=True, exist_ok=True)
-    local = []
-    for c in clips:
-        shutil.copyfile(c, own / c.name)
-        local.append(own / c.name)
     kinds = {}
     for i in range(n):
-        src = local[i % len(local)]
+        src = clips[i % len(clips)]
         dst = folder / f"v{i:05d}_{src.stem}.mp4"
-        os.link(src, dst)
+        shutil.copyfile(src, dst)
         kinds[dst.name] = src.stem.removeprefix("clip_")
     return kinds
 

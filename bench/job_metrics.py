@@ -229,10 +229,17 @@ def analyse(rows: list[dict], job: dict, events: dict, kinds: dict, lay: dict, s
            "visual_tokens_prefill": rows[0]["visual_tokens_prefill"] if rows else None}
     if len(done) and done.max() > first:
         res["after_first_videos_per_s"] = int(np.sum(done > first)) / (float(done.max()) - first)
+    ready = res["startup"].get("engine_ready_s")
+    if len(done) and ready is not None and done.max() > ready:
+        # every video over the span from the engine's first session to the last completion: unlike the quantile
+        # window, not biased by calls that were in flight (started earlier) when the window opens
+        res["engine_span_videos_per_s"] = len(by_video) / (float(done.max()) - ready)
     stage, cap = stage_videos_per_s, res["decode"]["capacity_videos_per_s"]
     if stage:
         res["stage_videos_per_s"] = stage
         res["ratio_to_stage"] = steady["videos_per_s"] / stage if steady.get("videos_per_s") else None
+        if res.get("engine_span_videos_per_s"):
+            res["engine_span_ratio_to_stage"] = res["engine_span_videos_per_s"] / stage
     if stage and cap:
         res["decode_limit"] = (f"decode-bound: capacity {cap:.2f} videos/s is {cap / stage:.2f}x the stage's {stage:.2f}"
                                if cap < stage else f"decode keeps up: capacity {cap:.2f} videos/s >= stage {stage:.2f}")

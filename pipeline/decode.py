@@ -109,8 +109,12 @@ def _worker_init(parent: int) -> None:
 
 
 def _quiet_decord() -> None:
-    import decord  # ffmpeg's own messages for broken files; each failure is reported in its row instead
-
+    """ffmpeg's own messages for broken files go quiet; each failure is reported in its row instead."""
+    try:
+        import decord
+    except ImportError:  # decord is only the fallback backend; without it there is nothing to quiet
+        log.debug("decord is not installed")
+        return
     decord.logging.set_level(decord.logging.QUIET)
 
 
