@@ -179,10 +179,10 @@ def _environment() -> dict:
 
 
 def run(args) -> int:
-    import pyarrow.parquet as pq
     import yaml
 
     from pipeline.config import load_config
+    from pipeline.sink import read_committed
 
     start = time.time()
     out_dir = Path(os.environ.get("OUT", "."))
@@ -217,10 +217,10 @@ def run(args) -> int:
         finally:
             samplers.stop()
         events = parse_events(job.pop("lines"), job["t0"])
-        files = sorted((work / "output").rglob("*.parquet"))
-        rows = pq.read_table(files, columns=["video_id", "video_uri", "task_id", "status", "error_type",
-                                             "error_message", "processed_at", "timings", "output_tokens",
-                                             "visual_tokens_prefill"]).to_pylist() if files else []
+        runs = sorted(p.parent for p in (work / "output").glob("*/_commits"))  # run folders with committed chunks
+        cols = ["video_id", "video_uri", "task_id", "status", "error_type", "error_message", "processed_at", "timings",
+                "output_tokens", "visual_tokens_prefill"]
+        rows = [r for run in runs for r in read_committed(str(run), cols).to_pylist()]
         summary = cfg_path.with_name("summary.json")
         rep = {"shape": tag, "args": vars(args), **_environment(), "checkpoint": {"path": str(ckpt), **ckpt_info},
                "clips": [c.name for c in clips], "job_yaml": data, "job_rc": job["rc"], "timed_out": job["timed_out"],
