@@ -83,9 +83,11 @@ def _kernel():
 
 
 def available(t: torch.Tensor, head_dim: int) -> bool:
-    """Whether :func:`decode_attention` can run on ``t``'s device (CUDA with Triton installed) for heads of
-    ``head_dim`` (a power of two, at least 16)."""
+    """Whether :func:`decode_attention` can run on ``t``'s device (CUDA with Triton installed, compute capability
+    8.0 or newer for bf16 tensor-core dots) for heads of ``head_dim`` (a power of two, at least 16)."""
     if not t.is_cuda or head_dim < 16 or head_dim & (head_dim - 1):
+        return False
+    if torch.cuda.get_device_capability(t.device) < (8, 0):
         return False
     try:
         import triton  # noqa: F401
