@@ -137,7 +137,7 @@ class Engine:
         """
         handle = Handle(requests)
         groups: dict[tuple, Group] = {}
-        on_device: dict[int, torch.Tensor] = {}  # one host-to-device copy per visual tokens object
+        on_device: dict[tuple, torch.Tensor] = {}  # prefix tensors shared by the requests of a group
         for i, req in enumerate(requests):
             try:
                 p = self._prepare(i, req, handle, on_device)
@@ -187,7 +187,7 @@ class Engine:
 
     # ------------------------------------------------------------------ prompts
     def _prepare(self, index: int, req: Request, handle: Handle | None = None,
-                 on_device: dict[int, torch.Tensor] | None = None) -> Prepared:
+                 on_device: dict[tuple, torch.Tensor] | None = None) -> Prepared:
         llm = self.llm
         ids = self._prompt_ids.get((req.question, req.system_prompt))
         if ids is None:
@@ -200,14 +200,18 @@ class Engine:
         if req.visual is None:
             prefix, vis_len = emb[:p], 0
         else:
-            vis = None if on_device is None else on_device.get(id(req.visual))
-            if vis is None:
+            # one host-to-device copy per visual tokens object, one prefix tensor per (visual, prefix tokens): the
+            # members of a group share it (only the group's prefix is prefilled)
+            key = (id(req.visual), tuple(ids[:p]))
+            prefix = None if on_device is None else on_device.get(key)
+            if prefix is None:
                 vis = req.visual.tokens.to(llm.device, llm.dtype)
+                if vis.shape[-1] != emb.shape[-1]:
+                    raise ValueError(f"visual tokens have width {vis.shape[-1]}, the model expects {emb.shape[-1]}")
+                prefix = torch.cat([emb[:p], vis])
                 if on_device is not None:
-                    on_device[id(req.visual)] = vis
-            if vis.shape[-1] != emb.shape[-1]:
-                raise ValueError(f"visual tokens have width {vis.shape[-1]}, the model expects {emb.shape[-1]}")
-            prefix, vis_len = torch.cat([emb[:p], vis]), req.visual.num_kept
+                    on_device[key] = prefix
+            vis_len = req.visual.num_kept
         suffix = emb[p + 1 :]
         s = req.settings
         total = prefix.shape[0] + suffix.shape[0] + s.max_new_tokens

@@ -244,7 +244,6 @@ def rows_of(batch) -> list[dict]:
     return list(batch)
 
 
-_rows = rows_of  # the name pipeline.stages imports
 
 
 def _table_rows(batch: pa.Table) -> list[dict]:

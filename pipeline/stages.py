@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.decode import _rows, frames_from_row
+from pipeline.decode import frames_from_row, rows_of
 from pipeline.schema import (  # noqa: F401 - StageInputError: part of this module's API
     ENCODED_SCHEMA,
     OUTPUT_SCHEMA,
@@ -194,7 +194,7 @@ class EncodeStage(Stage):
         return out
 
     def process(self, batch) -> pa.Table:
-        return pa.Table.from_pylist(self.encode_rows(_rows(batch)), schema=ENCODED_SCHEMA)
+        return pa.Table.from_pylist(self.encode_rows(rows_of(batch)), schema=ENCODED_SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -308,7 +308,7 @@ class GenerateStage(Stage):
         return out
 
     def process(self, batch) -> pa.Table:
-        return rows_to_table(self.generate_rows(_rows(batch)))
+        return rows_to_table(self.generate_rows(rows_of(batch)))
 
 
 def generate_error_type(message: str) -> str:
@@ -333,6 +333,6 @@ class FusedStage(Stage):
 
     def process(self, batch) -> pa.Table:
         # Encoding runs on the engine's thread between decode steps (one thread launches all GPU work).
-        encoded = self.generate.loop.call(self.encode.encode_rows, _rows(batch), pack=False).result()
+        encoded = self.generate.loop.call(self.encode.encode_rows, rows_of(batch), pack=False).result()
         return rows_to_table(self.generate.generate_rows(encoded))
 

@@ -68,13 +68,19 @@ CLIP_NAMES = ["h264_bframes_gop12", "h264_open_gop", "hevc_gop12", "vp9", "mpeg4
 DECORD_RIGHT = ["h264_bframes_gop12", "vp9", "mpeg4"]
 
 
-@pytest.mark.parametrize("name", CLIP_NAMES)
-@pytest.mark.parametrize("num_frames", [8, 32, 77])
-def test_pyav_returns_exactly_the_asked_frames(clips, name, num_frames):
+def _reference(clips, name: str, num_frames: int):
+    """``(data, index, indices, reference)``: a clip, its index, ``num_frames`` sampled indices and PyAV's sequential
+    decode of them (the reference every backend is compared with)."""
     data = clips[name]
     index = probe(io.BytesIO(data))
     indices = sample_indices(index.n, num_frames)
-    reference = pyav_sequential_frames(io.BytesIO(data), index, indices, S)
+    return data, index, indices, pyav_sequential_frames(io.BytesIO(data), index, indices, S)
+
+
+@pytest.mark.parametrize("name", CLIP_NAMES)
+@pytest.mark.parametrize("num_frames", [8, 32, 77])
+def test_pyav_returns_exactly_the_asked_frames(clips, name, num_frames):
+    data, index, indices, reference = _reference(clips, name, num_frames)
     assert _shown(reference, _truth(index.n)) == indices.tolist()
     fast = pyav_frames(io.BytesIO(data), index, indices, S)
     assert np.array_equal(fast, reference)  # bit-identical: same decoder, same frames, same conversion
@@ -87,10 +93,7 @@ def test_pyav_returns_exactly_the_asked_frames(clips, name, num_frames):
 @pytest.mark.parametrize("name", DECORD_RIGHT)
 @pytest.mark.parametrize("num_frames", [8, 32, 77])
 def test_decord_returns_the_same_frames_within_the_scaler_tolerance(clips, name, num_frames):
-    data = clips[name]
-    index = probe(io.BytesIO(data))
-    indices = sample_indices(index.n, num_frames)
-    reference = pyav_sequential_frames(io.BytesIO(data), index, indices, S)
+    data, index, indices, reference = _reference(clips, name, num_frames)
     frames, used = decode_frames(io.BytesIO(data), index, indices, S, backends=("decord",))
     assert used == "decord" and _shown(frames, _truth(index.n)) == indices.tolist()
     diff = np.abs(frames.astype(np.int16) - reference.astype(np.int16))
@@ -145,10 +148,7 @@ def test_nvdec_returns_the_same_frames(clips, name):
 
     if not nvdec.available():
         pytest.skip("PyNvVideoCodec installed but no CUDA GPU")
-    data = clips[name]
-    index = probe(io.BytesIO(data))
-    indices = sample_indices(index.n, 32)
-    reference = pyav_sequential_frames(io.BytesIO(data), index, indices, S)
+    data, index, indices, reference = _reference(clips, name, 32)
     if name in NVDEC_TOO_SMALL:
         frames, used = decode_frames(io.BytesIO(data), index, indices, S, backends=("nvdec", "pyav"))
         assert used == "pyav" and np.array_equal(frames, reference)
