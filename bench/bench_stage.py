@@ -20,6 +20,7 @@ Variants per shape:
   <fused variant>+sdpa     ablation: decode steps attend with SDPA instead of the Triton decode kernel
   <fused variant>+unfused  ablation: the vision tower's MLP without the fused GELU epilogue
   <fused variant>+plainllm ablation: the decoder's RMSNorm and SwiGLU without the fused adapters (dycoke.fused)
+  <fused variant>+rowsN    the engine with N rows instead of the default (``fused.engine_max_batch_size``)
 
 Floor per video (DESIGN 7): vision FLOPs + ONE video prefill + the task suffix prefills at the measured
 bf16 matmul rate, plus decode bytes (decoder weights once per engine step, shared by the rows decoding
@@ -241,6 +242,9 @@ def main() -> None:
         for variant in variants:
             base, *ablations = variant.split("+")
             cfg = variant_config(base)
+            for ab in ablations:
+                if ab.startswith("rows"):
+                    cfg.fused = cfg.fused.model_copy(update={"engine_max_batch_size": int(ab[4:])})
             tasks = {} if base == "fused_caption" else MIX
             warm = rows[: 2 * cfg.fused.resolved_batch_size]
             _reset_peak()
@@ -258,6 +262,8 @@ def main() -> None:
                          output_tokens=statistics.mean(sum(o["output_tokens"] for o in out if o["video_id"] == v)
                                                        for v in {o["video_id"] for o in out}),
                          visual_tokens=statistics.mean(o["visual_tokens_prefill"] for o in out),
+                         attended_fraction=statistics.mean(o["visual_tokens_attended"] / o["visual_tokens_prefill"]
+                                                           for o in out if o["visual_tokens_prefill"]),
                          prompt_tokens=[o["prompt_tokens"] for o in ok])
             r.update(shape=shape, variant=variant)
             report["results"].append(r)

@@ -85,8 +85,9 @@ def test_shared_prefixes_and_refills_under_cuda_graphs_match_cpu(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_kernel_matches_sdpa(dtype):
     """The split-K decode kernel equals masked SDPA: grouped heads (G = 7, padded to 16), per-row lengths
-    (slots past them hold garbage that must not be read), pruned positions, a chunk with nothing to read."""
-    from dycoke.decode_attention import decode_attention
+    (slots past them hold garbage that must not be read), pruned positions, a chunk with nothing to read; and
+    the indexed form (DyCoke's kept slots listed, pruned ones never read) gives the same result."""
+    from dycoke.decode_attention import decode_attention, kept_slots
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rows, kv_heads, groups, dim, slots = 5, 4, 7, 128, 777
@@ -103,15 +104,22 @@ def test_decode_attention_kernel_matches_sdpa(dtype):
     bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float(), torch.nan_to_num(k.float()), torch.nan_to_num(v.float()), attn_mask=bias.float(), scale=dim**-0.5)
+    index, count = kept_slots(bias.view(rows, slots) == 0, lengths)
+    k_idx, v_idx = k.clone(), v.clone()  # pruned slots are never read in the indexed form either
+    k_idx.transpose(1, 2)[bias.view(rows, slots).isinf()] = float("nan")
+    v_idx.transpose(1, 2)[bias.view(rows, slots).isinf()] = float("nan")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     for splits in (1, 4, 16):
         out = decode_attention(q, k, v, bias, lengths, dim**-0.5, splits=splits)
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+        out = decode_attention(q, k_idx, v_idx, None, count, dim**-0.5, splits=splits, index=index)
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 def test_engine_decode_kernel_and_sdpa_give_the_same_tokens(tmp_path):
     """fp32 tiny model on CUDA: the Triton decode kernel and SDPA produce the same greedy tokens and
-    attended counts (DyCoke DP on; the kernel runs in every layer but L - 1)."""
+    attended counts (DyCoke DP on; the kernel runs in every layer but L - 1, over the kept slots only in layers
+    >= L)."""
     cfg = DyCokeConfig(tokens_per_frame=4, dp_layer=2, dp_prune_ratio=0.5)
     ckpt = str(build_tiny_checkpoint(tmp_path / "tiny"))
     g = torch.Generator().manual_seed(7)
