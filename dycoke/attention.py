@@ -10,10 +10,10 @@ With a context and a single query per row (a decode step) it:
 * layer ``L - 1``: computes the attention probabilities explicitly (one query per row: a tiny
   ``[B, H, S]`` matrix, no prefill maps), uses them for the output AND hands the head-averaged vector
   to :func:`dycoke.pruning.select_visual`, which leaves a ``[B, 1, 1, S]`` bias in the context;
-* layers ``>= L``: attend with that bias (unselected visual positions at ``-inf``), or with the kernel, to
-  the kept slots only (:func:`dycoke.decode_attention.kept_slots`): pruned positions are never read;
+* layers ``>= L``: attend with that bias (unselected visual positions at ``-inf``);
 * other layers: plain masked SDPA, or on CUDA the split-K kernel of :mod:`dycoke.decode_attention`
-  (``DecodeContext.use_kernel``), which reads each row's slots only up to its length.
+  (``DecodeContext.use_kernel``), which reads each row's slots only up to its length; with ``members`` set, its
+  cascade form, which reads a prefix shared by several rows (the tasks of one video) once for all of them.
 
 With ``dycoke_grouped_mask`` in the kwargs (the engine's batched suffix prefill: several tokens per row over
 the cache) it attends with the query heads of a group stacked, so K and V are never repeated per head.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dycoke.decode_attention import decode_attention, kept_slots
+from dycoke.decode_attention import cascade_attention, decode_attention
 from dycoke.pruning import PruneState, keep_to_bias, select_visual
 
 ATTN_NAME = "dycoke_sdpa"
@@ -49,8 +49,8 @@ class DecodeContext:
         visual_attended: ``[B]`` visual positions attended by layers ``>= L`` at the last step.
         use_kernel: attend with :func:`dycoke.decode_attention.decode_attention` instead of SDPA.
         lengths: ``[B]`` slots each row may read this step (``pos + 1``), set by the step when ``use_kernel``.
-        dp_index / dp_count: with ``use_kernel``, instead of ``dp_bias``: ``[B, S]`` int32 kept slots per row and
-            ``[B]`` int32 how many (:func:`dycoke.decode_attention.kept_slots`), written at layer ``L - 1``.
+        shared / members: with ``use_kernel``, ``[B]`` shared-prefix slots per row and ``[B, M]`` each group's rows
+            (:func:`dycoke.decode_attention.cascade_attention`), set by the step; None: no shared reads.
     """
 
     bias: torch.Tensor
@@ -64,8 +64,8 @@ class DecodeContext:
     visual_attended: torch.Tensor = field(default=None)  # type: ignore[assignment]
     use_kernel: bool = False
     lengths: torch.Tensor | None = None
-    dp_index: torch.Tensor | None = None
-    dp_count: torch.Tensor | None = None
+    shared: torch.Tensor | None = None
+    members: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.visual_attended is None:
@@ -98,18 +98,14 @@ def dycoke_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             out = torch.matmul(probs.to(value.dtype), value)
             decision = select_visual(probs.view(bsz, heads, -1), ctx.start, ctx.length, ctx.state,
                                      ctx.prune_ratio, ctx.threshold)
-            if ctx.use_kernel:
-                ctx.dp_index, ctx.dp_count = kept_slots(decision.keep, ctx.lengths)
-            else:
-                ctx.dp_bias = mask + keep_to_bias(decision.keep, mask.dtype)
+            ctx.dp_bias = mask + keep_to_bias(decision.keep, mask.dtype)
             ctx.visual_attended = decision.visual_attended
-            return out.reshape(bsz, 1, heads, dim), None
-        if layer >= ctx.dp_layer and ctx.use_kernel:
-            out = decode_attention(q, key, value, None, ctx.dp_count, scaling, index=ctx.dp_index)
             return out.reshape(bsz, 1, heads, dim), None
         if layer >= ctx.dp_layer:
             mask = ctx.dp_bias
-    if ctx.use_kernel:
+    if ctx.use_kernel and ctx.members is not None:
+        out = cascade_attention(q, key, value, mask, ctx.lengths, ctx.shared, ctx.members, scaling)
+    elif ctx.use_kernel:
         out = decode_attention(q, key, value, mask, ctx.lengths, scaling)
     else:
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)

@@ -1,22 +1,28 @@
-"""The decode kernel's host-side pieces that run anywhere (the kernel itself: tests/dycoke/test_engine_gpu.py)."""
+"""The decode kernel's host-side pieces that run anywhere (the kernels themselves: tests/dycoke/test_engine_gpu.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from dycoke.decode_attention import kept_slots
+from dycoke.decode_attention import share_groups
 
 
-def test_kept_slots_lists_each_rows_kept_slots_below_its_length_in_order():
+def test_share_groups_lists_each_group_under_its_first_row_in_runs_of_the_width():
+    group = torch.tensor([7, 3, 7, 7, -5, 3, 7, 7, 9])  # 7: five rows -> a run of 4 and a run of 1
+    members = share_groups(group, 4)
+    assert members.dtype == torch.int32 and members.shape == (9, 4)
+    assert members.tolist() == [
+        [0, 2, 3, 6], [1, 5, -1, -1], [-1] * 4, [-1] * 4, [4, -1, -1, -1], [-1] * 4, [-1] * 4, [7, -1, -1, -1],
+        [8, -1, -1, -1]]
+
+
+def test_share_groups_puts_every_row_in_exactly_one_list():
     g = torch.Generator().manual_seed(0)
-    keep = torch.rand(6, 50, generator=g) > 0.5
-    keep[2] = False  # a row that keeps nothing
-    keep[3] = True  # a row that keeps everything
-    lengths = torch.tensor([50, 20, 50, 37, 1, 0])
-    index, count = kept_slots(keep, lengths)
-    assert index.dtype == count.dtype == torch.int32 and index.shape == (6, 50)
-    for b in range(6):
-        expected = (keep[b] & (torch.arange(50) < lengths[b])).nonzero().flatten()
-        assert count[b] == expected.numel()
-        assert torch.equal(index[b, : count[b]].long(), expected)
-    assert count.tolist()[2:] == [0, 37, int(keep[4, 0]), 0]
+    for width in (1, 3, 4):
+        group = torch.randint(0, 20, (200,), generator=g)
+        members = share_groups(group, width)
+        listed = members[members >= 0]
+        assert sorted(listed.tolist()) == list(range(200))
+        for lead in (members[:, 0] >= 0).nonzero().flatten():
+            rows = members[lead][members[lead] >= 0].long()
+            assert rows[0] == lead and (group[rows] == group[lead]).all() and (rows.diff() > 0).all()
