@@ -202,8 +202,8 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     width = members.shape[1]
     slots = k.shape[2]
     bias2 = bias.reshape(bsz, slots)
-    if splits is None:  # leaders are a fraction of the rows: twice the split kernel's programs per row
-        splits = max(1, min(16, 8 * _sm_count(q.device) // (bsz * kv_heads)))
+    if splits is None:  # leaders are about a third of the rows: about eight programs per SM
+        splits = max(1, min(16, 24 * _sm_count(q.device) // (bsz * kv_heads)))
     chunk = -(-slots // splits)
     chunk = -(-chunk // block_n) * block_n
     part = torch.empty(bsz, kv_heads, splits + 1, groups, dim, dtype=torch.float32, device=q.device)

@@ -85,11 +85,11 @@ class Session:
         valid = self.slot_idx <= self.pos.unsqueeze(1)
         bias = self.ctx.bias
         bias.zero_().masked_fill_(~valid[:, None, None, :], float("-inf"))
-        if self.ctx.use_kernel:
-            self.ctx.lengths = self.pos + 1
-        if self.cascade:  # finished rows share with nobody (a refill overwrites their prefix)
+        if self.ctx.use_kernel:  # finished rows read nothing (their output is discarded)
+            self.ctx.lengths = torch.where(self.done, 0, self.pos + 1)
+        if self.cascade:  # ... and share with nobody (a refill overwrites their prefix)
             self.ctx.members = share_groups(torch.where(self.done, -1 - self.row_ids, self.share_gid), SHARE_WIDTH)
-            self.ctx.shared = self.share_len
+            self.ctx.shared = torch.where(self.done, 0, self.share_len)
         self.cache.begin_decode()
         h = llm.language_model(input_ids=self.tok.unsqueeze(1), position_ids=self.pos.unsqueeze(1),
                                attention_mask={"full_attention": bias}, use_cache=True, dycoke_ctx=self.ctx,
