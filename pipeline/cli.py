@@ -58,13 +58,16 @@ def _cli_model(options: type[JobOptions], description: str) -> type[BaseSettings
     return create_model("Job", __base__=options, __doc__=description, **sections, **hidden)
 
 
-def parse_args(argv: list[str] | None, prog: str, description: str, *, options: type[JobOptions] = JobOptions,
-               defaults: dict | None = None, config_required: bool = True) -> tuple[PipelineConfig, JobOptions]:
-    """Validated config and job options from ``argv``; exits with status 2 and a message naming the field when
-    the configuration is invalid."""
+def job_main(argv: list[str] | None, prog: str, description: str,
+             body: Callable[[PipelineConfig, Any], tuple[str, dict | None]], *, options: type[JobOptions] = JobOptions,
+             defaults: dict | None = None, config_required: bool = True) -> int:
+    """The whole entry point of a job: parse ``argv`` on top of ``defaults`` (invalid configuration: exit status 2
+    and a message naming the field), ``--print-config``, run ``body(cfg, options)`` with the errors a user can act
+    on turned into exit statuses (:func:`reported_errors`), print its text, write ``--summary-json``."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
-        usage=f"{prog} {'--config FILE' if config_required else '[--config FILE]'} [--set FIELD=VALUE ...] [--SECTION.FIELD VALUE ...]",
+        usage=f"{prog} {'--config FILE' if config_required else '[--config FILE]'} [--set FIELD=VALUE ...] "
+              "[--SECTION.FIELD VALUE ...]",
         epilog="Flag values: 16, null, lists as [a, b] or a repeated flag, objects as JSON. Precedence: flags over "
                "--set over the file. Renamed fields of earlier releases still work, with a warning naming the new place.")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -82,23 +85,11 @@ def parse_args(argv: list[str] | None, prog: str, description: str, *, options: 
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config_required and not opts.config:
         parser.error("the following arguments are required: --config")
-    try:
-        cfg = load_config(opts.config, args.set, data=defaults, cli=parsed)
-    except ConfigurationError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
-    return cfg, opts
-
-
-def job_main(argv: list[str] | None, prog: str, description: str,
-             body: Callable[[PipelineConfig, Any], tuple[str, dict | None]], **parse_kw) -> int:
-    """The whole entry point of a job: parse, ``--print-config``, run ``body(cfg, options)`` with the errors a user
-    can act on turned into exit statuses (:func:`reported_errors`), print its text, write ``--summary-json``."""
-    cfg, opts = parse_args(argv, prog, description, **parse_kw)
-    if opts.print_config:
-        print(to_yaml(cfg))
-        return 0
     with reported_errors(prog):
+        cfg = load_config(opts.config, args.set, data=defaults, cli=parsed)
+        if opts.print_config:
+            print(to_yaml(cfg))
+            return 0
         text, summary = body(cfg, opts)
     print(text)
     if opts.summary_json and summary is not None:
@@ -109,19 +100,14 @@ def job_main(argv: list[str] | None, prog: str, description: str,
 
 @contextlib.contextmanager
 def reported_errors(prog: str):
-    """Turn the errors a user can act on into one line on stderr and an exit status (no traceback):
-    configuration (2), input that cannot be listed or has no videos (3), output locked by another run or lock lost (75)."""
+    """Turn the errors a user can act on into one line on stderr and an exit status (no traceback)."""
     from pipeline.lock import LockHeld, LockLost
     from pipeline.sources import SourceError
 
     try:
         yield
-    except ConfigurationError as exc:
+    except (ConfigurationError, SourceError, LockHeld, LockLost) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
-    except SourceError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_NO_INPUT) from None
-    except (LockHeld, LockLost) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_LOCKED) from None
+        if isinstance(exc, ConfigurationError):
+            raise SystemExit(EXIT_CONFIG) from None
+        raise SystemExit(EXIT_NO_INPUT if isinstance(exc, SourceError) else EXIT_LOCKED) from None
