@@ -25,10 +25,6 @@ from pydantic_settings import (
 from pipeline.config import ConfigurationError, PipelineConfig, load_config, to_yaml
 from pipeline.renames import NEW_PLACES
 
-EXIT_CONFIG = 2  #: invalid configuration (also argparse's usage errors)
-EXIT_NO_INPUT = 3  #: the input cannot be read (listing denied, manifest missing) or names no videos
-EXIT_LOCKED = 75  #: another run holds the output's lock (EX_TEMPFAIL: try again later)
-
 
 class JobOptions(BaseSettings):
     """What every job takes besides the configuration fields (a job may subclass it to add its own)."""
@@ -50,10 +46,8 @@ def _cli_model(options: type[JobOptions], description: str) -> type[BaseSettings
     sections = {name: (f.annotation, Field(description=f.description) if f.is_required() else
                        Field(f.get_default(call_default_factory=True), description=f.description))
                 for name, f in PipelineConfig.model_fields.items()}
-    old: dict[str, dict] = {}
-    for dotted in NEW_PLACES:
-        section, name = dotted.split(".")
-        old.setdefault(section, {})[name] = (Any, None)
+    old = {s: {n.split(".")[1]: (Any, None) for n in NEW_PLACES if n.startswith(s + ".")}
+           for s in ("dycoke", "stages")}
     hidden = {s: (CliSuppress[create_model(f"old_{s}", **fields) | None], None) for s, fields in old.items()}
     return create_model("Job", __base__=options, __doc__=description, **sections, **hidden)
 
@@ -100,7 +94,9 @@ def job_main(argv: list[str] | None, prog: str, description: str,
 
 @contextlib.contextmanager
 def reported_errors(prog: str):
-    """Turn the errors a user can act on into one line on stderr and an exit status (no traceback)."""
+    """Turn the errors a user can act on into one line on stderr and an exit status (no traceback): invalid
+    configuration 2 (as argparse's usage errors), input unreadable or without videos 3, output locked 75
+    (EX_TEMPFAIL: try again later)."""
     from pipeline.lock import LockHeld, LockLost
     from pipeline.sources import SourceError
 
@@ -108,6 +104,4 @@ def reported_errors(prog: str):
         yield
     except (ConfigurationError, SourceError, LockHeld, LockLost) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        if isinstance(exc, ConfigurationError):
-            raise SystemExit(EXIT_CONFIG) from None
-        raise SystemExit(EXIT_NO_INPUT if isinstance(exc, SourceError) else EXIT_LOCKED) from None
+        raise SystemExit(2 if isinstance(exc, ConfigurationError) else 3 if isinstance(exc, SourceError) else 75) from None
