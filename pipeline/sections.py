@@ -29,7 +29,7 @@ class Section(BaseModel):
 class StageConfig(Section):
     """One Ray Data stage's batch size and resources."""
 
-    batch_size: int | None = Field(None, ge=1, description="Videos per call.")
+    batch_size: int | None = Field(None, ge=1, description="Videos per call (null: see the stage).")
     concurrency: int | tuple[int, int] | None = Field(1, description="Actors in the pool: n, or [min, max] to autoscale.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per task / actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per task / actor (0 runs the model on CPU, for tiny models).")
@@ -143,17 +143,17 @@ class _EngineStage(StageConfig):
 
 
 class GenerateConfig(_EngineStage):
-    """The generate stage (split mode): actors running the engine on encoded videos."""
+    """The generate stage (split mode): actors running the engine on encoded videos; batch_size null = 32 videos
+    per call with a GPU, 8 on CPU."""
 
     _cpu_batch: ClassVar[int] = 8
-    batch_size: int | None = Field(None, ge=1, description="Videos per generate actor call; null = 32 with a GPU, 8 on CPU.")
 
 
 class FusedConfig(_EngineStage):
-    """The fused stage: encode and generate in one actor sharing one loaded model."""
+    """The fused stage: encode and generate in one actor sharing one loaded model; batch_size null = 32 videos per
+    call with a GPU, 4 on CPU."""
 
     _cpu_batch: ClassVar[int] = 4
-    batch_size: int | None = Field(None, ge=1, description="Videos per fused actor call; null = 32 with a GPU, 4 on CPU.")
     concurrency: int | tuple[int, int] | None = Field(
         None, description="Fused actors: n, or [min, max]; null = one per num_gpus of the cluster's GPUs, 1 on CPU.")
 
