@@ -48,7 +48,8 @@ TRANSIENT_ERROR_TYPES = ("fetch_failed", "decode_timeout", "decoder_crashed", "e
 class InputConfig(Section):
     """Where the videos come from: exactly one of ``s3_prefix``, ``manifest`` or ``local_dir``."""
 
-    s3_prefix: str | None = Field(None, description="Every object under this s3://bucket/prefix/ with one of `extensions`.")
+    s3_prefix: str | None = Field(None, pattern=r"^s3://", description="Every object under this s3://bucket/prefix/ "
+                                  "with one of `extensions`.")
     manifest: str | None = Field(
         None, description="A manifest (local or s3://; .parquet, .jsonl/.json or .csv): `video_uri`, optional "
         "`video_id` and `questions` (a list; in CSV a JSON list or '|'-separated).")
@@ -61,13 +62,6 @@ class InputConfig(Section):
     @classmethod
     def _dotted(cls, value: list[str]) -> list[str]:
         return [e.lower() if e.startswith(".") else "." + e.lower() for e in value]
-
-    @field_validator("s3_prefix")
-    @classmethod
-    def _check_s3(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("s3://"):
-            raise ValueError(f"must start with s3://, got {value!r}")
-        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> InputConfig:
