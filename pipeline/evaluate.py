@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,22 +75,20 @@ def _options(value, where: str) -> tuple[str, ...]:
 
 def load_items(uri: str, settings=None) -> list[Item]:
     """The questions of an evaluation manifest; ``task_id`` is ``vq:<i>``, i counting per video."""
-    per_video: dict[str, int] = {}
+    per_video: Counter[str] = Counter()
     items = []
     for n, r in enumerate(read_manifest_rows(uri, settings), 1):
         where = f"evaluation manifest {uri} row {n}"
-        video_uri = r.get("video_uri")
-        if not video_uri or not r.get("question") or not r.get("answer"):
+        if not r.get("video_uri") or not r.get("question") or not r.get("answer"):
             raise SourceError(f"{where}: video_uri, question and answer are required")
-        video_uri = storage.resolve_relative(video_uri, uri)
+        video_uri = storage.resolve_relative(r["video_uri"], uri)
         options = _options(r.get("options"), where)
         answer = str(r["answer"]).strip().upper().rstrip(".")
         if answer not in LETTERS[: len(options)]:
             raise SourceError(f"{where}: answer {r['answer']!r} is not one of the option letters")
         vid = str(r.get("video_id") or video_id_for(video_uri))
-        i = per_video.get(vid, 0)
-        per_video[vid] = i + 1
-        items.append(Item(vid, video_uri, f"vq:{i}", str(r["question"]), options, answer))
+        items.append(Item(vid, video_uri, f"vq:{per_video[vid]}", str(r["question"]), options, answer))
+        per_video[vid] += 1
     if not items:
         raise SourceError(f"evaluation manifest {uri} has no rows")
     return items
