@@ -66,7 +66,8 @@ def prepare(root: Path = Path("demo_output")) -> None:
 
     videos = root / "videos"
     if not videos.is_dir() or not any(videos.iterdir()):
-        log.info("wrote %d sample clips (one truncated on purpose) to %s", len(write_samples(videos)), videos)
+        paths = write_samples(videos)
+        log.info("wrote %d sample clips (one truncated on purpose) to %s", len(paths), videos)
     build_tiny_checkpoint(root / "tiny-llava")
 
 
