@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.cli import job_main
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("jobs.demo")  # also when run as __main__
 
 # The embedded configuration: local clips in, local Parquet out, the tiny model on CPU, fused stage.
 DEMO_CONFIG = """\
