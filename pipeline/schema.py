@@ -47,11 +47,8 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),  # when the row was produced
 ], metadata={"dycoke_pipeline.schema_version": "1"})  # fmt: skip
 
-OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
-
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
-TASK_TYPES = ("caption", "qa", "mcq")
 
 #: error_type values and what they mean.
 ERROR_TYPES = {
@@ -98,22 +95,18 @@ _FROM_VIDEO = ("video_id", "video_uri", "video_etag", "video_bytes", "duration_s
                "visual_tokens_full", "visual_tokens_prefill", "model_id", "status", "error_type", "error_message")
 
 
-def utc_now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
-
-
 def output_row(video: Mapping[str, Any], task: Any, *, run_id: str, compression: str, **values: Any) -> dict:
     """One output row for ``video`` (a decoded/encoded video row) and ``task`` (a :class:`pipeline.tasks.Task`).
 
     ``values`` sets the generation columns (answer, choice, prompt_tokens, ...; ``timings`` is merged into the
     video's timings); status defaults to ok unless the video row is an error row."""
-    row = dict.fromkeys(OUTPUT_COLUMNS)
+    row = dict.fromkeys(OUTPUT_SCHEMA.names)
     # numpy scalars/arrays -> Python values (pyarrow accepts both, but lists of numpy floats are slow)
     row.update({k: v.tolist() if hasattr(v, "tolist") else v for k, v in video.items() if k in _FROM_VIDEO})
     timings = dict.fromkeys(TIMINGS_TYPE.names) | {n: video.get(n) for n in ("fetch_s", "decode_s", "encode_s")}
     timings.update({k: v for k, v in (values.pop("timings", None) or {}).items() if v is not None})
-    row.update(run_id=run_id, task_id=task.task_id, task_type=task.task_type, prompt=task.prompt,
-               compression=compression, timings=timings, processed_at=utc_now(), status=row["status"] or STATUS_OK)
+    row.update(run_id=run_id, task_id=task.task_id, task_type=task.task_type, prompt=task.prompt, timings=timings,
+               compression=compression, processed_at=_dt.datetime.now(_dt.timezone.utc), status=row["status"] or STATUS_OK)
     row.update(values)
     if row["status"] == STATUS_OK:
         row["error_type"] = row["error_message"] = None

@@ -3,7 +3,7 @@ Data's own per-operator statistics; they feed the one-screen text (:meth:`Summar
 (:meth:`Summary.to_dict`) and the HTML report (:mod:`pipeline.report`).
 
 ``summarize(table, ...)``: ``table`` has the columns :data:`SUMMARY_COLUMNS`; a video is ``ok`` when every one of
-its rows is, and an errored video counts under the ``error_type`` of its first error row.
+its rows is; a video with error rows counts under each ``error_type`` they hold.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Summary:
     rows_ok: int
     rows_error: int
     files: int
-    errors_by_type: dict[str, int] = field(default_factory=dict)  #: videos per error type (of their first error)
+    errors_by_type: dict[str, int] = field(default_factory=dict)  #: videos per error type
     errors: list[dict] = field(default_factory=list)  #: :func:`error_examples`
     visual_tokens_full: int = 0
     visual_tokens_prefill: int = 0
@@ -106,8 +106,8 @@ def _sum(values) -> float:
 
 
 def per_video(table: pa.Table) -> pa.Table:
-    """One row per video: ``video_id, ok`` (every row ok), ``error_type`` (of its first error row, null when ok),
-    and of its first row ``video_uri, visual_tokens_full, visual_tokens_prefill, fetch_s, decode_s, encode_s``."""
+    """One row per video: ``video_id, ok`` (every row ok), and of its first row ``video_uri, visual_tokens_full,
+    visual_tokens_prefill, fetch_s, decode_s, encode_s``."""
     timings = table.column("timings")
     t = table.select(["video_id", "video_uri", "visual_tokens_full", "visual_tokens_prefill"]).append_column(
         "ok", pc.equal(table.column("status"), "ok"))
@@ -115,10 +115,7 @@ def per_video(table: pa.Table) -> pa.Table:
         t = t.append_column(name, pc.struct_field(timings, name))
     firsts = [(c, "first") for c in t.column_names if c not in ("video_id", "ok")]
     videos = t.group_by("video_id", use_threads=False).aggregate([("ok", "min"), *firsts])
-    videos = videos.rename_columns([n.removesuffix("_first").removesuffix("_min") for n in videos.column_names])
-    errors = table.filter(pc.not_equal(table.column("status"), "ok")).select(["video_id", "error_type"])
-    errors = errors.group_by("video_id", use_threads=False).aggregate([("error_type", "first")])
-    return videos.join(errors.rename_columns(["video_id", "error_type"]), "video_id", join_type="left outer")
+    return videos.rename_columns([n.removesuffix("_first").removesuffix("_min") for n in videos.column_names])
 
 
 def error_examples(table: pa.Table, limit: int = EXAMPLES) -> list[dict]:
@@ -145,17 +142,15 @@ def summarize(table: pa.Table, *, run_id: str, output_uri: str, wall_s: float, f
     :func:`ray_stages`."""
     videos = per_video(table)
     ok_rows = pc.equal(table.column("status"), "ok")
-    rows_ok = int(_sum(pc.cast(ok_rows, pa.int64())))
-    ok_videos = videos.filter(videos.column("ok"))
-    failed = videos.filter(pc.invert(videos.column("ok")))
-    counts = pc.value_counts(pc.fill_null(failed.column("error_type"), "unknown")).to_pylist() if failed.num_rows else []
+    rows_ok, ok_videos = int(_sum(ok_rows)), videos.filter(videos.column("ok"))
+    errors = error_examples(table)
     busy = [("decode", videos.num_rows, "videos", _sum(videos.column("fetch_s")) + _sum(videos.column("decode_s"))),
             ("encode", pc.count(videos.column("decode_s")).as_py(), "videos", _sum(videos.column("encode_s"))),
             ("generate", rows_ok, "tasks", _sum(pc.struct_field(table.column("timings"), "generate_s")))]
     return Summary(
         run_id=run_id, output_uri=output_uri, wall_s=wall_s, videos=videos.num_rows, videos_ok=ok_videos.num_rows,
-        videos_error=failed.num_rows, rows=table.num_rows, rows_ok=rows_ok, rows_error=table.num_rows - rows_ok,
-        files=files, errors_by_type={c["values"]: c["counts"] for c in counts}, errors=error_examples(table),
+        videos_error=videos.num_rows - ok_videos.num_rows, rows=table.num_rows, rows_ok=rows_ok, rows_error=table.num_rows - rows_ok,
+        files=files, errors_by_type={e["error_type"]: e["videos"] for e in errors}, errors=errors,
         visual_tokens_full=int(_sum(ok_videos.column("visual_tokens_full"))),
         visual_tokens_prefill=int(_sum(ok_videos.column("visual_tokens_prefill"))),
         visual_tokens_attended_mean=pc.mean(table.filter(ok_rows).column("visual_tokens_attended")).as_py(),
