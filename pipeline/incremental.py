@@ -148,9 +148,8 @@ def _run_nightly_locked(cfg, now: _dt.datetime, lock) -> NightlyResult:
             ["video_id", "video_uri", "etag"]).to_pylist(),
         "tasks": [t.task_id for t in global_tasks(cfg.tasks)]
         + (["vq:*"] if cfg.tasks.use_manifest_questions and cfg.input.manifest else []),
-        "counts": {"videos": s.videos, "videos_ok": s.videos_ok, "videos_error": s.videos_error, "rows": s.rows,
-                   "rows_ok": s.rows_ok, "rows_error": s.rows_error, "files": s.files, "new": result.new,
-                   "changed": changed},
+        "counts": {**{k: getattr(s, k) for k in ("videos", "videos_ok", "videos_error", "rows", "rows_ok",
+                                                 "rows_error", "files")}, "new": result.new, "changed": changed},
         "chunks": sorted(m["chunk"] for m in chunks),
         "files": sorted(f["name"] for m in chunks for f in m["files"]),
         "config": cfg.model_dump(mode="json"),

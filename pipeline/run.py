@@ -160,13 +160,13 @@ def run(cfg: PipelineConfig) -> RunResult:
             if plan.retried:
                 log.info("retrying %d videos whose rows hold a transient error (output.retry_error_types=%s)",
                          plan.retried, ",".join(cfg.output.retry_error_types))
-        if todo.num_rows == 0:
+        if todo.num_rows:
+            result = execute(cfg, todo, target, run_id, t0=t0, attempt=attempt)
+        else:
             log.info("run %s is complete: nothing to do", run_id)
-            summary = _summary(target, cfg, run_id, time.perf_counter() - t0, 0)[0]
-            return RunResult(_with_listing(summary, listing), target)
-        result = execute(cfg, todo, target, run_id, t0=t0, attempt=attempt)
-        _with_listing(result.summary, listing)
-        return result
+            result = RunResult(_summary(target, cfg, run_id, time.perf_counter() - t0, 0)[0], target)
+    _with_listing(result.summary, listing)
+    return result
 
 
 def _with_listing(summary: Summary, listing: ListingReport) -> Summary:
