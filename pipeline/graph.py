@@ -97,7 +97,7 @@ class CommitSink(Datasink):
 
     @property
     def min_rows_per_write(self) -> int:
-        return self.writer.min_rows_per_file
+        return self.writer.output.min_rows_per_file
 
 
 def build(cfg, videos: pa.Table, frame_size: int) -> ray.data.Dataset:

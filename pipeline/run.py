@@ -199,7 +199,7 @@ def execute(cfg: PipelineConfig, videos, target: storage.Location, run_id: str, 
     if cfg.effective_run_id() != run_id:  # the stages write cfg's run id into the rows
         cfg = cfg.model_copy(update={"run_id": run_id})
     ds = graph.build(cfg, videos, frame_size)
-    chunks = graph.write(ds, sink.ChunkWriter.for_run(target.uri, attempt, cfg.output, cfg.s3))
+    chunks = graph.write(ds, sink.ChunkWriter(target.uri, attempt, cfg.output, cfg.s3))
     log.info("run %s: %d chunks committed", run_id, len(chunks))
     summary, written = _summary(target, cfg, run_id, time.perf_counter() - t0, videos.num_rows, ray=ray_stages(ds))
     missing = videos.num_rows - pc.sum(pc.is_in(videos.column("video_id"), value_set=written.column("video_id"))).as_py()

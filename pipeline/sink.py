@@ -59,20 +59,13 @@ def attempt_of(name: str) -> int | None:
 
 @dataclass
 class ChunkWriter:
-    """Writes and commits one chunk per write task into the run folder ``folder`` (a URI). Picklable."""
+    """Writes and commits one chunk per write task into the run folder ``folder`` (a URI), with the file settings of
+    ``output`` (:class:`pipeline.config.OutputConfig`: rows per file and row group, compression). Picklable."""
 
     folder: str
     attempt: int
+    output: object
     s3: object = None  #: pipeline.config.S3Config
-    max_rows_per_file: int = 200_000
-    min_rows_per_file: int = 1  #: rows Ray Data gathers per write task
-    row_group_rows: int = 10_000
-    compression: str | None = "zstd"
-
-    @classmethod
-    def for_run(cls, folder: str, attempt: int, output_cfg, s3_cfg) -> ChunkWriter:
-        return cls(folder, attempt, s3_cfg, output_cfg.max_rows_per_file, output_cfg.min_rows_per_file,
-                   output_cfg.row_group_rows, None if output_cfg.compression == "none" else output_cfg.compression)
 
     def write(self, tables: Iterable[pa.Table], task_index: int) -> dict | None:
         """Write the rows of one write task (cast to OUTPUT_SCHEMA, order kept) as new files, then commit them;
@@ -87,10 +80,11 @@ class ChunkWriter:
         if loc.local:
             loc.filesystem.create_dir(loc.path, recursive=True)  # S3 has no folders to make
         name, nonce, files = chunk_name(self.attempt, task_index), uuid.uuid4().hex[:8], []
-        for i, start in enumerate(range(0, table.num_rows, self.max_rows_per_file)):
-            part, fname = table.slice(start, self.max_rows_per_file), f"{FILE_PREFIX}-{name}-{nonce}-{i}.parquet"
-            pq.write_table(part, loc.child(fname).path, filesystem=loc.filesystem,
-                           row_group_size=self.row_group_rows, compression=self.compression)
+        step, compression = self.output.max_rows_per_file, self.output.compression
+        for i, start in enumerate(range(0, table.num_rows, step)):
+            part, fname = table.slice(start, step), f"{FILE_PREFIX}-{name}-{nonce}-{i}.parquet"
+            pq.write_table(part, loc.child(fname).path, filesystem=loc.filesystem, row_group_size=self.output.row_group_rows,
+                           compression=None if compression == "none" else compression)
             files.append({"name": fname, "rows": part.num_rows})
         manifest = {"chunk": name, "attempt": self.attempt, "files": files, "rows": table.num_rows,
                     "videos": len(table.column("video_id").unique()),
