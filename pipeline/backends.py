@@ -7,8 +7,8 @@ Contract::
 * ``source``: a path or a seekable binary file object; ``index``: its :class:`pipeline.media.VideoIndex`
   (the frame numbering every backend shares: frame ``i`` is the ``i``-th in presentation order);
   ``indices``: ``int [F]`` frame numbers (repeats allowed); ``size``: the square side frames are resized to.
-* Returns ``uint8 [F, size, size, 3]`` RGB, upright (a display-matrix rotation is applied), and the name
-  of the backend that decoded them.
+* Returns ``uint8 [F, size, size, 3]`` RGB, upright (a display-matrix rotation is applied; numpy, or a CUDA
+  tensor from ``nvdec``), and the name of the backend that decoded them.
 * Backends are tried in order, per video: one that cannot OPEN the file (no decoder for its codec, cannot
   measure it, counts a different number of frames than the container holds) hands over to the next. A
   failure while reading frames of a file a backend did open is the file's fault: ``corrupt_video``, no

@@ -42,7 +42,7 @@ from pipeline.sections import Section as _Section
 #: frames in exact mode), and the stage's resources: not part of the default run_id, so changing them (say, a
 #: longer timeout after timeouts) and re-running resumes the same run.
 OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation", "backend",
-                             "batch_size", "concurrency", "num_cpus", "num_gpus", "memory")
+                             "where", "actor_threads", "batch_size", "concurrency", "num_cpus", "num_gpus", "memory")
 #: Error types retried when a run is resumed (``output.retry_error_types``): they may not recur.
 TRANSIENT_ERROR_TYPES = ("fetch_failed", "decode_timeout", "decoder_crashed", "encode_failed", "generate_failed",
                          "internal")
@@ -196,6 +196,15 @@ class DecodeConfig(StageConfig):
         "run carries on; frames come back through a pipe (~1 ms per MB of frames, ~13 ms for 32 frames at 384x384). none: in the task's own process, "
         "NOT protected: a hanging video stalls its task forever and a crashing one kills the worker.",
     )
+    where: Literal["auto", "stage", "actor"] = Field(
+        "auto",
+        description="Where frames are decoded. stage: in the decode stage, which ships frames. actor: the decode stage "
+        "only fetches the bytes (and checks the container); the model actor (fused, or encode) decodes the sampled frames, "
+        "with NVDEC on the GPU where backend allows it, else on its CPUs. auto: actor when the model stage has GPUs and "
+        "backend is nvdec, or auto with PyNvVideoCodec installed; else stage.",
+    )
+    actor_threads: int = Field(4, ge=1, le=64, description="Videos a model actor decodes at once with where: actor "
+                               "(one NVDEC session each; an H100/H200 has 7 NVDEC engines).")
 
 
 def _env_endpoint() -> str | None:

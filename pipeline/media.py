@@ -82,6 +82,8 @@ class VideoIndex:
     container_duration_s: float | None
     fps: float
     pts_exact: bool = True  # every packet had a pts (else part of ``pts`` comes from dts or is estimated)
+    colorspace: int = 2  # FFmpeg's AVColorSpace of the stream (1 BT.709, 5/6 BT.601, 2 unspecified, ...)
+    full_range: bool = False  # YUV in full (JPEG) range, else limited (MPEG) range
 
     @property
     def n(self) -> int:
@@ -188,7 +190,8 @@ def _index(container, stream, uri: str) -> VideoIndex:
     return VideoIndex(
         codec=codec, stream_index=int(stream.index), width=int(ctx.width or 0), height=int(ctx.height or 0), time_base=tb, pts=ticks,
         keyframes=keyframes.astype(np.int64), timestamps_s=rel.astype(np.float64) * float(tb), duration_s=duration,
-        container_duration_s=container_s, fps=fps, pts_exact=exact,
+        container_duration_s=container_s, fps=fps, pts_exact=exact, colorspace=int(ctx.colorspace or 2),
+        full_range=int(ctx.color_range or 0) == 2 or str(ctx.pix_fmt or "").startswith("yuvj"),
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.decode import frames_from_row, rows_of
+from pipeline.decode import ActorDecoder, frames_from_row, rows_of
 from pipeline.schema import (  # noqa: F401 - StageInputError: part of this module's API
     ENCODED_SCHEMA,
     OUTPUT_SCHEMA,
@@ -148,16 +148,25 @@ class EncodeStage(Stage):
         self.model_id = cfg.model.source
         self.llm = llm if llm is not None else load_llm(cfg, cfg.encode)
         self.dycoke = cfg.compression.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
+        # decode.where: actor: this actor decodes the rows the decode stage only fetched
+        self.decoder = ActorDecoder(cfg.decode, self.llm.image_size) if cfg.decode.where == "actor" else None
 
-    def _encode(self, frames: list[np.ndarray]) -> list:
+    def _encode(self, frames: list) -> list:
         import warnings
 
         import torch
 
         with warnings.catch_warnings():  # read-only views of the batch: only read (copied to the device / converted)
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            tensors = [torch.from_numpy(f) for f in frames]
+            tensors = [f if isinstance(f, torch.Tensor) else torch.from_numpy(f) for f in frames]
+        for t in tensors:
+            if t.is_cuda:  # decoded on another CUDA stream (ActorDecoder): keep its memory until this stream is done
+                t.record_stream(torch.cuda.current_stream(t.device))
         return self.llm.encode(tensors, self.dycoke)
+
+    def decode_rows(self, rows: list[dict]) -> list[dict]:
+        """The rows with frames: decoded here when the decode stage only fetched them (``decode.where: actor``)."""
+        return self.decoder(rows) if self.decoder is not None else rows
 
     def encode_rows(self, rows: list[dict], pack: bool = True) -> list[dict]:
         """Encode the ``ok`` rows, :data:`ENCODE_CHUNK` videos per vision-tower call. ``pack``: ``visual`` as ``.npz`` bytes (to send to another actor); False
@@ -194,7 +203,7 @@ class EncodeStage(Stage):
         return out
 
     def process(self, batch) -> pa.Table:
-        return pa.Table.from_pylist(self.encode_rows(rows_of(batch)), schema=ENCODED_SCHEMA)
+        return pa.Table.from_pylist(self.encode_rows(self.decode_rows(rows_of(batch))), schema=ENCODED_SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -333,6 +342,7 @@ class FusedStage(Stage):
 
     def process(self, batch) -> pa.Table:
         # Encoding runs on the engine's thread between decode steps (one thread launches all GPU work).
-        encoded = self.generate.loop.call(self.encode.encode_rows, rows_of(batch), pack=False).result()
+        rows = self.encode.decode_rows(rows_of(batch))  # in this calling thread, while the engine runs
+        encoded = self.generate.loop.call(self.encode.encode_rows, rows, pack=False).result()
         return rows_to_table(self.generate.generate_rows(encoded))
 
