@@ -136,7 +136,7 @@ def test_manifest_keeps_scheme_uris_as_written(tmp_path):
     from pipeline.sources import manifest_source
 
     (tmp_path / "m.jsonl").write_text('{"video_uri": "s3:/b/v.mp4"}\n{"video_uri": "rel/v.mp4"}\n')
-    uris = [r["video_uri"] for t in manifest_source(str(tmp_path / "m.jsonl"), S3Config()) for r in t.to_pylist()]
+    uris = manifest_source(str(tmp_path / "m.jsonl"), S3Config()).column("video_uri").to_pylist()
     assert uris == ["s3:/b/v.mp4", str(tmp_path / "rel/v.mp4")]
 
 
