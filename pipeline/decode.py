@@ -5,39 +5,35 @@ Contract::
     DecodeStage(decode_cfg, s3_cfg=None)(batch) -> pyarrow.Table     # one row per input row
     ActorDecoder(decode_cfg, frame_size)(rows) -> rows                # in a model actor, on the stage's rows
 
-``decode_cfg`` is the :class:`pipeline.config.DecodeConfig` as it is (the stage needs ``frame_size``: the run fills
-it from the model), ``s3_cfg`` the :class:`pipeline.config.S3Config`. Every failure becomes an error row
-(``status="error"``, an ``error_type`` from :data:`pipeline.schema.ERROR_TYPES`) and the batch carries on.
+``decode_cfg``: the :class:`pipeline.config.DecodeConfig` (the stage needs ``frame_size``: the run fills it from
+the model). Every failure becomes an error row (``status="error"``, an ``error_type`` from
+:data:`pipeline.schema.ERROR_TYPES`) and the batch carries on.
 
-Where decoding runs (``decode.where``; :func:`place` resolves ``auto`` on the driver):
+Where decoding runs (``decode.where``; :func:`place` resolves ``auto`` once, on the driver):
 
 * ``stage``: the stage fetches and decodes each video and ships its frames (:data:`pipeline.schema.DECODED_SCHEMA`).
-* ``actor``: the stage fetches the bytes and checks the container (probe and sampling, no pixels: a file that is
-  not a video, has no video stream or too few frames is an error row there) and ships the bytes (:data:`FETCHED_SCHEMA`,
-  column ``data``); the model actor (fused, or encode in split mode) decodes the sampled frames with
-  :class:`ActorDecoder`, ``decode.actor_threads`` videos at once. With ``decode.backend`` auto or nvdec and NVDEC
-  usable in the actor, each video is decoded by NVDEC (one session per thread) and its frames stay on the GPU; a
-  video NVDEC fails on is decoded again by the CPU backends, isolated as in the stage, and that result (frames or
-  error row) is the row. A video larger than ``decode.in_memory_bytes`` is decoded by the stage, as with ``stage``.
-* ``auto`` (default): ``actor`` when the model stage reserves GPUs and ``decode.backend`` is nvdec, or auto with
-  PyNvVideoCodec installed (the driver's image is every node's); otherwise ``stage``, so CPU-only runs are unchanged.
+* ``actor``: the stage fetches the bytes and checks the container (:func:`pipeline.frames.plan`: not a video, no
+  video stream, too few frames are error rows there) and ships the bytes (:data:`FETCHED_SCHEMA`); the model actor
+  (fused, or encode) decodes them with :class:`ActorDecoder`, ``decode.actor_threads`` videos at once: NVDEC (one
+  session per thread, frames stay on the GPU) when ``decode.backend`` is auto or nvdec and the actor can use it;
+  a video NVDEC fails on goes to the CPU backends, isolated as in the stage, whose result is the row. Videos larger
+  than ``decode.in_memory_bytes`` are decoded by the stage.
+* ``auto``: ``actor`` when the model stage reserves GPUs and the backend is nvdec, or auto with PyNvVideoCodec
+  installed (the driver's image is every node's); else ``stage``: CPU-only runs are unchanged. Both give the same rows.
 
-Both give the same rows (the CPU backends decide every row NVDEC does not produce).
-
-Isolation (``decode.isolation``, default ``process``): CPU decoding runs in the worker of a `pebble
-<https://pypi.org/project/Pebble/>`_ ``ProcessPool`` (one worker, one pool per process, reused), with
-``timeout=decode.timeout_s``: no answer in time kills the worker (``decode_timeout``, the message names the URI and
-``decode.timeout_s=<v> exceeded``); a worker that dies is ``decoder_crashed`` (naming the signal or exit code); the
-next video gets a fresh worker. The worker is started with ``spawn``, gets ``SIGKILL`` when its parent dies
-(``PR_SET_PDEATHSIG``, Linux), takes ``SIGTERM`` with the default action, and is stopped at exit. ``none``: in the
-calling process, unprotected (for in-process mocks such as moto's ``mock_aws``). NVDEC in an actor runs in the actor
-(its frames stay on the GPU), after the stage's isolated check of the container.
+Isolation (``decode.isolation: process``, default): CPU decoding runs in the one worker of this process's `pebble
+<https://pypi.org/project/Pebble/>`_ ``ProcessPool`` with ``timeout=decode.timeout_s``: no answer in time kills it
+(``decode_timeout``, naming the URI and ``decode.timeout_s=<v> exceeded``), a worker that dies is
+``decoder_crashed`` (naming the signal or exit code); the next video gets a fresh worker. Workers are spawned, get
+``SIGKILL`` when their parent dies (``PR_SET_PDEATHSIG``) and default ``SIGTERM`` handling, and stop at exit.
+``none``: in the calling process, unprotected (for in-process mocks such as moto's ``mock_aws``).
 """
 
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import importlib.util
 import io
 import logging
@@ -76,9 +72,6 @@ def place(cfg):
     if model.num_gpus > 0 and nvdec:
         return cfg.model_copy(update={"decode": d.model_copy(update={"where": "actor"})})
     return cfg  # decoded in the stage: every part reads an unresolved auto as stage
-
-
-# ------------------------------------------------------------------------------------------------ one video
 
 
 def _error(exc: Exception, video_id) -> dict:
@@ -151,12 +144,9 @@ _POOL_LOCK = threading.Lock()
 
 def _worker_init(parent: int) -> None:
     """In each pool worker: die with the parent, die at once on SIGTERM, keep decoder chatter quiet."""
-    try:
-        import ctypes
+    import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError) as exc:
-        log.debug("PR_SET_PDEATHSIG unavailable: %s", exc)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -165,11 +155,10 @@ def _worker_init(parent: int) -> None:
 
 def _quiet_decord() -> None:
     """ffmpeg's own messages for broken files go quiet; each failure is reported in its row instead."""
-    try:
+    with contextlib.suppress(ImportError):  # decord is only the fallback backend
         import decord
-    except ImportError:  # decord is only the fallback backend; without it there is nothing to quiet
-        return
-    decord.logging.set_level(decord.logging.QUIET)
+
+        decord.logging.set_level(decord.logging.QUIET)
 
 
 def _pool():
@@ -197,17 +186,6 @@ def close_pool() -> None:
 atexit.register(close_pool)
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "no exit status"
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
 def isolated(fn: Callable, args: tuple, video_id, uri: str, timeout_s: float) -> dict:
     """``fn(*args)`` (row fields) in the pool's worker; a timeout or a crash becomes error fields (module docstring)."""
     from pebble import ProcessExpired
@@ -219,8 +197,11 @@ def isolated(fn: Callable, args: tuple, video_id, uri: str, timeout_s: float) ->
         error_type, message = "decode_timeout", (f"{uri}: did not finish in {time.monotonic() - t0:.1f}s (decode."
                                                  f"timeout_s={timeout_s:g} exceeded); decoder process killed")
     except ProcessExpired as exc:
-        error_type, message = "decoder_crashed", (f"{uri}: the decoder process died ({_describe_exit(exc.exitcode)}) "
-                                                  "on this video; a new one is started for the next video")
+        code = exc.exitcode or 0
+        how = f"exit code {code}" if code >= 0 else signal.Signals(-code).name if -code in signal.valid_signals() \
+            else f"signal {-code}"
+        error_type, message = "decoder_crashed", (f"{uri}: the decoder process died ({how}) on this video; a new one "
+                                                  "is started for the next video")
     except Exception as exc:  # noqa: BLE001 - the pool broke (a worker that cannot start) or a row that cannot be sent
         close_pool()
         log.exception("video %s: decoder pool failure", video_id)
@@ -233,11 +214,8 @@ def isolated(fn: Callable, args: tuple, video_id, uri: str, timeout_s: float) ->
 
 
 class DecodeStage:
-    """``video rows -> decoded rows`` (one out per one in); see the module docstring.
-
-    Input columns: ``video_id, video_uri, questions`` (and ``video_etag`` when the listing had it). Output:
-    :data:`pipeline.schema.DECODED_SCHEMA` (frames as raw bytes + ``frames_shape``, timestamps, sizes, timings,
-    status and errors), or :data:`FETCHED_SCHEMA` with ``where: actor``."""
+    """``video rows`` (``video_id, video_uri, questions``, ``video_etag`` when listed) ``-> decoded rows``, one per
+    row: :data:`pipeline.schema.DECODED_SCHEMA` (frames as bytes + ``frames_shape``), or :data:`FETCHED_SCHEMA`."""
 
     input_columns = ("video_id", "video_uri", "questions")
 
@@ -276,11 +254,9 @@ def decode_batch(batch: pa.Table, decode, s3=None, decoder: Callable = decode_vi
 
 
 class ActorDecoder:
-    """Decodes, in a model actor, the rows the stage only fetched (``data`` set); other rows pass unchanged.
-
-    Decoded rows get ``frames`` as an array (CPU backends) or a CUDA tensor (NVDEC), ``uint8 [F, S, S, 3]``, plus
-    ``frames_shape``, ``num_frames``, ``frame_timestamps_s``, ``duration_s`` and ``decode_s``; failures become the
-    error fields the stage would have given. ``frame_size`` is used when ``decode.frame_size`` is unset."""
+    """Decodes, in a model actor, the rows the stage only fetched (``data`` set; other rows pass): ``frames`` as an
+    array (CPU) or a CUDA tensor (NVDEC), ``uint8 [F, S, S, 3]``, and the stage's other fields or error fields.
+    ``frame_size``: the model's, when ``decode.frame_size`` is unset."""
 
     def __init__(self, decode, frame_size: int, decoder: Callable = decode_video):
         from pipeline import nvdec
@@ -327,13 +303,9 @@ class ActorDecoder:
         return {**out, **fields}
 
 
-# ------------------------------------------------------------------------------------------------ rows
-
-
 def rows_of(batch) -> list[dict]:
-    """The rows of a batch as dicts; binary columns (frames, visual tokens) of a ``pyarrow.Table`` come as
-    zero-copy ``pyarrow.Buffer`` slices of the table instead of per-row ``bytes`` copies (a 32-video batch
-    holds ~450 MB of frames: copying it would hold the GIL while the engine thread wants to launch work)."""
+    """The rows of a batch as dicts; binary columns of a ``pyarrow.Table`` as zero-copy ``pyarrow.Buffer`` slices
+    (copying a batch's ~450 MB of frames would hold the GIL while the engine thread wants to launch work)."""
     if isinstance(batch, pa.Table):
         return _table_rows(batch)
     if isinstance(batch, Mapping):

@@ -3,24 +3,17 @@
 Contract::
 
     decoded = decode_video(source, cfg, uri="<bytes>", head=b"")    # raises VideoError
+    index, indices = plan(source, cfg, uri, head)                   # the same without the pixels
 
-* ``source``: a path or a seekable binary file object (what :meth:`pipeline.fetch.Fetched.source` gives);
-  ``cfg``: a :class:`pipeline.config.DecodeConfig` whose ``frame_size`` is set (the run fills it from the
-  model); ``head``: the file's first bytes, for the cheap "is this media at all" checks.
-* Returns :class:`Decoded`: ``frames`` ``uint8 [F, S, S, 3]`` (F = ``cfg.num_frames``, S = ``cfg.frame_size``;
-  numpy, or a CUDA tensor from NVDEC), the sampled frames' presentation times (s, from 0), the duration and the
-  stream's frame count. :func:`plan` is the same without the pixels (probe and sampling).
+* ``source``: a path or a seekable binary file; ``cfg``: a :class:`pipeline.config.DecodeConfig` with ``frame_size``
+  set; ``head``: the file's first bytes, for the cheap "is this media at all" checks.
+* :class:`Decoded`: ``frames`` ``uint8 [F, S, S, 3]`` (F = ``cfg.num_frames``, S = ``cfg.frame_size``; numpy, or a
+  CUDA tensor from NVDEC), the sampled frames' presentation times (s, from 0), the duration and the frame count.
 
-Per video: :func:`pipeline.media.probe` reads the container's packets (no decoding) and gives the frame
-count, every frame's presentation time and the duration, so metadata is the stream's own whatever backend
-makes the pixels; :func:`pipeline.backends.decode_frames` then decodes the sampled frames with
-``cfg.backend`` (``auto``: PyAV, and decord for a file PyAV cannot open).
-
-Sampling (``cfg.sampling``):
-
-* ``uniform`` (default, exact): frame indices ``linspace(0, n-1, F)`` truncated to int, as the reference.
-* ``keyframe`` (APPROXIMATE, cheap): each uniform target snaps to its nearest keyframe, and only
-  keyframes are decoded (one seek + one intra frame each). With fewer keyframes than F, frames repeat.
+Metadata always comes from the container (:func:`pipeline.media.probe`), pixels from
+:func:`pipeline.backends.decode_frames` with ``cfg.backend``. Sampling (``cfg.sampling``): ``uniform`` (exact,
+default): frames ``linspace(0, n-1, F)`` truncated to int, as the reference; ``keyframe`` (APPROXIMATE, cheap): each
+uniform target snaps to its nearest keyframe and only keyframes are decoded (repeats when there are fewer than F).
 """
 
 from __future__ import annotations

@@ -4,24 +4,15 @@ Contract::
 
     probe(source, uri) -> VideoIndex       # raises VideoError with a specific error_type
 
-``source`` is a path or a seekable binary file object. The probe picks the video stream (an attached
-picture, i.e. an audio file's cover art, is not a video stream), demuxes its packets (no decoding: about
-a millisecond per thousand packets) and builds the frame index every decoder backend shares:
+``source``: a path or a seekable binary file. The probe picks the first real video stream (not an audio file's cover
+art) and demuxes its packets (about a millisecond per thousand) into the frame index every backend shares:
+``n`` frames, one per packet with data, in presentation order (decord's count too, so ``linspace(0, n-1, F)`` picks
+the same frames everywhere); their ``pts`` (sorted ticks; dts or ``index / rate`` where missing); ``timestamps_s``
+from 0 whatever the stream's start; ``duration_s``, the end of the last frame on the same clock (never
+``frames / fps``; the container's figure is only logged when it disagrees); the keyframes; the colour matrix.
 
-* ``n`` frames: one per video packet carrying data, in presentation order (the same count decord's index
-  gives, so ``linspace(0, n-1, F)`` picks the same frames on every backend);
-* ``pts``: each frame's presentation time in stream ``time_base`` units, sorted (``int64 [n]``); packets
-  without a pts fall back to their dts, and a stream with neither gets ``index / frame rate``;
-* ``timestamps_s``: ``(pts - pts[0]) * time_base``, so the first frame is at 0 whatever the stream's start
-  time (an MPEG-TS capture starting at 1.4 s, an MP4 with an edit list);
-* ``duration_s``: the end of the last frame (its pts + its duration) on the same clock: the stream's real
-  timestamps, never ``frames / average fps`` (wrong for variable frame rate). The container's declared
-  duration is only a cross-check (logged when they disagree); every timestamp lies in ``[0, duration_s]``;
-* ``keyframes``: the indices of keyframes (where a decoder can start).
-
-Errors: no video stream (``no_video_stream``, also for audio with cover art), a codec FFmpeg does not know
-(``unsupported_codec``), no frame at all (``too_few_frames``, "0 frames"), an MP4/MOV whose sample table promises
-more frames than the bytes hold (``corrupt_video``: a truncated upload).
+Errors: no video stream (``no_video_stream``), a codec FFmpeg does not know (``unsupported_codec``), no frame
+(``too_few_frames``), an MP4/MOV whose sample table lists more frames than the bytes hold (``corrupt_video``).
 """
 
 from __future__ import annotations

@@ -1,22 +1,18 @@
-"""NVDEC decoding (NVIDIA GPUs) through PyNvVideoCodec's core decoder, as a backend of :mod:`pipeline.backends`.
+"""NVDEC decoding (NVIDIA GPUs) through PyNvVideoCodec's core decoder, a backend of :mod:`pipeline.backends`.
 
 Contract::
 
     frames = nvdec_frames(source, index, indices, size)   # torch uint8 [F, size, size, 3] on the current CUDA device
-    rgb = yuv_to_rgb(y, u, v, size, colorspace, full_range)   # any device; the conversion NVDEC frames go through
+    rgb = yuv_to_rgb(y, u, v, size, colorspace, full_range)   # any device; what every NVDEC frame goes through
 
-* Packets come from PyAV (the stream and frame numbering every backend shares, :class:`pipeline.media.VideoIndex`);
-  H.264 / HEVC packets go through FFmpeg's Annex B bitstream filter, then to ``CreateDecoder`` with their pts, which
-  the decoded frames carry back: a frame is identified by its pts as in the PyAV backend (counted when pts are not
-  unique). Every packet up to the last target is decoded, without seeking (NVDEC decodes 720p at about 1,000 frames/s
-  per session; its random-access ``SimpleDecoder`` was measured slower than that, issue 13).
-* NVDEC returns its native surface (NV12, P016 for 10 bit, 4:2:2 and 4:4:4 forms); :func:`yuv_to_rgb` resizes the planes (bilinear,
-  antialiased) and converts them to RGB on the GPU with the stream's matrix and range, as swscale does for PyAV:
-  BT.709, BT.2020, SMPTE 240M or FCC when the stream says so, else BT.601; limited range unless tagged full. Only
-  the sampled frames are converted. A display-matrix rotation is applied on the GPU too.
-* :class:`pipeline.media.CannotOpen` (the next backend takes the video) when PyNvVideoCodec or a GPU is missing, NVDEC
-  has no decoder for the codec, or refuses the stream (a profile it lacks, or a frame below its minimum size: on an
-  H200, 64 x 48 HEVC and VP9 clips are refused).
+* Packets come from PyAV (the numbering every backend shares), in Annex B for H.264 / HEVC, fed with their pts,
+  which the decoded frames carry back (frames are counted when pts are not unique). Every packet up to the last
+  target is decoded, without seeking: ~1,000 frames/s per session at 720p, faster than NVDEC's random access (issue 13).
+* NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target goes through :func:`yuv_to_rgb`: planes resized
+  (bilinear, antialiased), then RGB with the stream's matrix and range as swscale does for PyAV (BT.709, BT.2020,
+  SMPTE 240M or FCC when tagged, else BT.601; limited range unless tagged full); rotation applied on the GPU too.
+* :class:`pipeline.media.CannotOpen` (the next backend takes the video) without PyNvVideoCodec or a GPU, for a codec
+  NVDEC lacks, or a stream it refuses (a profile, or a size below its minimum: 64 x 48 HEVC and VP9 on an H200).
 
 Needs the ``pynvvideocodec`` wheel and the driver's ``libnvcuvid``; tests that use them are marked ``gpu``.
 """
