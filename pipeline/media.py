@@ -63,14 +63,10 @@ class VideoIndex:
 
     codec: str
     stream_index: int  # which stream of the container (``container.streams[i]``)
-    width: int
-    height: int
-    time_base: Fraction
-    pts: np.ndarray  # int64 [n], presentation order
+    pts: np.ndarray  # int64 [n], presentation order, in the stream's time base
     keyframes: np.ndarray  # int64 [k], indices into pts
     timestamps_s: np.ndarray  # float64 [n], from 0
     duration_s: float
-    container_duration_s: float | None
     fps: float
     pts_exact: bool = True  # every packet had a pts (else part of ``pts`` comes from dts or is estimated)
     colorspace: int = 2  # FFmpeg's AVColorSpace of the stream (1 BT.709, 5/6 BT.601, 2 unspecified, ...)
@@ -141,19 +137,12 @@ def _index(container, stream, uri: str) -> VideoIndex:
     if codec is None:
         raise VideoError("unsupported_codec", f"{uri}: unsupported codec: FFmpeg does not know this video stream's codec")
     tb = stream.time_base or Fraction(1, 90_000)
-    pts, dts, durs, keys = [], [], [], []
+    packets = []  # (pts, dts, duration, keyframe) of each packet with data (size 0: the end-of-stream marker)
     try:
-        for packet in container.demux(stream):
-            if packet.size == 0:  # the demuxer's end-of-stream marker
-                continue
-            pts.append(packet.pts)
-            dts.append(packet.dts)
-            durs.append(packet.duration or 0)
-            keys.append(packet.is_keyframe)
+        packets += [(p.pts, p.dts, p.duration or 0, p.is_keyframe) for p in container.demux(stream) if p.size]
     except av.error.FFmpegError as exc:  # a damaged container: what was read before it is not trusted either
-        if not pts:
-            raise VideoError("corrupt_video", f"{uri}: cannot read packets: {clean_message(str(exc))}") from exc
-        raise VideoError("corrupt_video", f"{uri}: damaged after {len(pts)} packets: {clean_message(str(exc))}") from exc
+        raise VideoError("corrupt_video", f"{uri}: cannot read all packets: {clean_message(str(exc))}") from exc
+    pts, dts, durs, keys = zip(*packets) if packets else ((), (), (), ())
     n = len(pts)
     if n == 0:
         raise VideoError("too_few_frames", f"{uri}: 0 frames (the video track has no samples)")
@@ -165,23 +154,18 @@ def _index(container, stream, uri: str) -> VideoIndex:
             raise VideoError("corrupt_video", f"{uri}: truncated: the index lists {declared} frames, the file holds {n}")
         log.info("%s: the header says %d frames, the stream holds %d packets; using the packets", uri, declared, n)
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    fps = float(rate) if rate else 0.0
-    step = max(1, round(1 / (float(rate) * tb))) if rate else max(1, round(1 / (25 * tb)))  # one frame, in ticks
+    step = max(1, round(1 / (float(rate or 25) * tb)))  # one frame, in ticks
     ticks, order = _presentation_order(pts, dts, step)
-    exact = all(p is not None for p in pts)
     keyframes = np.flatnonzero(np.asarray(keys, dtype=bool)[order])
-    if keyframes.size == 0:
-        keyframes = np.zeros(1, dtype=np.int64)
-    last_len = int(durs[int(order[-1])]) or step
     rel = ticks - ticks[0]
-    duration = float((int(rel[-1]) + last_len) * tb)
-    container_s = float(container.duration) / 1e6 if container.duration else None
-    if container_s is not None and abs(container_s - duration) > max(1.0, 0.05 * duration):
+    duration = float((int(rel[-1]) + (int(durs[int(order[-1])]) or step)) * tb)
+    container_s = float(container.duration) / 1e6 if container.duration else duration
+    if abs(container_s - duration) > max(1.0, 0.05 * duration):
         log.info("%s: container says %.3fs, the stream's timestamps %.3fs; using the timestamps", uri, container_s, duration)
     return VideoIndex(
-        codec=codec, stream_index=int(stream.index), width=int(ctx.width or 0), height=int(ctx.height or 0), time_base=tb, pts=ticks,
-        keyframes=keyframes.astype(np.int64), timestamps_s=rel.astype(np.float64) * float(tb), duration_s=duration,
-        container_duration_s=container_s, fps=fps, pts_exact=exact, colorspace=int(ctx.colorspace or 2),
+        codec=codec, stream_index=int(stream.index), pts=ticks, timestamps_s=rel.astype(np.float64) * float(tb),
+        keyframes=keyframes.astype(np.int64) if keyframes.size else np.zeros(1, dtype=np.int64), duration_s=duration,
+        fps=float(rate or 0.0), pts_exact=all(p is not None for p in pts), colorspace=int(ctx.colorspace or 2),
         full_range=int(ctx.color_range or 0) == 2 or str(ctx.pix_fmt or "").startswith("yuvj"),
     )  # fmt: skip
 
