@@ -1,12 +1,9 @@
 """Sources: which videos a run processes (driver side), listed once with their fingerprints.
 
-:func:`list_videos` gives :data:`LISTED_SCHEMA` (``video_id``, ``video_uri``, ``questions``, ``video_etag``): an
-``input.s3_prefix`` listed through :func:`pipeline.storage.list_objects` (``ListObjectsV2``: the ETag comes with
-the listing), an ``input.local_dir`` walked by :func:`walk` (each real file once, at any depth; what it cannot
-list is counted in a :class:`ListingReport`), or a manifest (Parquet / JSONL / CSV). It is the graph's input:
-the listing's fingerprint travels with each video (read once; the fetch reports it as the row's ``video_etag``).
-
-``video_id`` is stable: the manifest's value when it has one, else ``sha1(video_uri)[:16]``.
+:func:`list_videos` gives :data:`LISTED_SCHEMA`: an ``input.s3_prefix`` (``ListObjectsV2``: the ETag comes with the
+listing), an ``input.local_dir`` (:func:`walk`: each real file once, at any depth; what it cannot list is counted in
+a :class:`ListingReport`), or a manifest (Parquet / JSONL / CSV). The listing's fingerprint travels with each video
+(the fetch reports it as ``video_etag``). ``video_id``: the manifest's value, else ``sha1(video_uri)[:16]``.
 """
 
 from __future__ import annotations

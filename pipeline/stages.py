@@ -1,9 +1,8 @@
-"""Model stages: encode (vision tower + TTM), generate (the DyCoke engine), and both fused.
+"""Model stages: encode (vision tower + compression), generate (the DyCoke engine), and both fused.
 
-Plain callables, Ray-free: heavy setup (loading the checkpoint) in ``__init__``, ``__call__(batch)``
-returns a ``pyarrow.Table``. Batches may be a ``pyarrow.Table``, a dict of columns or a list of row
-dicts. Failures are isolated per video (a failing batch is retried video by video) and become rows
-with ``status="error"``; nothing here raises for bad data.
+Plain callables, Ray-free: the checkpoint is loaded in ``__init__``; ``__call__(batch)`` (a ``pyarrow.Table``, a dict
+of columns or a list of rows) returns a ``pyarrow.Table``. A failing batch is retried video by video, and failures
+become rows with ``status="error"``; nothing here raises for bad data.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Storage: the one module that reads and writes objects, on S3 or a local disk, named by URI (``s3://b/k``, a
 local path, or ``file://`` + percent-encoded bytes for a local name that is not UTF-8).
 
-* :func:`resolve` -> :class:`Location` (a ``pyarrow.fs`` filesystem, the path in it, the URI) for Parquet I/O;
-  :func:`list_objects` (sizes, fingerprints), :func:`read_bytes`, :func:`put_if_absent` (S3 ``If-None-Match: *``;
-  locally ``link()`` of a finished temp file), :func:`replace_if` (``body=None`` deletes; S3 ``If-Match`` on the
-  ETag, locally a content hash under ``flock``).
-* boto3 for what ``pyarrow.fs`` does not expose (ETags, conditional writes), ``pyarrow.fs`` for the rest; both built
-  from one :class:`pipeline.config.S3Config`: S3 retries live in the client configuration only.
-* One fingerprint (:func:`etag_of`: the S3 ETag, or ``<int mtime>-<size>``); one rule for relative paths in a
-  manifest (:func:`resolve_relative`); local paths past ``PATH_MAX`` open one folder at a time (:func:`open_file`).
+:func:`resolve` gives a ``pyarrow.fs`` :class:`Location` (Parquet I/O, copies); boto3 does what ``pyarrow.fs`` does
+not expose: listing with ETags (:func:`list_objects`), conditional writes (:func:`put_if_absent`, :func:`replace_if`;
+locally ``link()`` and ``flock``). Both clients come from one :class:`pipeline.config.S3Config` (S3 retries live
+there only). One fingerprint (:func:`etag_of`), one rule for relative paths in a manifest (:func:`resolve_relative`).
 """
 
 from __future__ import annotations
