@@ -64,8 +64,10 @@ def _planes(surface, fmt: str):
     """An NVDEC surface as ``(y, u, v)`` in 8-bit units. ``fmt``: its ``Pixel_Format`` name; NV12 / P016 hold luma
     rows then interleaved chroma rows at half height (NV16 / P216: full height), YUV444 three planes; 16-bit
     surfaces hold their samples in the high bits."""
-    t = surface[..., 0] if surface.dim() == 3 else surface
+    t = surface.squeeze()  # [rows, width] (some releases add a unit axis), or [3, H, W] / [H, W, 3] planes
     x = t if t.dtype.itemsize == 1 else t.float() / 256
+    if x.dim() == 3:
+        return tuple(x) if x.shape[0] == 3 else tuple(x.permute(2, 0, 1))
     rows, width = x.shape
     if "444" in fmt:
         h = rows // 3

@@ -190,6 +190,12 @@ def test_nvdec_colour_conversion_follows_the_stream_matrix(name):
     mean, p99 = _diff(yuv_to_rgb(*_planes(nv12, "Pixel_Format.NV12"), size, index.colorspace, index.full_range), reference)
     print(f"NVDEC_CONVERSION {name}: mean {mean:.2f} p99 {p99:.0f}")
     assert mean < NVDEC_MEAN_TOL[name] and p99 <= NVDEC_P99_TOL
+    planes = _planes(nv12, "Pixel_Format.NV12")
+    p016 = _planes(nv12.to(torch.int32).mul(256).to(torch.uint16), "Pixel_Format.P016")  # 16-bit: samples high
+    yuv444 = torch.cat([torch.from_numpy(y)] + [torch.from_numpy(c).repeat_interleave(2, 0).repeat_interleave(2, 1)
+                                                for c in (u, v)])
+    assert all(torch.equal(a.float(), b) for a, b in zip(planes, p016))
+    assert torch.equal(_planes(yuv444, "Pixel_Format.YUV444")[2][::2, ::2], torch.from_numpy(v.copy()))
     other = 1 if index.colorspace != 1 else 5
     wrong = _diff(yuv_to_rgb(*_planes(nv12, "Pixel_Format.NV12"), size, other, index.full_range), reference)[0]
     print(f"NVDEC_CONVERSION {name}: the other matrix: mean {wrong:.2f}")
