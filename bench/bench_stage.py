@@ -20,6 +20,8 @@ Variants per shape:
   <fused variant>+sdpa     ablation: decode steps attend with SDPA instead of the Triton decode kernel
   <fused variant>+unfused  ablation: the vision tower's MLP without the fused GELU epilogue
   <fused variant>+plainllm ablation: the decoder's RMSNorm and SwiGLU without the fused adapters (dycoke.fused)
+  <fused variant>+nocascade ablation: decode steps read every row's copy of its video's prefix (no shared reads)
+  <fused variant>+rowsN    the engine with N rows instead of the default (``fused.engine_max_batch_size``)
 
 Floor per video (DESIGN 7): vision FLOPs + ONE video prefill + the task suffix prefills at the measured
 bf16 matmul rate, plus decode bytes (decoder weights once per engine step, shared by the rows decoding
@@ -162,6 +164,8 @@ def run_fused(llm, cfg, rows: list[dict], warm: list[dict], ablations: tuple[str
     stage = FusedStage(cfg, llm=llm)
     if "sdpa" in ablations:
         stage.generate.engine.use_decode_kernel = False  # before the first call builds the session
+    if "nocascade" in ablations:
+        stage.generate.engine.share_decode_reads = False
     (unfuse_mlp_gelu if "unfused" in ablations else fuse_mlp_gelu)(llm.model.model.vision_tower)
     (restore if "plainllm" in ablations else adapt_language_model)(llm.language_model)
     timer = Timed(stage.encode)
@@ -221,6 +225,8 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=128)
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--variants", default="fused_mix,fused_caption,fused_mix_drain,split_mix")
+    ap.add_argument("--repeat", type=int, default=1, help="run the variant list this many times, interleaved; "
+                    "the last table gives each variant's median videos/s")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script on a tiny checkpoint (no figures)")
     args = ap.parse_args()
     shapes = ["tiny"] if args.tiny else (args.shape or ["7b", "0.5b"])
@@ -238,9 +244,12 @@ def main() -> None:
         llm = _tiny_llm() if shape == "tiny" else build_model(shape, tokenizer)
         rows = decoded_rows(args.videos, args.frames, llm.image_size)
         st = lm_stats(llm)
-        for variant in variants:
+        for rep, variant in [(i, v) for i in range(args.repeat) for v in variants]:
             base, *ablations = variant.split("+")
             cfg = variant_config(base)
+            for ab in ablations:
+                if ab.startswith("rows"):
+                    cfg.fused = cfg.fused.model_copy(update={"engine_max_batch_size": int(ab[4:])})
             tasks = {} if base == "fused_caption" else MIX
             warm = rows[: 2 * cfg.fused.resolved_batch_size]
             _reset_peak()
@@ -258,8 +267,10 @@ def main() -> None:
                          output_tokens=statistics.mean(sum(o["output_tokens"] for o in out if o["video_id"] == v)
                                                        for v in {o["video_id"] for o in out}),
                          visual_tokens=statistics.mean(o["visual_tokens_prefill"] for o in out),
+                         attended_fraction=statistics.mean(o["visual_tokens_attended"] / o["visual_tokens_prefill"]
+                                                           for o in out if o["visual_tokens_prefill"]),
                          prompt_tokens=[o["prompt_tokens"] for o in ok])
-            r.update(shape=shape, variant=variant)
+            r.update(shape=shape, variant=variant, repeat=rep)
             report["results"].append(r)
             print(shape, variant, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
                   flush=True)
@@ -276,6 +287,12 @@ def main() -> None:
         else:
             print(f"{r['shape']:5} {r['variant']:22} {r['videos_per_s']:9.3f} (encode {r['encode_videos_per_s']:.2f}/s, "
                   f"generate {r['generate_videos_per_s']:.2f}/s, one GPU {r['one_gpu_videos_per_s']:.2f}/s)")
+
+    if args.repeat > 1:
+        print(f"\nmedian of {args.repeat} interleaved runs (videos/s, each run's in brackets)")
+        for key in dict.fromkeys((r["shape"], r["variant"]) for r in report["results"]):
+            runs = [r["videos_per_s"] for r in report["results"] if (r["shape"], r["variant"]) == key]
+            print(f"{key[0]:5} {key[1]:30} {statistics.median(runs):7.3f}  [{', '.join(f'{x:.3f}' for x in runs)}]")
 
 
 def _tiny_llm():

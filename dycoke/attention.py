@@ -12,7 +12,8 @@ With a context and a single query per row (a decode step) it:
   to :func:`dycoke.pruning.select_visual`, which leaves a ``[B, 1, 1, S]`` bias in the context;
 * layers ``>= L``: attend with that bias (unselected visual positions at ``-inf``);
 * other layers: plain masked SDPA, or on CUDA the split-K kernel of :mod:`dycoke.decode_attention`
-  (``DecodeContext.use_kernel``), which reads each row's slots only up to its length.
+  (``DecodeContext.use_kernel``), which reads each row's slots only up to its length; with ``members`` set, its
+  cascade form, which reads a prefix shared by several rows (the tasks of one video) once for all of them.
 
 With ``dycoke_grouped_mask`` in the kwargs (the engine's batched suffix prefill: several tokens per row over
 the cache) it attends with the query heads of a group stacked, so K and V are never repeated per head.
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dycoke.decode_attention import decode_attention
+from dycoke.decode_attention import cascade_attention, decode_attention
 from dycoke.pruning import PruneState, keep_to_bias, select_visual
 
 ATTN_NAME = "dycoke_sdpa"
@@ -48,6 +49,8 @@ class DecodeContext:
         visual_attended: ``[B]`` visual positions attended by layers ``>= L`` at the last step.
         use_kernel: attend with :func:`dycoke.decode_attention.decode_attention` instead of SDPA.
         lengths: ``[B]`` slots each row may read this step (``pos + 1``), set by the step when ``use_kernel``.
+        shared / members: with ``use_kernel``, ``[B]`` shared-prefix slots per row and ``[B, M]`` each group's rows
+            (:func:`dycoke.decode_attention.cascade_attention`), set by the step; None: no shared reads.
     """
 
     bias: torch.Tensor
@@ -61,6 +64,8 @@ class DecodeContext:
     visual_attended: torch.Tensor = field(default=None)  # type: ignore[assignment]
     use_kernel: bool = False
     lengths: torch.Tensor | None = None
+    shared: torch.Tensor | None = None
+    members: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.visual_attended is None:
@@ -98,7 +103,9 @@ def dycoke_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             return out.reshape(bsz, 1, heads, dim), None
         if layer >= ctx.dp_layer:
             mask = ctx.dp_bias
-    if ctx.use_kernel:
+    if ctx.use_kernel and ctx.members is not None:
+        out = cascade_attention(q, key, value, mask, ctx.lengths, ctx.shared, ctx.members, scaling)
+    elif ctx.use_kernel:
         out = decode_attention(q, key, value, mask, ctx.lengths, scaling)
     else:
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)

@@ -75,7 +75,9 @@ class Engine:
             the suffix prefill of several groups into one forward).
         decode_kernel: ``"auto"`` attends in decode steps with the split-K Triton kernel
             (:mod:`dycoke.decode_attention`) where it can run (CUDA with Triton), else SDPA; ``"sdpa"`` always
-            SDPA; ``"triton"`` requires the kernel.
+            SDPA; ``"triton"`` requires the kernel. With the kernel, the rows of one prefix group (the tasks of
+            one video) read their shared prefix once per step for all of them (``share_decode_reads``, on by
+            default; the result of a row does not depend on it beyond float summation order).
     """
 
     def __init__(self, llm: VideoLLM, config: DyCokeConfig, *, max_batch_size: int | None = 16,
@@ -97,6 +99,8 @@ class Engine:
         if decode_kernel == "triton" and not kernel_ok:
             raise ValueError("decode_kernel='triton' needs a CUDA device and the triton package")
         self.use_decode_kernel = kernel_ok and decode_kernel != "sdpa"
+        self.share_decode_reads = True  # read before a session is built (benchmarks switch it off to compare)
+        self._groups = 0  # prefix groups admitted so far (ids for the decode kernel's shared reads)
         self.llm, self.config = llm, config
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.use_cuda_graph = llm.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
@@ -279,6 +283,10 @@ class Engine:
             prefix_forward(s, self.cache_kwarg, batch)
         _sync(dev)
         t1 = time.perf_counter()
+        for g, _ in admitted:
+            self._groups += 1
+            for p in g.members:
+                p.group = self._groups
         members = [(p, r) for g, rows in admitted for p, r in zip(g.members, rows)]
         members.sort(key=lambda m: m[0].suffix.shape[0])
         logits = torch.cat([suffix_forward(s, self.cache_kwarg, b) for b in buckets(members)])

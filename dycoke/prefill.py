@@ -93,7 +93,8 @@ def start_rows(s, members: list[tuple[Prepared, int]], logits: torch.Tensor, pad
                         ("vis_start", col([p.vis_start for p, _ in members])),
                         ("vis_len", col([p.vis_len for p, _ in members])), ("steps", torch.zeros_like(first)),
                         ("attended", torch.zeros_like(temperature)), ("temperature", temperature),
-                        ("top_p", top_p), ("stop_ids", stop_ids)):
+                        ("top_p", top_p), ("stop_ids", stop_ids), ("share_gid", col([p.group for p, _ in members])),
+                        ("share_len", col([p.prefix.shape[0] for p, _ in members]))):
         getattr(s, name).index_copy_(0, rows, value)
     s.out.index_fill_(0, rows, pad_id)
     s.out[rows, 0] = first

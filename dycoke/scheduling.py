@@ -104,6 +104,7 @@ class Prepared:
     prefix_key: tuple[int, ...]  # the prefix's text tokens before the visual span (same system prompt)
     prefill_s: float = 0.0
     admitted_at: float = 0.0
+    group: int = 0  # the admission's prefix group (rows of one group hold the same prefix KV)
 
     @property
     def length(self) -> int:

@@ -6,7 +6,9 @@ sequence ends (continuous batching), so the step's shapes never change and, on C
 once per (session, sampling) and replayed. One step (:meth:`Session.step`):
 
 * writes the current token of every row at its own position ``pos[r]`` and attends to slots
-  ``[0, pos[r]]`` (DyCoke's dynamic pruning through :class:`~dycoke.attention.DecodeContext`);
+  ``[0, pos[r]]`` (DyCoke's dynamic pruning through :class:`~dycoke.attention.DecodeContext`); with the decode
+  kernel, live rows admitted from one prefix group (``share_gid``) read their common ``share_len`` prefix slots
+  once per group (:func:`~dycoke.decode_attention.cascade_attention`);
 * picks the next token per row (greedy or temperature / top-p), records it at ``out[r, count[r]]``;
 * stops a row on a stop token or at ``max_new``; finished and free rows (``done``) keep their position
   and output, so running them costs compute but changes nothing.
@@ -22,13 +24,17 @@ import weakref
 import torch
 
 from dycoke.attention import DecodeContext
+from dycoke.decode_attention import share_groups
 from dycoke.kv_cache import SlotKVCache
 from dycoke.pruning import PruneState
 from dycoke.sampling import greedy, sample
 
 #: per-row tensors (dim 0 = rows) a compaction permutes, besides the KV cache and the prune state
 ROW_TENSORS = ("tok", "pos", "count", "max_new", "vis_start", "vis_len", "steps", "attended", "temperature",
-               "top_p", "done", "stop_ids", "out")
+               "top_p", "done", "stop_ids", "out", "share_gid", "share_len")
+
+#: rows of one prefix group read together by the cascade decode kernel (a video's tasks; larger groups split)
+SHARE_WIDTH = 4
 
 
 class Session:
@@ -45,6 +51,8 @@ class Session:
         z = lambda dtype=torch.long: torch.zeros(rows, dtype=dtype, device=dev)  # noqa: E731
         self.tok, self.pos, self.count, self.max_new = z(), z(), z(), z()
         self.vis_start, self.vis_len, self.steps = z(), z(), z()
+        self.share_gid, self.share_len = z(), z()  # prefix group of the row's request and its length
+        self.row_ids = torch.arange(rows, device=dev)
         self.attended = z(torch.float32)
         self.temperature, self.top_p = z(torch.float32), z(torch.float32)
         self.done = torch.ones(rows, dtype=torch.bool, device=dev)  # a free row is a finished row
@@ -61,6 +69,7 @@ class Session:
             start=self.vis_start, length=self.vis_len, state=PruneState.empty(rows, slots, dev),
             use_kernel=engine.use_decode_kernel,
         )
+        self.cascade = engine.use_decode_kernel and engine.share_decode_reads
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._parent: weakref.ref | None = None  # a prefix session's root (weak: no cycle keeps a cache alive)
         self._prefixes: dict[int, Session] = {}
@@ -76,8 +85,11 @@ class Session:
         valid = self.slot_idx <= self.pos.unsqueeze(1)
         bias = self.ctx.bias
         bias.zero_().masked_fill_(~valid[:, None, None, :], float("-inf"))
-        if self.ctx.use_kernel:
-            self.ctx.lengths = self.pos + 1
+        if self.ctx.use_kernel:  # finished rows read nothing (their output is discarded)
+            self.ctx.lengths = torch.where(self.done, 0, self.pos + 1)
+        if self.cascade:  # ... and share with nobody (a refill overwrites their prefix)
+            self.ctx.members = share_groups(torch.where(self.done, -1 - self.row_ids, self.share_gid), SHARE_WIDTH)
+            self.ctx.shared = torch.where(self.done, 0, self.share_len)
         self.cache.begin_decode()
         h = llm.language_model(input_ids=self.tok.unsqueeze(1), position_ids=self.pos.unsqueeze(1),
                                attention_mask={"full_attention": bias}, use_cache=True, dycoke_ctx=self.ctx,
@@ -156,7 +168,7 @@ class Session:
             child.rows, child.slots, child.max_stop = m, self.slots, self.max_stop
             for name in ROW_TENSORS:
                 setattr(child, name, getattr(self, name)[:m])
-            child.slot_idx = self.slot_idx
+            child.slot_idx, child.row_ids, child.cascade = self.slot_idx, self.row_ids[:m], self.cascade
             child.cache = self.cache.prefix(m, child.pos)
             c = self.ctx
             child.ctx = DecodeContext(bias=c.bias[:m], dp_layer=c.dp_layer, prune_ratio=c.prune_ratio,

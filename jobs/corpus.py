@@ -1,12 +1,7 @@
-"""Process a video corpus: ``python -m jobs.corpus --config job.yaml [--set field=value ...]``.
-
-Runs on a local Ray by default, on the cluster of ``ray job submit`` (``RAY_ADDRESS``), or on
-``--ray.address``. Parse config, build, run; the logic lives in :mod:`pipeline`.
-"""
+"""Process a video corpus: ``python -m jobs.corpus --config job.yaml [--set field=value ...]``, on a local Ray,
+the cluster of ``ray job submit`` (``RAY_ADDRESS``) or ``--ray.address``. The logic lives in :mod:`pipeline`."""
 
 from __future__ import annotations
-
-import sys
 
 from pipeline.cli import job_main
 
@@ -14,8 +9,8 @@ from pipeline.cli import job_main
 def _run(cfg, _options):
     from pipeline.run import run
 
-    result = run(cfg)
-    return result.summary.render(), result.summary.to_dict()
+    summary = run(cfg).summary
+    return summary.render(), summary.to_dict()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,4 +18,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,35 +1,25 @@
-"""Accuracy and throughput per compression setting on a multiple-choice benchmark.
-
-``python -m jobs.evaluate --config eval.yaml [--settings off,dycoke-k0.7-p0.7]``; ``input.manifest`` is the
-evaluation manifest (video_uri, question, options, answer). Logic in :mod:`pipeline.evaluate`.
-"""
+"""Accuracy and throughput per compression setting on a multiple-choice benchmark:
+``python -m jobs.evaluate --config eval.yaml [--settings off,dycoke-k0.7-p0.7]``, ``input.manifest`` being the
+evaluation manifest (video_uri, question, options, answer). The logic lives in :mod:`pipeline.evaluate`."""
 
 from __future__ import annotations
 
-import sys
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from pipeline.cli import JobOptions, job_main
 from pipeline.evaluate import PRESETS
 
 
 class EvaluateOptions(JobOptions):
-    settings: str | None = Field(None, description=f"Comma-separated settings to run (default all: {','.join(PRESETS)}).")
-
-    @field_validator("settings")
-    @classmethod
-    def _known(cls, value: str | None) -> str | None:
-        unknown = [s for s in (value or "").split(",") if s and s not in PRESETS]
-        if unknown:
-            raise ValueError(f"unknown settings {unknown}; choose from {','.join(PRESETS)}")
-        return value
+    settings: list[Literal[tuple(PRESETS)]] | None = Field(None, description="Settings to run, comma-separated (default all).")
 
 
 def _run(cfg, options: EvaluateOptions):
     from pipeline.evaluate import evaluate, render
 
-    table = evaluate(cfg, [s for s in (options.settings or "").split(",") if s] or None)
+    table = evaluate(cfg, options.settings)
     return f"{render(table)}\n\ntable: {cfg.output.path.rstrip('/')}/accuracy.parquet", None
 
 
@@ -39,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,13 +1,7 @@
-"""Nightly incremental indexing: ``python -m jobs.nightly --config job.yaml [--set field=value ...]``.
-
-Processes only the videos that are new or changed since the last committed run and commits the run
-with a manifest written last (layout and reading rules: :mod:`pipeline.incremental`). Parse config,
-build, run; the logic lives in :mod:`pipeline`.
-"""
+"""Nightly incremental indexing: ``python -m jobs.nightly --config job.yaml [--set field=value ...]``: only the
+videos new or changed since the last committed run, committed by a run manifest (:mod:`pipeline.incremental`)."""
 
 from __future__ import annotations
-
-import sys
 
 from pipeline.cli import job_main
 
@@ -25,4 +19,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -25,10 +25,6 @@ from pydantic_settings import (
 from pipeline.config import ConfigurationError, PipelineConfig, load_config, to_yaml
 from pipeline.renames import NEW_PLACES
 
-EXIT_CONFIG = 2  #: invalid configuration (also argparse's usage errors)
-EXIT_NO_INPUT = 3  #: the input cannot be read (listing denied, manifest missing) or names no videos
-EXIT_LOCKED = 75  #: another run holds the output's lock (EX_TEMPFAIL: try again later)
-
 
 class JobOptions(BaseSettings):
     """What every job takes besides the configuration fields (a job may subclass it to add its own)."""
@@ -50,21 +46,22 @@ def _cli_model(options: type[JobOptions], description: str) -> type[BaseSettings
     sections = {name: (f.annotation, Field(description=f.description) if f.is_required() else
                        Field(f.get_default(call_default_factory=True), description=f.description))
                 for name, f in PipelineConfig.model_fields.items()}
-    old: dict[str, dict] = {}
-    for dotted in NEW_PLACES:
-        section, name = dotted.split(".")
-        old.setdefault(section, {})[name] = (Any, None)
+    old = {s: {n.split(".")[1]: (Any, None) for n in NEW_PLACES if n.startswith(s + ".")}
+           for s in ("dycoke", "stages")}
     hidden = {s: (CliSuppress[create_model(f"old_{s}", **fields) | None], None) for s, fields in old.items()}
     return create_model("Job", __base__=options, __doc__=description, **sections, **hidden)
 
 
-def parse_args(argv: list[str] | None, prog: str, description: str, *, options: type[JobOptions] = JobOptions,
-               defaults: dict | None = None, config_required: bool = True) -> tuple[PipelineConfig, JobOptions]:
-    """Validated config and job options from ``argv``; exits with status 2 and a message naming the field when
-    the configuration is invalid."""
+def job_main(argv: list[str] | None, prog: str, description: str,
+             body: Callable[[PipelineConfig, Any], tuple[str, dict | None]], *, options: type[JobOptions] = JobOptions,
+             defaults: dict | None = None, config_required: bool = True) -> int:
+    """The whole entry point of a job: parse ``argv`` on top of ``defaults`` (invalid configuration: exit status 2
+    and a message naming the field), ``--print-config``, run ``body(cfg, options)`` with the errors a user can act
+    on turned into exit statuses (:func:`reported_errors`), print its text, write ``--summary-json``."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
-        usage=f"{prog} {'--config FILE' if config_required else '[--config FILE]'} [--set FIELD=VALUE ...] [--SECTION.FIELD VALUE ...]",
+        usage=f"{prog} {'--config FILE' if config_required else '[--config FILE]'} [--set FIELD=VALUE ...] "
+              "[--SECTION.FIELD VALUE ...]",
         epilog="Flag values: 16, null, lists as [a, b] or a repeated flag, objects as JSON. Precedence: flags over "
                "--set over the file. Renamed fields of earlier releases still work, with a warning naming the new place.")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -82,23 +79,11 @@ def parse_args(argv: list[str] | None, prog: str, description: str, *, options: 
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config_required and not opts.config:
         parser.error("the following arguments are required: --config")
-    try:
-        cfg = load_config(opts.config, args.set, data=defaults, cli=parsed)
-    except ConfigurationError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
-    return cfg, opts
-
-
-def job_main(argv: list[str] | None, prog: str, description: str,
-             body: Callable[[PipelineConfig, Any], tuple[str, dict | None]], **parse_kw) -> int:
-    """The whole entry point of a job: parse, ``--print-config``, run ``body(cfg, options)`` with the errors a user
-    can act on turned into exit statuses (:func:`reported_errors`), print its text, write ``--summary-json``."""
-    cfg, opts = parse_args(argv, prog, description, **parse_kw)
-    if opts.print_config:
-        print(to_yaml(cfg))
-        return 0
     with reported_errors(prog):
+        cfg = load_config(opts.config, args.set, data=defaults, cli=parsed)
+        if opts.print_config:
+            print(to_yaml(cfg))
+            return 0
         text, summary = body(cfg, opts)
     print(text)
     if opts.summary_json and summary is not None:
@@ -109,19 +94,14 @@ def job_main(argv: list[str] | None, prog: str, description: str,
 
 @contextlib.contextmanager
 def reported_errors(prog: str):
-    """Turn the errors a user can act on into one line on stderr and an exit status (no traceback):
-    configuration (2), input that cannot be listed or has no videos (3), output locked by another run or lock lost (75)."""
+    """Turn the errors a user can act on into one line on stderr and an exit status (no traceback): invalid
+    configuration 2 (as argparse's usage errors), input unreadable or without videos 3, output locked 75
+    (EX_TEMPFAIL: try again later)."""
     from pipeline.lock import LockHeld, LockLost
     from pipeline.sources import SourceError
 
     try:
         yield
-    except ConfigurationError as exc:
+    except (ConfigurationError, SourceError, LockHeld, LockLost) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
-    except SourceError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_NO_INPUT) from None
-    except (LockHeld, LockLost) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_LOCKED) from None
+        raise SystemExit(2 if isinstance(exc, ConfigurationError) else 3 if isinstance(exc, SourceError) else 75) from None

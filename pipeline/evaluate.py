@@ -1,16 +1,10 @@
-"""Accuracy / throughput evaluation of compression settings on a multiple-choice benchmark.
+"""Accuracy / throughput of compression settings on a multiple-choice benchmark (VideoMME / MVBench style).
 
-The evaluation manifest (``input.manifest``; .jsonl/.json/.csv/.parquet) has one row per question,
-VideoMME / MVBench style: ``video_uri``, ``question``, ``options`` (a list, or '|'-separated in CSV),
-``answer`` (the correct letter, A, B, ...), optional ``video_id`` and ``question_id``.
-
-For each setting (:data:`PRESETS`: compression off, DyCoke and HoliTom presets) the job runs the
-ordinary pipeline over the videos, with each video's questions passed as its per-video prompts (task ids ``vq:<i>``,
-prompt text built exactly as a configured ``tasks.mcq`` prompt is, by :func:`pipeline.tasks.mcq_prompt`),
-parses the option letter from each answer with :func:`pipeline.tasks.parse_choice`, and compares it
-with the correct letter. A question whose video or generation failed, or whose answer names no
-option, counts as wrong (``accuracy = correct / questions``). Rows go to
-``<output.path>/<eval run_id>-<setting>/``; the table to ``<output.path>/accuracy.parquet``.
+The evaluation manifest (``input.manifest``) has one row per question: ``video_uri``, ``question``, ``options``
+(a list, or '|'-separated in CSV), ``answer`` (the correct letter), optional ``video_id``. Each setting of
+:data:`PRESETS` runs the ordinary pipeline with each video's questions as its per-video prompts (``vq:<i>``, built
+as ``tasks.mcq`` prompts are); a question whose video or answer failed, or whose answer names no option, counts as
+wrong. Rows go to ``<output.path>/<run_id>-<setting>/``, the table to ``<output.path>/accuracy.parquet``.
 """
 
 from __future__ import annotations
@@ -18,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +38,7 @@ PRESETS: dict[str, dict] = {
 
 
 def with_preset(compression, name: str):
-    """``compression`` (a :class:`pipeline.config.CompressionConfig`) with the fields of preset ``name`` set."""
+    """``compression`` (a :class:`pipeline.config.CompressionConfig`) with preset ``name``'s fields set."""
     data = compression.model_dump()
     for key, value in PRESETS[name].items():
         data[key] = {**data[key], **value} if isinstance(value, dict) else value
@@ -80,22 +75,20 @@ def _options(value, where: str) -> tuple[str, ...]:
 
 def load_items(uri: str, settings=None) -> list[Item]:
     """The questions of an evaluation manifest; ``task_id`` is ``vq:<i>``, i counting per video."""
-    per_video: dict[str, int] = {}
+    per_video: Counter[str] = Counter()
     items = []
     for n, r in enumerate(read_manifest_rows(uri, settings), 1):
         where = f"evaluation manifest {uri} row {n}"
-        video_uri = r.get("video_uri")
-        if not video_uri or not r.get("question") or not r.get("answer"):
+        if not r.get("video_uri") or not r.get("question") or not r.get("answer"):
             raise SourceError(f"{where}: video_uri, question and answer are required")
-        video_uri = storage.resolve_relative(video_uri, uri)
+        video_uri = storage.resolve_relative(r["video_uri"], uri)
         options = _options(r.get("options"), where)
         answer = str(r["answer"]).strip().upper().rstrip(".")
         if answer not in LETTERS[: len(options)]:
             raise SourceError(f"{where}: answer {r['answer']!r} is not one of the option letters")
         vid = str(r.get("video_id") or video_id_for(video_uri))
-        i = per_video.get(vid, 0)
-        per_video[vid] = i + 1
-        items.append(Item(vid, video_uri, f"vq:{i}", str(r["question"]), options, answer))
+        items.append(Item(vid, video_uri, f"vq:{per_video[vid]}", str(r["question"]), options, answer))
+        per_video[vid] += 1
     if not items:
         raise SourceError(f"evaluation manifest {uri} has no rows")
     return items
@@ -156,10 +149,7 @@ def evaluate(cfg, settings: list[str] | None = None) -> pa.Table:
 
     from pipeline.run import init_ray, run
 
-    names = settings or list(PRESETS)
-    unknown = [n for n in names if n not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown settings {unknown}; choose from {list(PRESETS)}")
+    presets = {name: PRESETS[name] for name in settings or PRESETS}
     items = load_items(cfg.input.manifest, cfg.s3)
     base_id = cfg.effective_run_id()
     out_rows = []
@@ -169,7 +159,7 @@ def evaluate(cfg, settings: list[str] | None = None) -> pa.Table:
                                              "use_manifest_questions": True,
                                              "max_new_tokens": cfg.tasks.mcq_max_new_tokens})
         init_ray(cfg)  # once, before the first setting's clock starts: every setting is timed alike
-        for name in names:
+        for name, preset in presets.items():
             run_cfg = cfg.model_copy(update={
                 "run_id": f"{base_id}-{name}", "tasks": tasks, "compression": with_preset(cfg.compression, name),
                 # every setting is measured afresh (a resumed folder would report no work and no throughput)
@@ -180,7 +170,7 @@ def evaluate(cfg, settings: list[str] | None = None) -> pa.Table:
                                                          "visual_tokens_prefill", "visual_tokens_attended"],
                                        s3_cfg=cfg.s3)
             out_rows.append(score(name, items, rows.to_pylist(), result.summary.wall_s,
-                                  json.dumps(PRESETS[name], sort_keys=True)))
+                                  json.dumps(preset, sort_keys=True)))
             log.info("setting %s: %d/%d correct", name, out_rows[-1]["correct"], len(items))
     table = pa.Table.from_pylist(out_rows, schema=TABLE_SCHEMA)
     root = storage.resolve(cfg.output.path, cfg.s3)

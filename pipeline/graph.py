@@ -1,20 +1,14 @@
-"""The Ray Data graph: the ONLY module that imports ``ray.data``. The graph is data: a list of
-:class:`StageSpec` built from the per-stage config sections, applied in one loop of ``map_batches``.
+"""The Ray Data graph, the ONLY module that imports ``ray.data``: a list of :class:`StageSpec` built from the
+per-stage config sections, applied in one loop of ``map_batches``::
 
-::
+    from_arrow(video list)                      driver
+      -> decode_batch                 CPU tasks   cfg.decode
+      -> FusedStage                   actors      cfg.fused (fused mode; max_concurrent_batches calls feed one engine)
+         or EncodeStage -> GenerateStage          cfg.encode, cfg.generate (split mode)
+      -> CommitSink                   write tasks each commits its rows as one chunk (pipeline.sink)
 
-    from_arrow(video list)                                     driver
-      -> decode_batch       CPU tasks    cfg.decode: batch_size, concurrency (max tasks), num_cpus, memory
-      -> FusedStage         actor pool   cfg.fused: batch_size, concurrency (actors), num_gpus, num_cpus;
-                                         max_concurrent_batches calls per actor feed one running engine  (fused mode)
-         or EncodeStage -> GenerateStage  two actor pools, cfg.encode and cfg.generate                    (split mode)
-      -> CommitSink         write tasks  each writes its rows as new Parquet files and commits them with a chunk
-                                         manifest (pipeline.sink: the output protocol)
-
-Decode tasks reserve CPUs and memory; model actors reserve their GPUs and CPUs; so Ray's scheduler (and Ray
-Data's resource manager, which backpressures decode when the actors fall behind) keeps decode from starving the
-GPU stages and vice versa. Each stage checks its input columns on its first batch
-(:func:`pipeline.schema.require_columns`).
+Decode tasks reserve CPUs and memory and model actors their GPUs and CPUs, so Ray's scheduler and Ray Data's
+backpressure keep either side from starving the other. Each stage checks its input columns on its first batch.
 """
 
 from __future__ import annotations
@@ -37,7 +31,7 @@ from pipeline.stages import EncodeStage, FusedStage, GenerateStage
 
 log = logging.getLogger(__name__)
 
-MAX_SOURCE_BLOCKS = 20_000
+MAX_SOURCE_BLOCKS = 20_000  #: the video list is cut into blocks of decode.batch_size rows, at most this many
 
 
 @dataclass(frozen=True)
@@ -53,10 +47,6 @@ class StageSpec:
     concurrency: int | tuple[int, int] | None = None
     calls_per_actor: int = 1
 
-    @property
-    def is_actor(self) -> bool:
-        return isinstance(self.fn, type)
-
     def map_args(self) -> dict:
         s = self.section
         args: dict = {"batch_size": self.batch_size, "batch_format": "pyarrow", "num_cpus": s.num_cpus}
@@ -64,14 +54,14 @@ class StageSpec:
             args["num_gpus"] = s.num_gpus
         if s.memory:
             args["memory"] = int(s.memory)
-        if not self.is_actor:
+        if not isinstance(self.fn, type):  # a function: CPU tasks
             return {**args, "fn_kwargs": self.kwargs, "compute": TaskPoolStrategy(size=self.concurrency)}
         n = self.concurrency or 1
         lo, hi = n if isinstance(n, tuple) else (n, n)
         threads = ({"max_concurrent_calls_per_actor": self.calls_per_actor, "enable_true_multi_threading": True}
                    if self.calls_per_actor > 1 else {})  # the engine stages are thread-safe: calls feed one engine loop
-        pool = ActorPoolStrategy(size=lo, **threads) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi, **threads)
-        return {**args, "fn_constructor_kwargs": self.kwargs, "compute": pool}
+        return {**args, "fn_constructor_kwargs": self.kwargs,
+                "compute": ActorPoolStrategy(min_size=lo, max_size=hi, **threads)}
 
 
 def stage_specs(cfg, frame_size: int, cluster_gpus: float = 0.0) -> list[StageSpec]:
@@ -108,13 +98,7 @@ class CommitSink(Datasink):
 
     @property
     def min_rows_per_write(self) -> int:
-        return self.writer.min_rows_per_file
-
-
-def _source_blocks(videos: pa.Table, rows_per_block: int) -> list[pa.Table]:
-    n = videos.num_rows
-    rows_per_block = max(rows_per_block, math.ceil(n / MAX_SOURCE_BLOCKS))
-    return [videos.slice(i, rows_per_block) for i in range(0, n, rows_per_block)] or [videos]
+        return self.writer.output.min_rows_per_file
 
 
 def build(cfg, videos: pa.Table, frame_size: int) -> ray.data.Dataset:
@@ -123,7 +107,8 @@ def build(cfg, videos: pa.Table, frame_size: int) -> ray.data.Dataset:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.enable_operator_progress_bars = cfg.ray.progress_bars
-    ds = ray.data.from_arrow(_source_blocks(videos, cfg.decode.batch_size))
+    step = max(cfg.decode.batch_size, math.ceil(videos.num_rows / MAX_SOURCE_BLOCKS))
+    ds = ray.data.from_arrow([videos.slice(i, step) for i in range(0, videos.num_rows, step)] or [videos])
     for spec in stage_specs(cfg, frame_size, ray.cluster_resources().get("GPU", 0.0)):
         ds = ds.map_batches(spec.fn, **spec.map_args())
     return ds

@@ -1,21 +1,13 @@
-"""One run at a time per output: a lock object with a heartbeat, so two runs never do the same GPU work.
+"""One run at a time per output, so two runs never do the same GPU work.
 
-Committed output needs no lock (chunks are created if absent and never rewritten, see :mod:`pipeline.sink`).
-What the lock still protects: two runs that planned from the same state would process the same videos twice,
-and a run's clean-up of uncommitted files would delete the files of a run still writing them. So a run holds
-``<output.path>/_locks/<name>.json`` (the corpus job: its run id; the nightly job: ``nightly``) from planning
-to its last commit::
-
-    with RunLock.for_output(output_path, name, s3_cfg, stale_after_s=900, run_id=...) as lock:
-        ...            # plan, write
-        lock.check()   # before a commit that depends on the plan: LockLost if another run took the lock over
-
-* Taken with :func:`pipeline.storage.put_if_absent`: of two racing runs exactly one gets it; the other raises
-  :class:`LockHeld` naming the holder (host, pid, run, start, last heartbeat).
-* A heartbeat thread rewrites it every ``stale_after_s / 4`` seconds, only while it is still this run's version.
-* A dead holder's lock is taken over on its version (:func:`pipeline.storage.replace_if`, so of several runs
-  taking over exactly one wins): at once when it ran on this host and its process is gone, else once its
-  heartbeat is older than ``stale_after_s``. Released (deleted, if still ours) at the end.
+Committed output needs no lock (chunks are created if absent and never rewritten, :mod:`pipeline.sink`); but two
+runs planning from the same state would process the same videos, and one run's clean-up of uncommitted files would
+delete those of a run still writing. So a run holds ``<output.path>/_locks/<name>.json`` from planning to its last
+commit (``with RunLock.for_output(...) as lock``; ``lock.check()`` before a commit raises :class:`LockLost` if
+another run took it over). It is created if absent (of racing runs one wins, the others get :class:`LockHeld`
+naming the holder), rewritten by a heartbeat every ``stale_after_s / 4`` while it is still ours, taken over on
+its version (:func:`pipeline.storage.replace_if`: one winner) when its holder is dead (a process gone on this
+host, or a heartbeat older than ``stale_after_s``), and deleted at the end.
 """
 
 from __future__ import annotations
@@ -33,8 +25,6 @@ from pipeline import storage
 
 log = logging.getLogger(__name__)
 
-LOCK_DIR = "_locks"
-
 
 class LockHeld(RuntimeError):
     """Another live run holds the lock."""
@@ -44,14 +34,22 @@ class LockLost(RuntimeError):
     """This run's lock was taken over by another run (this one looked dead to it)."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (also when another user owns it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
+    except PermissionError:
         return True
     return True
+
+
+def describe(holder: dict) -> str:
+    beat = holder.get("heartbeat_at")
+    ago = f"{time.time() - beat:.0f}s ago" if isinstance(beat, (int, float)) else "never"
+    return (f"run {holder.get('run_id') or '?'} on host {holder.get('host', '?')} pid {holder.get('pid', '?')}, "
+            f"started {holder.get('started_at', '?')}, last heartbeat {ago}")
 
 
 class RunLock:
@@ -65,9 +63,9 @@ class RunLock:
         self.took_over: dict | None = None  #: the dead holder this run replaced, if any
         self._started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._version: str | None = None
-        self._lost: str | None = None
+        self._lost: str | None = None  #: who holds it now, once it is no longer ours
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
 
     @classmethod
     def for_output(cls, output_path: str, name: str, s3_cfg=None, stale_after_s: float = 900.0,
@@ -75,7 +73,7 @@ class RunLock:
         """The lock ``<output_path>/_locks/<name>.json`` (``name``: one plain file name, e.g. a run id)."""
         if not name or "/" in name or "\\" in name or set(name) <= {"."}:
             raise ValueError(f"lock name {name!r} must be one file name")
-        return cls(f"{output_path.rstrip('/')}/{LOCK_DIR}/{name}.json", s3_cfg, stale_after_s, run_id)
+        return cls(f"{output_path.rstrip('/')}/_locks/{name}.json", s3_cfg, stale_after_s, run_id)
 
     def _body(self) -> bytes:
         return json.dumps({"token": self.token, "run_id": self.run_id, "host": socket.gethostname(),
@@ -89,7 +87,7 @@ class RunLock:
         try:
             data = json.loads(cur[0])
         except ValueError:
-            data = {}
+            data = None
         return (data if isinstance(data, dict) else {}), cur[1]
 
     def _dead(self, holder: dict) -> str | None:
@@ -100,48 +98,34 @@ class RunLock:
         if time.time() - beat > self.stale_after_s:
             return f"its last heartbeat was {time.time() - beat:.0f}s ago (stale after {self.stale_after_s:g}s)"
         if holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() \
-                and not _pid_alive(pid):
+                and not pid_alive(pid):
             return f"its process {pid} on this host is gone"
         return None
-
-    @staticmethod
-    def describe(holder: dict) -> str:
-        beat = holder.get("heartbeat_at")
-        ago = f"{time.time() - beat:.0f}s ago" if isinstance(beat, (int, float)) else "never"
-        return (f"run {holder.get('run_id') or '?'} on host {holder.get('host', '?')} pid {holder.get('pid', '?')}, "
-                f"started {holder.get('started_at', '?')}, last heartbeat {ago}")
 
     def acquire(self) -> RunLock:
         """Take the lock or raise :class:`LockHeld`; starts the heartbeat."""
         for _ in range(5):
             version = storage.put_if_absent(self.uri, self._body(), self.s3)
-            if version is not None:
-                return self._taken(version)
-            cur = self._holder()
-            if cur is None:
-                continue  # released between our create and our read: try again
-            holder, version = cur
-            if holder.get("token") == self.token:  # our create, retried after its response was lost
-                return self._taken(version)
-            reason = self._dead(holder)
-            if reason is None:
-                raise LockHeld(
-                    f"{self.uri} is held by {self.describe(holder)}: only one run may write this output at a time. "
-                    f"Wait for it to finish; a run that died loses the lock {self.stale_after_s:g}s after its last "
-                    f"heartbeat (output.lock_stale_s), or delete {self.uri} if you are sure it is dead.")
-            new = storage.replace_if(self.uri, self._body(), version, self.s3)
-            if new is not None:
-                log.warning("took over the lock %s from %s: %s", self.uri, self.describe(holder), reason)
-                self.took_over = holder
-                return self._taken(new)
+            cur = None if version else self._holder()
+            if cur and cur[0].get("token") == self.token:  # our create, retried after its response was lost
+                version = cur[1]
+            elif cur:
+                holder, reason = cur[0], self._dead(cur[0])
+                if reason is None:
+                    raise LockHeld(
+                        f"{self.uri} is held by {describe(holder)}: only one run may write this output at a time. "
+                        f"Wait for it to finish; a run that died loses the lock {self.stale_after_s:g}s after its "
+                        f"last heartbeat (output.lock_stale_s), or delete {self.uri} if you are sure it is dead.")
+                version = storage.replace_if(self.uri, self._body(), cur[1], self.s3)
+                if version:
+                    log.warning("took over the lock %s from %s: %s", self.uri, describe(holder), reason)
+                    self.took_over = holder
+            if version:  # else: released or taken over between our create and our read: try again
+                self._version = version
+                self._thread.start()
+                log.info("lock %s taken", self.uri)
+                return self
         raise LockHeld(f"{self.uri}: another run keeps taking this lock; try again")
-
-    def _taken(self, version: str) -> RunLock:
-        self._version = version
-        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
-        self._thread.start()
-        log.info("lock %s taken", self.uri)
-        return self
 
     def _beat(self) -> None:
         while not self._stop.wait(max(self.stale_after_s / 4, 0.05)):
@@ -158,7 +142,7 @@ class RunLock:
 
     def _mark_lost(self) -> None:
         cur = self._holder()
-        self._lost = self.describe(cur[0]) if cur else "nobody (the lock was deleted)"
+        self._lost = describe(cur[0]) if cur else "nobody (the lock was deleted)"
 
     def check(self) -> None:
         """Raise :class:`LockLost` if another run has taken the lock over."""
@@ -173,7 +157,7 @@ class RunLock:
     def release(self) -> None:
         """Stop the heartbeat and delete the lock if it is still ours (raises :class:`LockLost` if not)."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._thread.join(timeout=30)
         if self._lost is None and storage.replace_if(self.uri, None, self._version, self.s3) is not None:
             log.info("lock %s released", self.uri)

@@ -2,12 +2,10 @@
 
 A job file, ``--set`` override or flag that uses an old name still works: :func:`apply_renames` moves the value
 to its new place and logs a warning naming it (``dycoke.holitom_tau is now compression.holitom.tau``).
-``--print-config`` prints the new form.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -21,15 +19,15 @@ _DROP = object()
 _MODEL_STAGES = ("encode", "generate", "fused")
 
 
-def _method_if_disabled(value: Any, old: dict) -> Any:
-    return "none" if not TypeAdapter(bool).validate_python(value) else _DROP
+def _method_if_disabled(value: Any, old: dict, target: str) -> Any:
+    return _DROP if TypeAdapter(bool).validate_python(value) else "none"
 
 
-def _pool_range(value: Any, old: dict, stage: str) -> Any:
-    return [old.get(f"{stage}_actors") or 1, value]
+def _pool_range(value: Any, old: dict, target: str) -> list:
+    return [old.get(f"stages.{target.split('.')[0]}_actors") or 1, value]
 
 
-#: old dotted name -> (new dotted name(s), value conversion(old value, old section) or None). Applied in this order.
+#: old dotted name -> (new dotted names, conversion(old value, every old field, target) or None), applied in order
 RENAMES: dict[str, tuple[tuple[str, ...], Any]] = {
     "dycoke.ttm_method": (("compression.method",), None),
     "dycoke.ttm_enabled": (("compression.method",), _method_if_disabled),  # false -> none
@@ -39,34 +37,18 @@ RENAMES: dict[str, tuple[tuple[str, ...], Any]] = {
     **{f"dycoke.dp_{n}": ((f"compression.dp.{n}",), None) for n in ("enabled", "layer", "prune_ratio", "threshold")},
     **{f"dycoke.holitom_{n}": ((f"compression.holitom.{n}",), None) for n in ("retain_ratio", "tau", "max_window", "k", "beta")},
     "stages.mode": (("mode",), None),
-    **{f"stages.{s}_batch_size": ((f"{s}.batch_size",), None) for s in ("decode", "encode", "generate", "fused")},
+    **{f"stages.{s}_batch_size": ((f"{s}.batch_size",), None) for s in ("decode", *_MODEL_STAGES)},
     "stages.decode_num_cpus": (("decode.num_cpus",), None),
-    "stages.decode_memory_gb": (("decode.memory",), lambda v, old: f"{v}GiB"),
+    "stages.decode_memory_gb": (("decode.memory",), lambda v, old, target: f"{v}GiB"),
     "stages.decode_max_tasks": (("decode.concurrency",), None),
     **{f"stages.{s}_actors": ((f"{s}.concurrency",), None) for s in _MODEL_STAGES},
-    **{f"stages.max_actors@{s}": ((f"{s}.concurrency",), lambda v, old, s=s: _pool_range(v, old, s)) for s in _MODEL_STAGES},
+    "stages.max_actors": (tuple(f"{s}.concurrency" for s in _MODEL_STAGES), _pool_range),
     "stages.gpus_per_actor": (tuple(f"{s}.num_gpus" for s in _MODEL_STAGES), None),
     "stages.actor_num_cpus": (tuple(f"{s}.num_cpus" for s in _MODEL_STAGES), None),
     "stages.engine_max_batch_size": (("generate.engine_max_batch_size", "fused.engine_max_batch_size"), None),
     "stages.actor_concurrency": (("generate.max_concurrent_batches", "fused.max_concurrent_batches"), None),
 }
-#: old dotted name -> every new place it moves to
-NEW_PLACES: dict[str, list[str]] = {}
-for _key, (_targets, _) in RENAMES.items():
-    NEW_PLACES.setdefault(_key.split("@")[0], []).extend(_targets)
-
-
-#: sections of an earlier release that exist no more (their fields all moved)
-LEGACY_SECTIONS = ("dycoke", "stages")
-
-
-def _has(data: dict, dotted: str) -> bool:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        data = data.get(p)
-        if not isinstance(data, dict):
-            return False
-    return leaf in data
+NEW_PLACES: dict[str, tuple[str, ...]] = {old: targets for old, (targets, _) in RENAMES.items()}
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> dict:
@@ -84,7 +66,7 @@ def set_dotted(data: dict, dotted: str, value: Any) -> dict:
 
 
 def leaves(data: dict, prefix: str = ""):
-    """``(dotted name, value)`` of every leaf of a nested dict (an empty dict is a leaf)."""
+    """``(dotted name, value)`` of every leaf of a nested dict (an empty dict is a leaf; keys may be dotted)."""
     for k, v in data.items():
         if isinstance(v, dict) and v:
             yield from leaves(v, f"{prefix}{k}.")
@@ -92,33 +74,33 @@ def leaves(data: dict, prefix: str = ""):
             yield prefix + k, v
 
 
-def apply_renames(data: dict, source: str, moved: dict[str, str] | None = None) -> dict:
-    """``data`` with every field of an earlier release moved to its new place (:data:`RENAMES`), each logged as a
-    warning naming the new place; ``moved`` collects new name -> old name (error messages name both). A field given
+def nested(flat: dict[str, Any]) -> dict:
+    """The nested dict of ``{dotted name: value}``."""
+    out: dict = {}
+    for dotted, value in flat.items():
+        set_dotted(out, dotted, value)
+    return out
+
+
+def apply_renames(data: dict, source: str, moved: dict[str, str] | None = None) -> dict[str, Any]:
+    """``{dotted name: value}`` of ``data``'s leaves, every old name moved to its new place (:data:`RENAMES`) with
+    a warning naming that place; ``moved`` collects new name -> old name (error messages name both). A field given
     under both names in one source is an error."""
-    original, data = data, copy.deepcopy(data)
-    for key, (targets, convert) in RENAMES.items():
-        old_name = key.split("@")[0]
-        section, name = old_name.split(".")
-        old = original.get(section)
-        if not isinstance(old, dict) or name not in old:
+    given = dict(leaves(data))
+    out = {k: v for k, v in given.items() if k not in RENAMES and not (k in ("dycoke", "stages") and v == {})}
+    for old, (targets, convert) in RENAMES.items():
+        if old not in given:
             continue
-        data[section].pop(name, None)
-        if not key.endswith(("@generate", "@fused")):  # once per old name
-            log.warning("%s: %s is now %s (the old name still works in this release)", source, old_name,
-                        " and ".join(NEW_PLACES[old_name]))
-        try:
-            value = convert(old[name], old) if convert else old[name]
-        except ValidationError as exc:
-            raise ConfigurationError(f"invalid configuration ({source}):\n  {old_name}: {exc.errors()[0]['msg']}") from None
+        log.warning("%s: %s is now %s (the old name still works in this release)", source, old, " and ".join(targets))
         for target in targets:
-            if _has(original, target):
-                raise ConfigurationError(f"{source}: {old_name} and {target} are both set; keep only {target}")
+            if target in given:
+                raise ConfigurationError(f"{source}: {old} and {target} are both set; keep only {target}")
+            try:
+                value = convert(given[old], given, target) if convert else given[old]
+            except ValidationError as exc:
+                raise ConfigurationError(f"invalid configuration ({source}):\n  {old}: {exc.errors()[0]['msg']}") from None
             if value is not _DROP:
-                set_dotted(data, target, value)
+                out[target] = value
                 if moved is not None:
-                    moved[target] = old_name
-    for section in LEGACY_SECTIONS:
-        if data.get(section) == {}:
-            del data[section]
-    return data
+                    moved[target] = old
+    return out

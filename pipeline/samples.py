@@ -56,7 +56,7 @@ def make_video(*, num_frames: int = 24, width: int = 64, height: int = 48, fps: 
     return buf.getvalue()
 
 
-def write_samples(folder: str | Path, corrupt: bool = True) -> list[Path]:
+def write_samples(folder: str | Path) -> list[Path]:
     """A handful of short clips of different sizes and rates (plus one truncated on purpose)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,12 +66,7 @@ def write_samples(folder: str | Path, corrupt: bool = True) -> list[Path]:
         "park_15fps.mp4": make_video(num_frames=30, width=128, height=72, fps=15),
         "dance_25fps.mp4": make_video(num_frames=40, width=64, height=96, fps=25),
     }
-    if corrupt:
-        whole = make_video(num_frames=48, width=96, height=64, fps=24)
-        clips["broken_upload.mp4"] = whole[: len(whole) // 3]  # truncated: the demo's error row
-    paths = []
+    clips["broken_upload.mp4"] = clips["street_24fps.mp4"][: len(clips["street_24fps.mp4"]) // 3]  # the error row
     for name, data in clips.items():
-        p = folder / name
-        p.write_bytes(data)
-        paths.append(p)
-    return paths
+        (folder / name).write_bytes(data)
+    return [folder / name for name in clips]

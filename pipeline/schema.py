@@ -2,40 +2,7 @@
 
 One row per (video, task). A video that could not be processed still yields one row per task, with
 ``status="error"``, an ``error_type`` from :data:`ERROR_TYPES` and a human-readable ``error_message``.
-
-Columns:
-
-=====================  ==========================  ===========================================================
-run_id                 string                      the run (names the output folder)
-video_id               string                      manifest value, else ``sha1(video_uri)[:16]``
-video_uri              string                      s3://... or a local path
-video_etag             string, null                S3 ETag (quotes stripped) or ``mtime-size`` for local files
-video_bytes            int64, null                 size of the video file
-duration_s             float64, null               end of the last frame on the stream's own timestamps (from 0)
-num_frames             int32, null                 frames sampled and given to the model (F)
-frame_timestamps_s     list<float64>, null         presentation time of each sampled frame, in [0, duration_s]
-task_id                string                      ``caption``, ``qa:<i>``, ``vq:<i>`` (manifest), ``mcq:<i>`` or MCQ id
-task_type              string                      caption | qa | mcq
-prompt                 string                      the user text given to the model (options included for mcq)
-answer                 string, null                generated text
-choice                 string, null                mcq only: the option letter parsed from the answer (null if none)
-visual_tokens_full     int32, null                 F x T, visual tokens before compression
-visual_tokens_prefill  int32, null                 visual tokens in the prefill (after TTM; the newline is not counted)
-visual_tokens_attended float64, null               mean visual tokens attended per decode step (after DP)
-prompt_tokens          int32, null                 prefill length (text + visual)
-output_tokens          int32, null                 generated tokens
-model_id               string, null                checkpoint id
-compression            string                      method + its exact settings, dp, T: {"method": "dycoke"|"holitom"|"none",
-                                                   "<method>": {...}, "dp": {...}, "tokens_per_frame": T}, compact key-sorted JSON
-timings                struct<fetch_s, decode_s,   seconds. fetch_s, decode_s: this video's. encode_s: the video's
-                       encode_s, prefill_s,        share of its encode batch. prefill_s: the prefill of the engine
-                       generate_s: float64>        batch this task ran in. generate_s: the task's share of its
-                                                   generate call (so sums over rows are stage busy time)
-status                 string                      ok | error
-error_type             string, null                one of ERROR_TYPES
-error_message          string, null
-processed_at           timestamp[us, UTC]          when the row was produced
-=====================  ==========================  ===========================================================
+Each column's meaning is given next to its field below.
 """
 
 from __future__ import annotations
@@ -46,52 +13,42 @@ from typing import Any
 
 import pyarrow as pa
 
-TIMINGS_TYPE = pa.struct(
-    [
-        pa.field("fetch_s", pa.float64()),
-        pa.field("decode_s", pa.float64()),
-        pa.field("encode_s", pa.float64()),
-        pa.field("prefill_s", pa.float64()),
-        pa.field("generate_s", pa.float64()),
-    ]
-)
+#: seconds. fetch_s, decode_s: this video's; encode_s: its share of its encode batch; prefill_s: the prefill of the
+#: engine batch the task ran in; generate_s: the task's share of its generate call (sums over rows are busy time)
+TIMINGS_TYPE = pa.struct([pa.field(n, pa.float64()) for n in ("fetch_s", "decode_s", "encode_s", "prefill_s", "generate_s")])
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("video_id", pa.string(), nullable=False),
-        pa.field("video_uri", pa.string(), nullable=False),
-        pa.field("video_etag", pa.string()),
-        pa.field("video_bytes", pa.int64()),
-        pa.field("duration_s", pa.float64()),
-        pa.field("num_frames", pa.int32()),
-        pa.field("frame_timestamps_s", pa.list_(pa.float64())),
-        pa.field("task_id", pa.string(), nullable=False),
-        pa.field("task_type", pa.string(), nullable=False),
-        pa.field("prompt", pa.string()),
-        pa.field("answer", pa.string()),
-        pa.field("choice", pa.string()),
-        pa.field("visual_tokens_full", pa.int32()),
-        pa.field("visual_tokens_prefill", pa.int32()),
-        pa.field("visual_tokens_attended", pa.float64()),
-        pa.field("prompt_tokens", pa.int32()),
-        pa.field("output_tokens", pa.int32()),
-        pa.field("model_id", pa.string()),
-        pa.field("compression", pa.string()),
-        pa.field("timings", TIMINGS_TYPE),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error_type", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ],
-    metadata={"dycoke_pipeline.schema_version": "1"},
-)
-
-OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),  # the run (names the output folder)
+    pa.field("video_id", pa.string(), nullable=False),  # manifest value, else sha1(video_uri)[:16]
+    pa.field("video_uri", pa.string(), nullable=False),  # s3://... or a local path
+    pa.field("video_etag", pa.string()),  # S3 ETag (quotes stripped) or mtime-size for local files
+    pa.field("video_bytes", pa.int64()),  # size of the video file
+    pa.field("duration_s", pa.float64()),  # end of the last frame on the stream's own timestamps (from 0)
+    pa.field("num_frames", pa.int32()),  # frames sampled and given to the model (F)
+    pa.field("frame_timestamps_s", pa.list_(pa.float64())),  # presentation time of each frame, in [0, duration_s]
+    pa.field("task_id", pa.string(), nullable=False),  # caption, qa:<i>, vq:<i> (manifest), mcq:<i> or an MCQ id
+    pa.field("task_type", pa.string(), nullable=False),  # caption | qa | mcq
+    pa.field("prompt", pa.string()),  # the user text given to the model (options included for mcq)
+    pa.field("answer", pa.string()),  # generated text
+    pa.field("choice", pa.string()),  # mcq only: the option letter parsed from the answer (null if none)
+    pa.field("visual_tokens_full", pa.int32()),  # F x T, visual tokens before compression
+    pa.field("visual_tokens_prefill", pa.int32()),  # visual tokens in the prefill (after TTM; newline not counted)
+    pa.field("visual_tokens_attended", pa.float64()),  # mean visual tokens attended per decode step (after DP)
+    pa.field("prompt_tokens", pa.int32()),  # prefill length (text + visual)
+    pa.field("output_tokens", pa.int32()),  # generated tokens
+    pa.field("model_id", pa.string()),  # checkpoint id
+    # method + its exact settings, dp, T: {"method": "dycoke"|"holitom"|"none", "<method>": {...}, "dp": {...},
+    # "tokens_per_frame": T}, compact key-sorted JSON
+    pa.field("compression", pa.string()),
+    pa.field("timings", TIMINGS_TYPE),
+    pa.field("status", pa.string(), nullable=False),  # ok | error
+    pa.field("error_type", pa.string()),  # one of ERROR_TYPES
+    pa.field("error_message", pa.string()),
+    pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),  # when the row was produced
+], metadata={"dycoke_pipeline.schema_version": "1"})  # fmt: skip
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
-TASK_TYPES = ("caption", "qa", "mcq")
 
 #: error_type values and what they mean.
 ERROR_TYPES = {
@@ -120,55 +77,36 @@ ERROR_TYPES = {
 VIDEO_SCHEMA = pa.schema([
     pa.field("video_id", pa.string()), pa.field("video_uri", pa.string()), pa.field("questions", pa.list_(pa.string())),
 ])  # fmt: skip
-
-_DECODED_EXTRA = [
+DECODED_SCHEMA = pa.schema(list(VIDEO_SCHEMA) + [
     pa.field("video_etag", pa.string()), pa.field("video_bytes", pa.int64()), pa.field("duration_s", pa.float64()),
     pa.field("num_frames", pa.int32()), pa.field("frame_timestamps_s", pa.list_(pa.float64())),
     pa.field("frames", pa.large_binary()), pa.field("frames_shape", pa.list_(pa.int64())),
     pa.field("fetch_s", pa.float64()), pa.field("decode_s", pa.float64()), pa.field("status", pa.string()),
     pa.field("error_type", pa.string()), pa.field("error_message", pa.string()),
-]  # fmt: skip
-DECODED_SCHEMA = pa.schema(list(VIDEO_SCHEMA) + _DECODED_EXTRA)
+])  # fmt: skip
 ENCODED_SCHEMA = pa.schema(
     [f for f in DECODED_SCHEMA if f.name not in ("frames", "frames_shape")]
     + [pa.field("visual", pa.large_binary()), pa.field("visual_tokens_full", pa.int32()),
        pa.field("visual_tokens_prefill", pa.int32()), pa.field("encode_s", pa.float64()), pa.field("model_id", pa.string())]
 )  # fmt: skip
 
-
-def utc_now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
-
-
-def timings(fetch_s=None, decode_s=None, encode_s=None, prefill_s=None, generate_s=None) -> dict:
-    return {"fetch_s": fetch_s, "decode_s": decode_s, "encode_s": encode_s, "prefill_s": prefill_s, "generate_s": generate_s}
+#: the columns an output row copies from its video row
+_FROM_VIDEO = ("video_id", "video_uri", "video_etag", "video_bytes", "duration_s", "num_frames", "frame_timestamps_s",
+               "visual_tokens_full", "visual_tokens_prefill", "model_id", "status", "error_type", "error_message")
 
 
 def output_row(video: Mapping[str, Any], task: Any, *, run_id: str, compression: str, **values: Any) -> dict:
     """One output row for ``video`` (a decoded/encoded video row) and ``task`` (a :class:`pipeline.tasks.Task`).
 
-    ``values`` sets the generation columns (answer, choice, prompt_tokens, ...); status defaults to ok
-    unless the video row is an error row.
-    """
-    row = {name: None for name in OUTPUT_COLUMNS}
-    for name in ("video_id", "video_uri", "video_etag", "video_bytes", "duration_s", "num_frames",
-                 "frame_timestamps_s", "visual_tokens_full", "visual_tokens_prefill", "model_id",
-                 "status", "error_type", "error_message"):  # fmt: skip
-        if name in video:
-            row[name] = _plain(video[name])
-    row.update(
-        run_id=run_id,
-        task_id=task.task_id,
-        task_type=task.task_type,
-        prompt=task.prompt,
-        compression=compression,
-        timings=timings(video.get("fetch_s"), video.get("decode_s"), video.get("encode_s")),
-        processed_at=utc_now(),
-    )
-    row["status"] = row["status"] or STATUS_OK
-    t = values.pop("timings", None)
-    if t:
-        row["timings"].update({k: v for k, v in t.items() if v is not None})
+    ``values`` sets the generation columns (answer, choice, prompt_tokens, ...; ``timings`` is merged into the
+    video's timings); status defaults to ok unless the video row is an error row."""
+    row = dict.fromkeys(OUTPUT_SCHEMA.names)
+    # numpy scalars/arrays -> Python values (pyarrow accepts both, but lists of numpy floats are slow)
+    row.update({k: v.tolist() if hasattr(v, "tolist") else v for k, v in video.items() if k in _FROM_VIDEO})
+    timings = dict.fromkeys(TIMINGS_TYPE.names) | {n: video.get(n) for n in ("fetch_s", "decode_s", "encode_s")}
+    timings.update({k: v for k, v in (values.pop("timings", None) or {}).items() if v is not None})
+    row.update(run_id=run_id, task_id=task.task_id, task_type=task.task_type, prompt=task.prompt, timings=timings,
+               compression=compression, processed_at=_dt.datetime.now(_dt.timezone.utc), status=row["status"] or STATUS_OK)
     row.update(values)
     if row["status"] == STATUS_OK:
         row["error_type"] = row["error_message"] = None
@@ -182,21 +120,12 @@ def error_output_row(video: Mapping[str, Any], task: Any, *, run_id: str, compre
                       error_type=error_type, error_message=error_message)
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars/arrays -> Python values (pyarrow accepts both, but lists of numpy floats are slow)."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
-
-
 def rows_to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
     """Rows (dicts) -> a table with exactly ``schema`` (missing keys are null, extra keys are an error)."""
     rows = list(rows)
-    names = set(schema.names)
-    for r in rows:
-        extra = set(r) - names
-        if extra:
-            raise ValueError(f"row has columns outside the schema: {sorted(extra)}")
+    extra = set().union(*rows) - set(schema.names)
+    if extra:
+        raise ValueError(f"row has columns outside the schema: {sorted(extra)}")
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -213,14 +142,11 @@ class StageInputError(ValueError):
 def require_columns(batch, columns: Sequence[str], stage: str) -> None:
     """Raise :class:`StageInputError` naming ``stage`` and the missing columns when ``batch`` (a table, a dict of
     columns or a list of row dicts; an empty list passes) lacks any of ``columns``."""
-    if isinstance(batch, pa.Table):
-        names = batch.column_names
-    elif isinstance(batch, Mapping):
-        names = list(batch)
-    elif batch:
-        names = list(batch[0])
-    else:
-        return
+    if isinstance(batch, list):
+        if not batch:
+            return
+        batch = batch[0]
+    names = batch.column_names if isinstance(batch, pa.Table) else list(batch)
     missing = [c for c in columns if c not in names]
     if missing:
         raise StageInputError(f"{stage}: input batch lacks column(s) {', '.join(missing)} (it has: {', '.join(names)}); "

@@ -5,18 +5,15 @@ Layout of a run folder (``<output.path>/<run_id>/`` for a corpus run, ``date=...
     part-<attempt:03d>-<task:05d>-<nonce>-<i>.parquet     rows (OUTPUT_SCHEMA, one per video x task)
     _commits/<attempt:03d>-<task:05d>.json                 the chunk's manifest: its files and row counts
 
-* **Write** (:class:`ChunkWriter`, one call per Ray Data write task): the task's rows go to new files (a random
-  ``nonce`` in their names, so no file is ever written twice), then the manifest is created if absent
-  (:func:`pipeline.storage.put_if_absent`). A retried write task finds its manifest already there: its own new
-  files are deleted and the first commit stands, so a block is committed exactly once.
-* **State**: a run's rows are the files named by its manifests (:func:`committed`). Files no manifest names
-  (a task killed before its commit) are never read, and :func:`plan_resume` deletes them.
-* **Versions**: a video's rows are those of the newest attempt that committed rows of it. A resumed run
-  (attempt + 1) re-processes only videos without a complete committed version (and, with
-  ``output.retry_error_types``, those whose version holds a transient error): its rows supersede the older
-  ones. Nothing rewrites or deletes a committed file.
-* **Read**: :func:`read_committed` is the one reader, for a run folder or a nightly root (whose run folders
-  count only once their run manifest ``_manifest.json`` exists, see :mod:`pipeline.incremental`).
+* **Write** (:class:`ChunkWriter`, once per Ray Data write task): rows go to new files (a random nonce in their
+  names), then the manifest is created if absent. A retried write task finds its manifest there: its own files
+  are deleted and the first commit stands, so a block is committed exactly once.
+* **State**: a run's rows are the files its manifests name (:func:`committed`); :func:`plan_resume` deletes the
+  others (a task killed before its commit). Nothing rewrites or deletes a committed file.
+* **Versions**: a video's rows are those of the newest attempt that committed rows of it; a resumed run
+  (attempt + 1) redoes only videos without a complete committed version.
+* **Read**: :func:`read_committed`, for a run folder or a nightly root (whose run folders count only once their
+  run manifest ``_manifest.json`` exists, see :mod:`pipeline.incremental`).
 """
 
 from __future__ import annotations
@@ -56,50 +53,38 @@ def chunk_name(attempt: int, task_index: int) -> str:
 
 def attempt_of(name: str) -> int | None:
     """The attempt of a data file or manifest name (``part-<attempt>-...`` / ``<attempt>-<task>.json``)."""
-    base = name.rsplit("/", 1)[-1].removeprefix(FILE_PREFIX + "-")
-    head = base.split("-", 1)[0]
+    head = name.rsplit("/", 1)[-1].removeprefix(FILE_PREFIX + "-").split("-", 1)[0]
     return int(head) if head.isdigit() else None
-
-
-# ------------------------------------------------------------------------------------------------ writing
 
 
 @dataclass
 class ChunkWriter:
-    """Writes and commits one chunk per write task into the run folder ``folder`` (a URI). Picklable."""
+    """Writes and commits one chunk per write task into the run folder ``folder`` (a URI), with the file settings of
+    ``output`` (:class:`pipeline.config.OutputConfig`: rows per file and row group, compression). Picklable."""
 
     folder: str
     attempt: int
+    output: object
     s3: object = None  #: pipeline.config.S3Config
-    max_rows_per_file: int = 200_000
-    min_rows_per_file: int = 1  #: rows Ray Data gathers per write task
-    row_group_rows: int = 10_000
-    compression: str | None = "zstd"
-
-    @classmethod
-    def for_run(cls, folder: str, attempt: int, output_cfg, s3_cfg) -> ChunkWriter:
-        return cls(folder, attempt, s3_cfg, output_cfg.max_rows_per_file, output_cfg.min_rows_per_file,
-                   output_cfg.row_group_rows, None if output_cfg.compression == "none" else output_cfg.compression)
 
     def write(self, tables: Iterable[pa.Table], task_index: int) -> dict | None:
-        """Write the rows of one write task as new files, then commit them; returns the committed manifest
-        (None for no rows). Row order and columns are kept; the table is cast to OUTPUT_SCHEMA."""
+        """Write the rows of one write task (cast to OUTPUT_SCHEMA, order kept) as new files, then commit them;
+        returns the committed manifest, None for no rows."""
         import pyarrow.parquet as pq
 
-        tables = [t for t in tables if t.num_rows]
+        tables = [t.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for t in tables if t.num_rows]
         if not tables:
             return None
-        table = pa.concat_tables([t.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for t in tables])
+        table = pa.concat_tables(tables)
         loc = storage.resolve(self.folder, self.s3)
         if loc.local:
             loc.filesystem.create_dir(loc.path, recursive=True)  # S3 has no folders to make
-        name, nonce = chunk_name(self.attempt, task_index), uuid.uuid4().hex[:8]
-        files = []
-        for i, start in enumerate(range(0, table.num_rows, self.max_rows_per_file)):
-            part = table.slice(start, self.max_rows_per_file)
-            fname = f"{FILE_PREFIX}-{name}-{nonce}-{i}.parquet"
-            pq.write_table(part, loc.child(fname).path, filesystem=loc.filesystem,
-                           row_group_size=self.row_group_rows, compression=self.compression)
+        name, nonce, files = chunk_name(self.attempt, task_index), uuid.uuid4().hex[:8], []
+        step, compression = self.output.max_rows_per_file, self.output.compression
+        for i, start in enumerate(range(0, table.num_rows, step)):
+            part, fname = table.slice(start, step), f"{FILE_PREFIX}-{name}-{nonce}-{i}.parquet"
+            pq.write_table(part, loc.child(fname).path, filesystem=loc.filesystem, row_group_size=self.output.row_group_rows,
+                           compression=None if compression == "none" else compression)
             files.append({"name": fname, "rows": part.num_rows})
         manifest = {"chunk": name, "attempt": self.attempt, "files": files, "rows": table.num_rows,
                     "videos": len(table.column("video_id").unique()),
@@ -108,16 +93,11 @@ class ChunkWriter:
         if storage.put_if_absent(commit_uri, json.dumps(manifest).encode(), self.s3):
             return manifest
         first = storage.read_json(commit_uri, self.s3)
-        if first["files"] == files:  # our own PUT, retried after its response was lost
-            return first
-        # a retry of this write task after its first try had committed: that commit stands, these files go
-        log.warning("chunk %s of %s was already committed (a retried write task); dropping the retry's files",
-                    name, loc.uri)
-        storage.delete(loc, [f["name"] for f in files])
+        if first["files"] != files:  # not our own PUT retried after a lost response: a retried write task
+            log.warning("chunk %s of %s was already committed (a retried write task); dropping the retry's files",
+                        name, loc.uri)
+            storage.delete(loc, [f["name"] for f in files])
         return first
-
-
-# ------------------------------------------------------------------------------------------------ committed state
 
 
 @dataclass
@@ -125,28 +105,24 @@ class Committed:
     """What a run folder (or a nightly root) holds: committed chunks, and every file found."""
 
     loc: storage.Location
-    chunks: list[tuple[str, dict]] = field(default_factory=list)  #: (folder relative to loc, "" or a run, manifest)
+    chunks: list[tuple[str, dict]] = field(default_factory=list)  #: (folder relative to loc: "" or a run, manifest)
     files: list[str] = field(default_factory=list)  #: every object below loc, relative ("x/" for an empty folder)
     run_manifests: dict[str, dict] = field(default_factory=dict)  #: run folder -> its run manifest
 
     def file_paths(self) -> list[tuple[tuple[str, int], str]]:
         """``((folder, attempt), relative path)`` of every committed data file, in commit order."""
-        out = []
-        for folder, m in self.chunks:
-            for f in m["files"]:
-                out.append(((folder, m["attempt"]), f"{folder}/{f['name']}" if folder else f["name"]))
-        return sorted(out)
+        return sorted(((folder, m["attempt"]), f"{folder}/{f['name']}" if folder else f["name"])
+                      for folder, m in self.chunks for f in m["files"])
 
 
 def committed(loc: storage.Location, s3_cfg=None, chunks: bool = True) -> Committed:
     """The committed chunks below ``loc``: those directly in it (a run folder), and those of run folders below
     it that hold a run manifest (a nightly root). One listing; manifests read once (chunk manifests only with
-    ``chunks``: the nightly's planning needs the run manifests alone)."""
-    state = Committed(loc)
+    ``chunks``)."""
     prefix = loc.uri.rstrip("/") + "/"
-    state.files = sorted(e.uri[len(prefix):] for e in storage.list_objects(prefix, s3_cfg, folders=True))
+    state = Committed(loc, files=sorted(e.uri[len(prefix):] for e in storage.list_objects(prefix, s3_cfg, folders=True)))
     for rel in state.files:
-        if rel == RUN_MANIFEST or rel.endswith("/" + RUN_MANIFEST):
+        if rel.rsplit("/", 1)[-1] == RUN_MANIFEST:
             state.run_manifests[rel[: -len(RUN_MANIFEST)].rstrip("/")] = storage.read_json(prefix + rel, s3_cfg)
     for rel in state.files if chunks else []:
         parts = rel.split("/")
@@ -177,12 +153,10 @@ def read_committed(uri, columns: list[str] | None = None, *, latest: bool = True
     import pyarrow.parquet as pq
 
     loc = uri if isinstance(uri, storage.Location) else storage.resolve(uri, s3_cfg)
-    state = state or committed(loc, s3_cfg)
+    paths = (state or committed(loc, s3_cfg)).file_paths()
     cols = None if columns is None else list(dict.fromkeys([*columns, *(["video_id"] if latest else [])]))
-    paths = state.file_paths()
     if not paths:
-        empty = OUTPUT_SCHEMA.empty_table()
-        return empty if columns is None else empty.select(columns)
+        return OUTPUT_SCHEMA.empty_table().select(columns or OUTPUT_SCHEMA.names)
     rank = {key: i for i, key in enumerate(sorted({key for key, _ in paths}))}
     tables = []
     for key, rel in paths:
@@ -195,9 +169,6 @@ def read_committed(uri, columns: list[str] | None = None, *, latest: bool = True
         table = table.filter(pc.equal(table.column("_version"), pc.take(newest.column("_version_max"), idx)))
     table = table.drop_columns(["_version"])
     return table if columns is None else table.select(columns)
-
-
-# ------------------------------------------------------------------------------------------------ resume
 
 
 @dataclass
@@ -222,43 +193,41 @@ def plan_resume(loc: storage.Location, videos: pa.Table, expected: Sequence[Iter
                 retry_error_types: Iterable[str] = (), s3_cfg=None) -> ResumePlan:
     """Delete what is not committed in the run folder ``loc``; return the videos of ``videos`` still to do.
 
-    ``expected[i]``: the task ids of ``videos`` row ``i`` (see ``pipeline.run.expected_task_ids``). A listed
+    ``expected[i]``: the task ids of ``videos`` row ``i`` (:func:`pipeline.tasks.expected_task_ids`). A listed
     video is done when its newest committed version has its ``video_uri`` and exactly the expected task ids once
     each, none with an error type in ``retry_error_types``. Call it holding the run's lock (no writer running)."""
     state = committed(loc, s3_cfg)
     named = {rel for _, rel in state.file_paths()} | {f"{COMMITS}/{m['chunk']}.json" for _, m in state.chunks}
     stray = [rel for rel in state.files if rel not in named and not rel.endswith("/")
-             and (rel.startswith(FILE_PREFIX + "-") or rel.startswith(COMMITS + "/"))]
+             and rel.startswith((FILE_PREFIX + "-", COMMITS + "/"))]
     for rel in stray:
         log.warning("deleting %s/%s: not committed (a write that did not finish)", loc.uri, rel)
     storage.delete(loc, stray)
 
-    keys = read_committed(loc, _KEY_COLUMNS, state=state)
     ids = videos.column("video_id").to_pylist()
     uris = dict(zip(ids, videos.column("video_uri").to_pylist()))
     want = {vid: Counter(tasks) for vid, tasks in zip(ids, expected)}
     have: dict[str, Counter] = {}
-    bad: set[str] = set()
-    retry, transient, unlisted = set(retry_error_types), set(), set()
+    redo, unlisted, retry, transient = set(), set(), set(retry_error_types), set()
+    keys = read_committed(loc, _KEY_COLUMNS, state=state)
     for vid, uri, task, err in zip(*(keys.column(c).to_pylist() for c in _KEY_COLUMNS)):
         if vid not in want:
             unlisted.add(vid)
             continue
         have.setdefault(vid, Counter())[task] += 1
         if uri != uris[vid]:
-            bad.add(vid)
+            redo.add(vid)
         if err in retry:
             transient.add(vid)
-    done = {vid for vid, got in have.items() if vid not in bad and vid not in transient and got == want[vid]}
+    redo |= transient
+    done = {vid for vid, got in have.items() if vid not in redo and got == want[vid]}
     attempts = [a for a in map(attempt_of, state.files) if a is not None]
-    plan = ResumePlan(
-        todo=videos.filter(pa.array([vid not in done for vid in ids], pa.bool_())), total=videos.num_rows,
-        done=len(done), attempt=1 + max(attempts) if attempts else 0, chunks=len(state.chunks), removed=stray,
-        unlisted_videos=len(unlisted), retried=len(transient & set(have)))
-    if plan.unlisted_videos:
+    if unlisted:
         log.warning("%s holds rows of %d videos that are not in this run's input; they are kept "
-                    "(output.on_existing=overwrite clears the folder)", loc.uri, plan.unlisted_videos)
-    return plan
+                    "(output.on_existing=overwrite clears the folder)", loc.uri, len(unlisted))
+    return ResumePlan(todo=videos.filter(pa.array([vid not in done for vid in ids], pa.bool_())),
+                      total=videos.num_rows, done=len(done), attempt=max(attempts, default=-1) + 1,
+                      chunks=len(state.chunks), removed=stray, unlisted_videos=len(unlisted), retried=len(transient))
 
 
 def clear(loc: storage.Location) -> None:

@@ -27,8 +27,7 @@ class Task:
 
 def mcq_prompt(question: str, options: Sequence[str], instruction: str) -> str:
     """The LLaVA-OneVision evaluation format: question, one ``A. option`` line per option, instruction."""
-    lines = [question.strip()]
-    lines += [f"{LETTERS[i]}. {opt.strip()}" for i, opt in enumerate(options)]
+    lines = [question.strip()] + [f"{LETTERS[i]}. {opt.strip()}" for i, opt in enumerate(options)]
     if instruction:
         lines.append(instruction.strip())
     return "\n".join(lines)
@@ -36,16 +35,11 @@ def mcq_prompt(question: str, options: Sequence[str], instruction: str) -> str:
 
 def global_tasks(tasks_cfg) -> list[Task]:
     """The tasks every video gets (caption, standard questions, MCQs), in a stable order."""
-    out: list[Task] = []
-    if tasks_cfg.caption_prompt:
-        out.append(Task("caption", "caption", tasks_cfg.caption_prompt, tasks_cfg.max_new_tokens))
-    for i, q in enumerate(tasks_cfg.questions):
-        out.append(Task(f"qa:{i}", "qa", q, tasks_cfg.max_new_tokens))
-    for i, m in enumerate(tasks_cfg.mcq):
-        out.append(
-            Task(m.id or f"mcq:{i}", "mcq", mcq_prompt(m.question, m.options, tasks_cfg.mcq_instruction),
-                 tasks_cfg.mcq_max_new_tokens, tuple(m.options))
-        )
+    t = tasks_cfg
+    out = [Task("caption", "caption", t.caption_prompt, t.max_new_tokens)] if t.caption_prompt else []
+    out += [Task(f"qa:{i}", "qa", q, t.max_new_tokens) for i, q in enumerate(t.questions)]
+    out += [Task(m.id or f"mcq:{i}", "mcq", mcq_prompt(m.question, m.options, t.mcq_instruction),
+                 t.mcq_max_new_tokens, tuple(m.options)) for i, m in enumerate(t.mcq)]
     return out
 
 
@@ -53,9 +47,8 @@ def video_tasks(tasks_cfg, questions: Sequence[str] | None) -> list[Task]:
     """All tasks of one video: the global ones, then its manifest questions (``vq:<i>``)."""
     out = global_tasks(tasks_cfg)
     if tasks_cfg.use_manifest_questions and questions is not None:
-        for i, q in enumerate(questions):
-            if q is not None and str(q).strip():
-                out.append(Task(f"vq:{i}", "qa", str(q), tasks_cfg.max_new_tokens))
+        out += [Task(f"vq:{i}", "qa", str(q), tasks_cfg.max_new_tokens)
+                for i, q in enumerate(questions) if q is not None and str(q).strip()]
     return out
 
 
@@ -77,8 +70,7 @@ def parse_choice(text: str | None, options: Sequence[str]) -> str | None:
     """
     if not text:
         return None
-    n = len(options)
-    valid = set(LETTERS[:n])
+    valid = set(LETTERS[: len(options)])
     stripped = text.strip()
     for pattern in _PATTERNS:
         m = pattern.search(stripped)
@@ -86,15 +78,12 @@ def parse_choice(text: str | None, options: Sequence[str]) -> str | None:
             return m.group(1)
     lowered = stripped.lower().rstrip(".")
     matches = [i for i, opt in enumerate(options) if opt.strip() and opt.strip().lower() in lowered]
-    if len(matches) == 1:
-        return LETTERS[matches[0]]
-    return None
+    return LETTERS[matches[0]] if len(matches) == 1 else None
 
 
 def row_tasks(tasks_cfg, questions: Sequence[str] | None) -> list[Task]:
-    """The tasks whose rows one video gets, in the driver (what a complete video holds) and in the stages (what
-    they write): :func:`video_tasks`, or the single :data:`NO_TASK` (an error row) when no task applies."""
-    questions = None if questions is None else [str(q) for q in questions]
+    """The tasks whose rows one video gets, for the driver and the stages alike: :func:`video_tasks`, or the single
+    :data:`NO_TASK` (an error row) when no task applies."""
     return video_tasks(tasks_cfg, questions) or [NO_TASK]
 
 

@@ -57,7 +57,7 @@ def test_missing_input(tmp_path):
 
 
 def test_other_validation(tmp_path):
-    with pytest.raises(ConfigurationError, match="input.s3_prefix.*must start with s3://"):
+    with pytest.raises(ConfigurationError, match=r"input.s3_prefix: String should match pattern '\^s3://' \(got 'bucket/p'\)"):
         load_config(data={**BASE, "input": {"s3_prefix": "bucket/p"}})
     with pytest.raises(ConfigurationError, match=r"compression\.dycoke\.k: Input should be less than 1"):
         load_config(data={**BASE, "compression": {"dycoke": {"k": 1.5}}})

@@ -1,4 +1,4 @@
-"""The run report (pipeline/report.py): its figures from rows alone (no Ray), and the report a real tiny CPU run
+"""The run report (pipeline/report.py, facts from pipeline/summary.py): its figures from rows alone (no Ray), and the report a real tiny CPU run
 writes next to its output (plus: the model's frame size is not read before the resume check)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from pipeline import report, sink, storage
 from pipeline.config import load_config
 from pipeline.schema import rows_to_table
-from pipeline.summary import SUMMARY_COLUMNS, summarize
+from pipeline.summary import SUMMARY_COLUMNS, error_examples, summarize
 from tests.pipeline.test_pipeline_sink_summary import _rows
 
 
@@ -31,7 +31,7 @@ def test_report_figures_from_rows(tmp_path):
     assert per_s.sum() * (x[1] - x[0]) == pytest.approx(4)  # every decoded row counted once, as a rate
     fallback = report.throughput(timeline.slice(0, 0), table, bins=4)  # no Ray statistics: the rows' own times
     assert set(fallback) == {"videos written"}
-    errors = report.error_examples(table)
+    errors = error_examples(table)
     assert errors == [{"error_type": "not_found", "videos": 1, "rows": 2, "examples": [("b.mp4", "gone")]}]
 
     summary = summarize(table, run_id="r", output_uri=str(tmp_path), wall_s=2.0, files=1)

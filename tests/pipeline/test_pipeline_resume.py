@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import sink, storage
-from pipeline.config import S3Config, TasksConfig, load_config
+from pipeline.config import OutputConfig, S3Config, TasksConfig, load_config
 from pipeline.schema import VIDEO_SCHEMA, output_row, rows_to_table
 from pipeline.tasks import Task
 
@@ -48,7 +48,7 @@ def _both(*vids: str) -> list[tuple[str, str]]:
 
 
 def _commit(target: storage.Location, attempt: int, task: int, table: pa.Table) -> dict:
-    return sink.ChunkWriter(target.uri, attempt).write([table], task)
+    return sink.ChunkWriter(target.uri, attempt, OutputConfig(path=target.uri)).write([table], task)
 
 
 def _keys(target: storage.Location) -> Counter:
@@ -90,7 +90,7 @@ def test_plan_keeps_committed_videos_removes_uncommitted_files_rewrites_nothing(
     _commit(target, 0, 0, _rows(_both("a", "b")))                        # complete
     _commit(target, 0, 1, _rows(_both("c") + [("d", "caption")]))        # d: one of its two rows
     # a write task killed before its commit: a whole file and a truncated one, no manifest
-    orphan = sink.ChunkWriter(target.uri, 0).write([_rows([("d", "qa:0"), ("f", "caption")])], 2)
+    orphan = sink.ChunkWriter(target.uri, 0, OutputConfig(path=target.uri)).write([_rows([("d", "qa:0"), ("f", "caption")])], 2)
     (folder / sink.COMMITS / "000-00002.json").unlink()
     cut = folder / orphan["files"][0]["name"]
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])

@@ -8,7 +8,7 @@ import os
 import pyarrow.parquet as pq
 
 from pipeline import sink, stages, storage
-from pipeline.config import S3Config
+from pipeline.config import OutputConfig, S3Config
 from pipeline.schema import OUTPUT_SCHEMA, output_row, rows_to_table
 from pipeline.summary import SUMMARY_COLUMNS, summarize
 from pipeline.tasks import Task
@@ -40,7 +40,8 @@ def test_locations_and_one_relative_path_rule(tmp_path):
 
 
 def _commit(folder, attempt: int, task: int, table, max_rows: int = 100) -> dict:
-    return sink.ChunkWriter(str(folder), attempt, max_rows_per_file=max_rows).write([table], task)
+    output = OutputConfig(path=str(folder), min_rows_per_file=1, max_rows_per_file=max_rows)
+    return sink.ChunkWriter(str(folder), attempt, output).write([table], task)
 
 
 def test_chunks_are_visible_only_once_committed(tmp_path):
