@@ -207,12 +207,17 @@ def run_cpu(args, clips: dict[str, Path]) -> list[dict]:
 
 
 def _nvdec_session(data: bytes, index, indices, size: int, stop: float, done: list[int], k: int) -> None:
-    """One NVDEC session: decode the clip again and again until ``stop``; count videos in ``done[k]``."""
+    """One NVDEC session on its own CUDA stream (as in a model actor): decode the clip again and again until
+    ``stop``; count videos in ``done[k]``."""
+    import torch
+
     from pipeline import nvdec
 
-    while time.perf_counter() < stop:
-        nvdec.nvdec_frames_gpu(io.BytesIO(data), index, indices, size)
-        done[k] += 1
+    with torch.cuda.stream(torch.cuda.Stream()):
+        while time.perf_counter() < stop:
+            nvdec.nvdec_frames(io.BytesIO(data), index, indices, size)
+            torch.cuda.current_stream().synchronize()
+            done[k] += 1
 
 
 def run_gpu(args, clips: dict[str, Path]) -> list[dict]:
@@ -229,7 +234,7 @@ def run_gpu(args, clips: dict[str, Path]) -> list[dict]:
         indices = sample_indices(index.n, args.frames)
         ref = pyav_sequential_frames(io.BytesIO(data), index, indices, args.size)
         got, used = decode_frames(io.BytesIO(data), index, indices, args.size, backends=("nvdec",))
-        diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+        diff = np.abs(got.cpu().numpy().astype(np.int16) - ref.astype(np.int16))
         print(f"{spec}: NVDEC vs PyAV reference: mean diff {diff.mean():.2f}, p99 {np.percentile(diff, 99):.0f}, "
               f"max {diff.max()}", file=sys.stderr)
         decoded_per_video = int(indices.max()) + 1

@@ -4,27 +4,18 @@ Contract::
 
     frames, backend = decode_frames(source, index, indices, size, backends=("pyav", "decord"), num_threads=1)
 
-* ``source``: a path or a seekable binary file object; ``index``: its :class:`pipeline.media.VideoIndex`
-  (the frame numbering every backend shares: frame ``i`` is the ``i``-th in presentation order);
-  ``indices``: ``int [F]`` frame numbers (repeats allowed); ``size``: the square side frames are resized to.
-* Returns ``uint8 [F, size, size, 3]`` RGB, upright (a display-matrix rotation is applied), and the name
-  of the backend that decoded them.
-* Backends are tried in order, per video: one that cannot OPEN the file (no decoder for its codec, cannot
-  measure it, counts a different number of frames than the container holds) hands over to the next. A
-  failure while reading frames of a file a backend did open is the file's fault: ``corrupt_video``, no
-  fallback. When no backend can open it: ``unsupported_codec`` if none has a decoder for the codec, else
-  ``corrupt_video`` with the reasons.
+* ``index``: the source's :class:`pipeline.media.VideoIndex` (frame ``i`` is the ``i``-th in presentation order);
+  ``indices``: ``int [F]`` frame numbers (repeats allowed). Returns ``uint8 [F, size, size, 3]`` RGB, upright
+  (numpy, or a CUDA tensor from ``nvdec``), and the backend's name.
+* Backends are tried in order, per video: one that cannot OPEN the file (no decoder for the codec, a frame count
+  other than the container's) hands over to the next; a failure while reading is the file's (``corrupt_video``).
+  None can open it: ``unsupported_codec`` if none has a decoder for the codec, else ``corrupt_video``.
 
-Backends:
-
-* ``decord``: ``VideoReader(width, height).get_batch`` (the design's named decoder). It decodes forward
-  within a GOP and seeks only across keyframes.
-* ``pyav``: PyAV (FFmpeg). For each group of targets it seeks to the keyframe at or before the group's first
-  target, decodes forward and converts only the targets; for H.264 / HEVC the decoder skips non-reference
-  frames that are not targets (``skip_frame = NONREF``, lifted for each target's own packet), which is
-  exact because no other frame depends on a non-reference frame. Frames are identified by their pts, not
-  counted, so skipped frames cannot shift the numbering. ``pyav_sequential`` decodes every frame from the
-  start (the reference the tests compare with).
+``decord``: ``VideoReader.get_batch`` (the design's named decoder). ``pyav``: per group of targets, seek to the
+keyframe before it and decode forward, converting only the targets; for H.264 / HEVC non-reference frames that are
+not targets are skipped (``skip_frame = NONREF``, lifted for each target's packet: exact, since no frame depends on
+them). Frames are identified by pts, so skipped frames cannot shift the numbering. ``pyav_sequential`` decodes every
+frame from the start (the tests' reference).
 """
 
 from __future__ import annotations

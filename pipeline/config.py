@@ -39,7 +39,7 @@ from pipeline.sections import (  # noqa: F401 - the sections are part of this mo
 #: Decode fields that change how decoding runs, not its rows (every backend gives the same frames), and the
 #: stage's resources: left out of the default run_id, so changing them resumes the same run.
 OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation", "backend",
-                             "batch_size", "concurrency", "num_cpus", "num_gpus", "memory")
+                             "where", "actor_threads", "batch_size", "concurrency", "num_cpus", "num_gpus", "memory")
 #: Error types retried when a run is resumed (``output.retry_error_types``): they may not recur.
 TRANSIENT_ERROR_TYPES = ("fetch_failed", "decode_timeout", "decoder_crashed", "encode_failed", "generate_failed",
                          "internal")
@@ -136,6 +136,13 @@ class DecodeConfig(StageConfig):
     isolation: Literal["process", "none"] = Field(
         "process", description="process: each video in a decoder subprocess, so a hang or crash is an error row "
         "(decode_timeout, decoder_crashed). none: in the task's process, unprotected.")
+    where: Literal["auto", "stage", "actor"] = Field(
+        "auto", description="Where frames are decoded. stage: the decode stage ships frames. actor: the decode stage "
+        "fetches the bytes (and checks the container), the model actor (fused, or encode) decodes them: NVDEC where backend "
+        "allows it, else its CPUs. auto: actor when the model stage has GPUs and backend is nvdec, or auto with "
+        "PyNvVideoCodec installed; else stage.")
+    actor_threads: int = Field(4, ge=1, le=64, description="Videos a model actor decodes at once with where: actor "
+                               "(one NVDEC session each; an H100/H200 has 7 NVDEC engines).")
 
 
 class S3Config(Section):

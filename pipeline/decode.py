@@ -1,34 +1,41 @@
-"""Decode stage (CPU): fetch a video (:mod:`pipeline.fetch`), decode its sampled frames
-(:func:`pipeline.frames.decode_video`), emit one row per video. Plain callable; Ray-free.
+"""The decode stage (CPU tasks) and decoding inside a model actor. Plain callables; Ray-free.
 
 Contract::
 
-    DecodeStage(decode_cfg, s3_cfg=None)(batch) -> pyarrow.Table      # DECODED_SCHEMA, one row per input row
+    DecodeStage(decode_cfg, s3_cfg=None)(batch) -> pyarrow.Table     # one row per input row
+    ActorDecoder(decode_cfg, frame_size)(rows) -> rows                # in a model actor, on the stage's rows
 
-``decode_cfg`` is the :class:`pipeline.config.DecodeConfig` as it is (with ``frame_size`` set: the run fills it
-from the model), ``s3_cfg`` the :class:`pipeline.config.S3Config` (None: defaults). Every failure becomes an
-error row (``status="error"``, an ``error_type`` from :data:`pipeline.schema.ERROR_TYPES`) and the batch
-carries on.
+``decode_cfg``: the :class:`pipeline.config.DecodeConfig` (the stage needs ``frame_size``: the run fills it from
+the model). Every failure becomes an error row (``status="error"``, an ``error_type`` from
+:data:`pipeline.schema.ERROR_TYPES`) and the batch carries on.
 
-Isolation (``decode.isolation``, default ``process``): each video is fetched and decoded in a worker process of
-a `pebble <https://pypi.org/project/Pebble/>`_ ``ProcessPool`` (one worker, one pool per process, reused by
-every batch and stage this process runs), scheduled with ``timeout=decode.timeout_s``:
+Where decoding runs (``decode.where``; :func:`place` resolves ``auto`` once, on the driver):
 
-* no answer within ``timeout_s`` (fetch + decode, counted from when the worker takes the video): pebble kills
-  the worker and the row is ``decode_timeout`` (the message names the URI and ``decode.timeout_s=<v> exceeded``);
-* the worker dies (segfault, abort, exit): ``decoder_crashed`` naming the signal or exit code;
-* the pool starts a fresh worker for the next video; other rows are unaffected.
+* ``stage``: the stage fetches and decodes each video and ships its frames (:data:`pipeline.schema.DECODED_SCHEMA`).
+* ``actor``: the stage fetches the bytes and checks the container (:func:`pipeline.frames.plan`: not a video, no
+  video stream, too few frames are error rows there) and ships the bytes (:data:`FETCHED_SCHEMA`); the model actor
+  (fused, or encode) decodes them with :class:`ActorDecoder`, ``decode.actor_threads`` videos at once: NVDEC (one
+  session per thread, frames stay on the GPU) when ``decode.backend`` is auto or nvdec and the actor can use it;
+  a video NVDEC fails on goes to the CPU backends, isolated as in the stage, whose result is the row. Videos larger
+  than ``decode.in_memory_bytes`` are decoded by the stage.
+* ``auto``: ``actor`` when the model stage reserves GPUs and the backend is nvdec, or auto with PyNvVideoCodec
+  installed (the driver's image is every node's); else ``stage``: CPU-only runs are unchanged. Both give the same rows.
 
-The worker never outlives this process: it is started with ``spawn`` (no copy of a threaded Ray worker), asks
-the kernel for ``SIGKILL`` when its parent dies (``PR_SET_PDEATHSIG``, Linux), takes ``SIGTERM`` with the
-default action (a decoder hung in C code holding the GIL still dies at once), and the pool is stopped and joined
-at exit. ``none`` decodes in the calling process, unprotected (in-process mocks such as moto's ``mock_aws``).
+Isolation (``decode.isolation: process``, default): CPU decoding runs in the one worker of this process's `pebble
+<https://pypi.org/project/Pebble/>`_ ``ProcessPool`` with ``timeout=decode.timeout_s``: no answer in time kills it
+(``decode_timeout``, naming the URI and ``decode.timeout_s=<v> exceeded``), a worker that dies is
+``decoder_crashed`` (naming the signal or exit code); the next video gets a fresh worker. Workers are spawned, get
+``SIGKILL`` when their parent dies (``PR_SET_PDEATHSIG``) and default ``SIGTERM`` handling, and stop at exit.
+``none``: in the calling process, unprotected (for in-process mocks such as moto's ``mock_aws``).
 """
 
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
+import importlib.util
+import io
 import logging
 import multiprocessing
 import os
@@ -41,50 +48,91 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.fetch import Fetched, fetch
-from pipeline.frames import decode_video
+from pipeline.fetch import fetch
+from pipeline.frames import Decoded, decode_video, plan
 from pipeline.media import VideoError
 from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK, require_columns
 
-__all__ = ["DecodeStage", "close_pool", "decode_batch", "decode_row", "frames_from_row", "stage_kwargs"]
+__all__ = ["FETCHED_SCHEMA", "ActorDecoder", "DecodeStage", "close_pool", "decode_batch", "decode_row",
+           "frames_from_row", "place", "rows_of", "stage_kwargs"]
 
 log = logging.getLogger(__name__)
 
+#: The decode stage's rows with ``decode.where: actor``: the video's bytes instead of frames.
+FETCHED_SCHEMA = DECODED_SCHEMA.append(pa.field("data", pa.large_binary()))
 
-# ------------------------------------------------------------------------------------------------ one video
+
+def place(cfg):
+    """``cfg`` with ``decode.where: auto`` resolved (see the module docstring); the graph calls it once."""
+    d = cfg.decode
+    if d.where != "auto":
+        return cfg
+    model = cfg.fused if cfg.resolved_mode == "fused" else cfg.encode
+    nvdec = d.backend == "nvdec" or (d.backend == "auto" and importlib.util.find_spec("PyNvVideoCodec") is not None)
+    if model.num_gpus > 0 and nvdec:
+        return cfg.model_copy(update={"decode": d.model_copy(update={"where": "actor"})})
+    return cfg  # decoded in the stage: every part reads an unresolved auto as stage
+
+
+def _error(exc: Exception, video_id) -> dict:
+    if isinstance(exc, VideoError):
+        log.warning("video %s: %s: %s", video_id, exc.error_type, exc.message)
+        return {"status": STATUS_ERROR, "error_type": exc.error_type, "error_message": exc.message}
+    log.error("video %s: unexpected decode failure", video_id, exc_info=exc)
+    return {"status": STATUS_ERROR, "error_type": "internal", "error_message": f"{type(exc).__name__}: {exc}"}
+
+
+def _decoded(dec: Decoded, host: bool) -> dict:
+    """The row fields of decoded frames: raw bytes + shape (``host``, to ship) or the array / tensor itself."""
+    frames = dec.frames
+    if host and not isinstance(frames, np.ndarray):
+        frames = frames.cpu().numpy()
+    return {"frames": frames.tobytes() if host else frames, "frames_shape": list(frames.shape),
+            "num_frames": int(frames.shape[0]), "frame_timestamps_s": dec.timestamps, "duration_s": dec.duration_s,
+            "status": STATUS_OK}
+
+
+def _request(row: Mapping[str, Any]) -> dict:
+    questions = row.get("questions")
+    return {"video_id": row["video_id"], "video_uri": row["video_uri"],
+            "questions": None if questions is None else [str(q) for q in questions]}
 
 
 def decode_row(row: Mapping[str, Any], cfg, s3_cfg=None, decoder: Callable = decode_video) -> dict:
-    """Fetch and decode one video in this process; always returns a row (an error row for any failure).
+    """Fetch and decode (or, with ``where: actor``, fetch and check) one video in this process; always a row.
 
     ``decoder`` has :func:`pipeline.frames.decode_video`'s signature (a test hook: a decoder that really crashes
     or hangs; deliberately not a config field, so a configuration file cannot choose code to run)."""
-    uri = row["video_uri"]
-    out: dict[str, Any] = {"video_id": row["video_id"], "video_uri": uri, "questions": _list(row.get("questions"))}
+    out = _request(row)
     t0 = time.perf_counter()
-    fetched: Fetched | None = None
+    fetched = None
     try:
-        fetched = fetch(uri, cfg, s3_cfg, etag=row.get("video_etag"))
-        out.update(video_bytes=fetched.size, video_etag=fetched.etag)
-        t1 = time.perf_counter()
-        out["fetch_s"] = t1 - t0
-        dec = decoder(fetched.source(), cfg, uri, fetched.head())
-        out.update(
-            frames=dec.frames.tobytes(), frames_shape=list(dec.frames.shape), num_frames=int(dec.frames.shape[0]),
-            frame_timestamps_s=dec.timestamps, duration_s=dec.duration_s, decode_s=time.perf_counter() - t1,
-            status=STATUS_OK,
-        )
-    except VideoError as exc:
-        out.update(status=STATUS_ERROR, error_type=exc.error_type, error_message=exc.message)
-        log.warning("video %s: %s: %s", row["video_id"], exc.error_type, exc.message)
-    except Exception as exc:  # noqa: BLE001 - any other failure must still become a row
-        out.update(status=STATUS_ERROR, error_type="internal", error_message=f"{type(exc).__name__}: {exc}")
-        log.exception("video %s: unexpected decode failure", row["video_id"])
+        fetched = fetch(row["video_uri"], cfg, s3_cfg, etag=row.get("video_etag"))
+        out.update(video_bytes=fetched.size, video_etag=fetched.etag, fetch_s=time.perf_counter() - t0)
+        if cfg.where == "actor" and fetched.data is not None:
+            plan(fetched.source(), cfg, row["video_uri"], fetched.head())  # decoded by the model actor
+            out.update(data=fetched.data, status=STATUS_OK)
+        else:
+            t1 = time.perf_counter()
+            out.update(_decoded(decoder(fetched.source(), cfg, row["video_uri"], fetched.head()), host=True),
+                       decode_s=time.perf_counter() - t1)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+        out.update(_error(exc, row["video_id"]))
     finally:
         if fetched is not None:
             fetched.cleanup()
     out.setdefault("fetch_s", time.perf_counter() - t0)
     return out
+
+
+def _decode_bytes(data: bytes, cfg, uri: str, video_id, decoder: Callable = decode_video) -> dict:
+    """Decode fetched bytes (in an actor's decoder process, or in the actor); always returns row fields."""
+    t0 = time.perf_counter()
+    try:
+        return {**_decoded(decoder(io.BytesIO(data), cfg, uri, data[:4096]), host=False),
+                "decode_s": time.perf_counter() - t0}
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+        return _error(exc, video_id)
 
 
 # ------------------------------------------------------------------------------------------------ isolation
@@ -96,12 +144,9 @@ _POOL_LOCK = threading.Lock()
 
 def _worker_init(parent: int) -> None:
     """In each pool worker: die with the parent, die at once on SIGTERM, keep decoder chatter quiet."""
-    try:
-        import ctypes
+    import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError) as exc:
-        log.debug("PR_SET_PDEATHSIG unavailable: %s", exc)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -110,12 +155,10 @@ def _worker_init(parent: int) -> None:
 
 def _quiet_decord() -> None:
     """ffmpeg's own messages for broken files go quiet; each failure is reported in its row instead."""
-    try:
+    with contextlib.suppress(ImportError):  # decord is only the fallback backend
         import decord
-    except ImportError:  # decord is only the fallback backend; without it there is nothing to quiet
-        log.debug("decord is not installed")
-        return
-    decord.logging.set_level(decord.logging.QUIET)
+
+        decord.logging.set_level(decord.logging.QUIET)
 
 
 def _pool():
@@ -143,78 +186,57 @@ def close_pool() -> None:
 atexit.register(close_pool)
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "no exit status"
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
-def decode_isolated(row: Mapping[str, Any], cfg, s3_cfg=None, decoder: Callable = decode_video) -> dict:
-    """:func:`decode_row` in the pool's worker, with the timeout and crash handling of the module docstring."""
+def isolated(fn: Callable, args: tuple, video_id, uri: str, timeout_s: float) -> dict:
+    """``fn(*args)`` (row fields) in the pool's worker; a timeout or a crash becomes error fields (module docstring)."""
     from pebble import ProcessExpired
 
-    request = {"video_id": row["video_id"], "video_uri": row["video_uri"], "questions": _list(row.get("questions")),
-               "video_etag": row.get("video_etag")}
-    uri = request["video_uri"]
     t0 = time.monotonic()
     try:
-        return _pool().schedule(decode_row, args=(request, cfg, s3_cfg, decoder), timeout=cfg.timeout_s).result()
+        return _pool().schedule(fn, args=args, timeout=timeout_s).result()
     except concurrent.futures.TimeoutError:
-        elapsed = time.monotonic() - t0
-        log.warning("video %s: decode_timeout after %.1fs; decoder process killed", request["video_id"], elapsed)
-        return _error_row(request, "decode_timeout", f"{uri}: fetch + decode did not finish in {elapsed:.1f}s "
-                          f"(decode.timeout_s={cfg.timeout_s:g} exceeded); decoder process killed", elapsed)
+        error_type, message = "decode_timeout", (f"{uri}: did not finish in {time.monotonic() - t0:.1f}s (decode."
+                                                 f"timeout_s={timeout_s:g} exceeded); decoder process killed")
     except ProcessExpired as exc:
-        elapsed = time.monotonic() - t0
-        how = _describe_exit(exc.exitcode)
-        log.warning("video %s: decoder_crashed (%s) after %.1fs", request["video_id"], how, elapsed)
-        return _error_row(request, "decoder_crashed", f"{uri}: the decoder process died ({how}) on this video; "
-                          "a new one is started for the next video", elapsed)
+        code = exc.exitcode or 0
+        how = f"exit code {code}" if code >= 0 else signal.Signals(-code).name if -code in signal.valid_signals() \
+            else f"signal {-code}"
+        error_type, message = "decoder_crashed", (f"{uri}: the decoder process died ({how}) on this video; a new one "
+                                                  "is started for the next video")
     except Exception as exc:  # noqa: BLE001 - the pool broke (a worker that cannot start) or a row that cannot be sent
         close_pool()
-        log.exception("video %s: decoder pool failure", request["video_id"])
-        return _error_row(request, "decoder_crashed", f"{uri}: the decoder process failed: {type(exc).__name__}: {exc}",
-                          time.monotonic() - t0)
-
-
-def _error_row(request: dict, error_type: str, message: str, elapsed: float) -> dict:
-    out = {k: v for k, v in request.items() if k != "video_etag"}
-    return {**out, "status": STATUS_ERROR, "error_type": error_type, "error_message": message, "fetch_s": elapsed}
+        log.exception("video %s: decoder pool failure", video_id)
+        error_type, message = "decoder_crashed", f"{uri}: the decoder process failed: {type(exc).__name__}: {exc}"
+    log.warning("video %s: %s after %.1fs", video_id, error_type, time.monotonic() - t0)
+    return {"status": STATUS_ERROR, "error_type": error_type, "error_message": message, "fetch_s": time.monotonic() - t0}
 
 
 # ------------------------------------------------------------------------------------------------ stage
 
 
 class DecodeStage:
-    """``video rows -> decoded rows`` (one out per one in); see the module docstring.
-
-    Input columns: ``video_id, video_uri, questions`` (and ``video_etag`` when the listing had it). Output:
-    :data:`pipeline.schema.DECODED_SCHEMA` (frames as raw bytes + ``frames_shape``, timestamps, sizes, timings,
-    status and errors)."""
+    """``video rows`` (``video_id, video_uri, questions``, ``video_etag`` when listed) ``-> decoded rows``, one per
+    row: :data:`pipeline.schema.DECODED_SCHEMA` (frames as bytes + ``frames_shape``), or :data:`FETCHED_SCHEMA`."""
 
     input_columns = ("video_id", "video_uri", "questions")
-    output_columns = tuple(DECODED_SCHEMA.names)
 
     def __init__(self, decode, s3=None, decoder: Callable = decode_video):
         if not decode.frame_size:
             raise ValueError("DecodeStage needs decode.frame_size (the run fills it from the model's preprocessor config)")
         self.cfg, self.s3, self.decoder = decode, s3, decoder
+        self.schema = FETCHED_SCHEMA if decode.where == "actor" else DECODED_SCHEMA
         if decode.isolation == "none":
             _quiet_decord()
 
     def decode_one(self, row: Mapping[str, Any]) -> dict:
         """Fetch and decode one video; always returns a row (an error row for any failure)."""
-        if self.cfg.isolation == "process":
-            return decode_isolated(row, self.cfg, self.s3, self.decoder)
-        return decode_row(row, self.cfg, self.s3, self.decoder)
+        if self.cfg.isolation == "none":
+            return decode_row(row, self.cfg, self.s3, self.decoder)
+        request = {**_request(row), "video_etag": row.get("video_etag")}
+        return {**_request(row), **isolated(decode_row, (request, self.cfg, self.s3, self.decoder), row["video_id"],
+                                            row["video_uri"], self.cfg.timeout_s)}
 
     def __call__(self, batch) -> pa.Table:
-        return pa.Table.from_pylist([self.decode_one(r) for r in rows_of(batch)], schema=DECODED_SCHEMA)
+        return pa.Table.from_pylist([self.decode_one(r) for r in rows_of(batch)], schema=self.schema)
 
 
 def stage_kwargs(cfg, frame_size: int) -> dict:
@@ -228,13 +250,62 @@ def decode_batch(batch: pa.Table, decode, s3=None, decoder: Callable = decode_vi
     return DecodeStage(decode, s3, decoder)(batch)
 
 
-# ------------------------------------------------------------------------------------------------ rows
+# ------------------------------------------------------------------------------------------------ in an actor
+
+
+class ActorDecoder:
+    """Decodes, in a model actor, the rows the stage only fetched (``data`` set; other rows pass): ``frames`` as an
+    array (CPU) or a CUDA tensor (NVDEC), ``uint8 [F, S, S, 3]``, and the stage's other fields or error fields.
+    ``frame_size``: the model's, when ``decode.frame_size`` is unset."""
+
+    def __init__(self, decode, frame_size: int, decoder: Callable = decode_video):
+        from pipeline import nvdec
+
+        self.cfg = decode.model_copy(update={"frame_size": int(decode.frame_size or frame_size)})
+        self.decoder = decoder
+        self.gpu = decode.backend in ("auto", "nvdec") and nvdec.available()
+        if decode.backend == "nvdec" and not self.gpu:
+            log.warning("decode.backend is nvdec but NVDEC is not usable here (PyNvVideoCodec or a CUDA GPU missing): "
+                        "this actor decodes on its CPUs")
+        self.cpu_cfg = self.cfg.model_copy(update={"backend": "auto"}) if decode.backend == "nvdec" else self.cfg
+        self.threads = concurrent.futures.ThreadPoolExecutor(decode.actor_threads, thread_name_prefix="decode")
+        if decode.isolation == "none":
+            _quiet_decord()
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        return list(self.threads.map(self.decode_one, rows))
+
+    def _nvdec(self, data: bytes, uri: str) -> Decoded:
+        import torch
+
+        stream = torch.cuda.Stream()  # one per video: its kernels overlap the engine's and other sessions'
+        with torch.cuda.stream(stream):
+            dec = decode_video(io.BytesIO(data), self.cfg, uri, data[:4096], backends=("nvdec",))
+        stream.synchronize()
+        return dec
+
+    def decode_one(self, row: dict) -> dict:
+        if row.get("status") != STATUS_OK or row.get("data") is None:
+            return row
+        out = {k: v for k, v in row.items() if k != "data"}
+        data, uri = bytes(row["data"]), row["video_uri"]
+        if self.gpu:
+            t0 = time.perf_counter()
+            try:
+                return {**out, **_decoded(self._nvdec(data, uri), host=False), "decode_s": time.perf_counter() - t0}
+            except Exception as exc:  # noqa: BLE001 - the CPU backends decide this video
+                log.info("video %s: NVDEC did not decode it (%s); decoding it on the CPU", row["video_id"], exc)
+        args = (data, self.cpu_cfg, uri, row["video_id"], self.decoder)
+        if self.cfg.isolation == "none":
+            return {**out, **_decode_bytes(*args)}
+        fields = isolated(_decode_bytes, args, row["video_id"], uri, self.cfg.timeout_s)
+        fields.pop("fetch_s", None)
+        return {**out, **fields}
 
 
 def rows_of(batch) -> list[dict]:
-    """The rows of a batch as dicts; binary columns (frames, visual tokens) of a ``pyarrow.Table`` come as
-    zero-copy ``pyarrow.Buffer`` slices of the table instead of per-row ``bytes`` copies (a 32-video batch
-    holds ~450 MB of frames: copying it would hold the GIL while the engine thread wants to launch work)."""
+    """The rows of a batch as dicts; binary columns of a ``pyarrow.Table`` as zero-copy ``pyarrow.Buffer`` slices
+    (copying a batch's ~450 MB of frames would hold the GIL while the engine thread wants to launch work)."""
     if isinstance(batch, pa.Table):
         return _table_rows(batch)
     if isinstance(batch, Mapping):
@@ -242,8 +313,6 @@ def rows_of(batch) -> list[dict]:
         n = len(batch[keys[0]]) if keys else 0
         return [{k: batch[k][i] for k in keys} for i in range(n)]
     return list(batch)
-
-
 
 
 def _table_rows(batch: pa.Table) -> list[dict]:
@@ -262,13 +331,10 @@ def _table_rows(batch: pa.Table) -> list[dict]:
     return rows
 
 
-def _list(value) -> list | None:
-    if value is None:
-        return None
-    return [str(v) for v in list(value)]
-
-
-def frames_from_row(row: Mapping[str, Any]) -> np.ndarray:
-    """The ``[F, S, S, 3]`` uint8 frames of a decoded row (a view on its bytes)."""
-    shape = tuple(int(s) for s in row["frames_shape"])
-    return np.frombuffer(row["frames"], dtype=np.uint8).reshape(shape)
+def frames_from_row(row: Mapping[str, Any]):
+    """The ``[F, S, S, 3]`` uint8 frames of a decoded row: a view on its bytes, or the array / tensor an
+    :class:`ActorDecoder` put there."""
+    frames = row["frames"]
+    if isinstance(frames, (bytes, bytearray, memoryview, pa.Buffer)):
+        return np.frombuffer(frames, dtype=np.uint8).reshape(tuple(int(s) for s in row["frames_shape"]))
+    return frames

@@ -3,29 +3,24 @@
 Contract::
 
     decoded = decode_video(source, cfg, uri="<bytes>", head=b"")    # raises VideoError
+    index, indices = plan(source, cfg, uri, head)                   # the same without the pixels
 
-* ``source``: a path or a seekable binary file object (what :meth:`pipeline.fetch.Fetched.source` gives);
-  ``cfg``: a :class:`pipeline.config.DecodeConfig` whose ``frame_size`` is set (the run fills it from the
-  model); ``head``: the file's first bytes, for the cheap "is this media at all" checks.
-* Returns :class:`Decoded`: ``frames`` ``uint8 [F, S, S, 3]`` (F = ``cfg.num_frames``, S = ``cfg.frame_size``),
-  the sampled frames' presentation times (s, from 0), the duration and the stream's frame count.
+* ``source``: a path or a seekable binary file; ``cfg``: a :class:`pipeline.config.DecodeConfig` with ``frame_size``
+  set; ``head``: the file's first bytes, for the cheap "is this media at all" checks.
+* :class:`Decoded`: ``frames`` ``uint8 [F, S, S, 3]`` (F = ``cfg.num_frames``, S = ``cfg.frame_size``; numpy, or a
+  CUDA tensor from NVDEC), the sampled frames' presentation times (s, from 0), the duration and the frame count.
 
-Per video: :func:`pipeline.media.probe` reads the container's packets (no decoding) and gives the frame
-count, every frame's presentation time and the duration, so metadata is the stream's own whatever backend
-makes the pixels; :func:`pipeline.backends.decode_frames` then decodes the sampled frames with
-``cfg.backend`` (``auto``: PyAV, and decord for a file PyAV cannot open).
-
-Sampling (``cfg.sampling``):
-
-* ``uniform`` (default, exact): frame indices ``linspace(0, n-1, F)`` truncated to int, as the reference.
-* ``keyframe`` (APPROXIMATE, cheap): each uniform target snaps to its nearest keyframe, and only
-  keyframes are decoded (one seek + one intra frame each). With fewer keyframes than F, frames repeat.
+Metadata always comes from the container (:func:`pipeline.media.probe`), pixels from
+:func:`pipeline.backends.decode_frames` with ``cfg.backend``. Sampling (``cfg.sampling``): ``uniform`` (exact,
+default): frames ``linspace(0, n-1, F)`` truncated to int, as the reference; ``keyframe`` (APPROXIMATE, cheap): each
+uniform target snaps to its nearest keyframe and only keyframes are decoded (repeats when there are fewer than F).
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +28,7 @@ from pipeline.backends import BACKENDS, decode_frames
 from pipeline.media import VideoError, VideoIndex, probe
 
 __all__ = ["Decoded", "VideoError", "backend_order", "decode_video", "keyframe_indices", "looks_like_media",
-           "looks_like_text", "sample_indices"]
+           "looks_like_text", "plan", "sample_indices"]
 
 _SIGNATURES = (
     (4, b"ftyp"),  # MP4 / MOV / 3GP
@@ -86,7 +81,7 @@ def backend_order(backend: str) -> tuple[str, ...]:
 
 @dataclass
 class Decoded:
-    frames: np.ndarray  # [F, S, S, 3] uint8
+    frames: Any  # uint8 [F, S, S, 3]: numpy, or a CUDA tensor from NVDEC
     timestamps: list[float]
     duration_s: float | None
     total_frames: int
@@ -105,26 +100,32 @@ def _probe(source, uri: str, head: bytes) -> VideoIndex:
         raise
 
 
-def decode_video(source, cfg, uri: str = "<bytes>", head: bytes = b"") -> Decoded:
-    """Probe, sample and read frames (see the module docstring); raises :class:`VideoError`."""
-    if not cfg.frame_size:
-        raise ValueError("decode.frame_size is not set: the run fills it from the model's preprocessor config")
+def plan(source, cfg, uri: str = "<bytes>", head: bytes = b"") -> tuple[VideoIndex, np.ndarray]:
+    """The video's frame index and the frame numbers to decode (probe and sampling, no pixels); raises
+    :class:`VideoError`."""
     if not head and isinstance(source, io.BytesIO):
         head = source.getvalue()[:4096]
     index = _probe(source, uri, head)
-    n = index.n
-    if n < max(1, cfg.min_frames):
-        raise VideoError("too_few_frames", f"{uri}: {n} frames, decode.min_frames={cfg.min_frames}")
-    targets = sample_indices(n, cfg.num_frames)
-    indices = keyframe_indices(targets, index.keyframes) if cfg.sampling == "keyframe" else targets
+    if index.n < max(1, cfg.min_frames):
+        raise VideoError("too_few_frames", f"{uri}: {index.n} frames, decode.min_frames={cfg.min_frames}")
+    targets = sample_indices(index.n, cfg.num_frames)
+    return index, keyframe_indices(targets, index.keyframes) if cfg.sampling == "keyframe" else targets
+
+
+def decode_video(source, cfg, uri: str = "<bytes>", head: bytes = b"", backends=None) -> Decoded:
+    """Probe, sample and read frames (see the module docstring); raises :class:`VideoError`. ``backends``: the
+    order to try (default :func:`backend_order` of ``cfg.backend``)."""
+    if not cfg.frame_size:
+        raise ValueError("decode.frame_size is not set: the run fills it from the model's preprocessor config")
+    index, indices = plan(source, cfg, uri, head)
     try:
         frames, _backend = decode_frames(source, index, indices, int(cfg.frame_size), uri,
-                                         backends=backend_order(cfg.backend), num_threads=cfg.num_threads)
+                                         backends=backends or backend_order(cfg.backend), num_threads=cfg.num_threads)
     except VideoError as exc:
         if not exc.message.startswith(uri):
             exc = VideoError(exc.error_type, f"{uri}: {exc.message}")
         raise exc from None
-    if frames.shape[0] != cfg.num_frames or frames.dtype != np.uint8:
-        raise VideoError("decode_failed", f"{uri}: decoder returned {frames.shape} {frames.dtype}")
+    if frames.shape[0] != cfg.num_frames:
+        raise VideoError("decode_failed", f"{uri}: decoder returned {tuple(frames.shape)}")
     timestamps = [round(float(s), 6) for s in index.timestamps_s[indices]]
-    return Decoded(frames=np.ascontiguousarray(frames), timestamps=timestamps, duration_s=index.duration_s, total_frames=n)
+    return Decoded(frames=frames, timestamps=timestamps, duration_s=index.duration_s, total_frames=index.n)

@@ -4,24 +4,15 @@ Contract::
 
     probe(source, uri) -> VideoIndex       # raises VideoError with a specific error_type
 
-``source`` is a path or a seekable binary file object. The probe picks the video stream (an attached
-picture, i.e. an audio file's cover art, is not a video stream), demuxes its packets (no decoding: about
-a millisecond per thousand packets) and builds the frame index every decoder backend shares:
+``source``: a path or a seekable binary file. The probe picks the first real video stream (not an audio file's cover
+art) and demuxes its packets (about a millisecond per thousand) into the frame index every backend shares:
+``n`` frames, one per packet with data, in presentation order (decord's count too, so ``linspace(0, n-1, F)`` picks
+the same frames everywhere); their ``pts`` (sorted ticks; dts or ``index / rate`` where missing); ``timestamps_s``
+from 0 whatever the stream's start; ``duration_s``, the end of the last frame on the same clock (never
+``frames / fps``; the container's figure is only logged when it disagrees); the keyframes; the colour matrix.
 
-* ``n`` frames: one per video packet carrying data, in presentation order (the same count decord's index
-  gives, so ``linspace(0, n-1, F)`` picks the same frames on every backend);
-* ``pts``: each frame's presentation time in stream ``time_base`` units, sorted (``int64 [n]``); packets
-  without a pts fall back to their dts, and a stream with neither gets ``index / frame rate``;
-* ``timestamps_s``: ``(pts - pts[0]) * time_base``, so the first frame is at 0 whatever the stream's start
-  time (an MPEG-TS capture starting at 1.4 s, an MP4 with an edit list);
-* ``duration_s``: the end of the last frame (its pts + its duration) on the same clock: the stream's real
-  timestamps, never ``frames / average fps`` (wrong for variable frame rate). The container's declared
-  duration is only a cross-check (logged when they disagree); every timestamp lies in ``[0, duration_s]``;
-* ``keyframes``: the indices of keyframes (where a decoder can start).
-
-Errors: no video stream (``no_video_stream``, also for audio with cover art), a codec FFmpeg does not know
-(``unsupported_codec``), no frame at all (``too_few_frames``, "0 frames"), an MP4/MOV whose sample table promises
-more frames than the bytes hold (``corrupt_video``: a truncated upload).
+Errors: no video stream (``no_video_stream``), a codec FFmpeg does not know (``unsupported_codec``), no frame
+(``too_few_frames``), an MP4/MOV whose sample table lists more frames than the bytes hold (``corrupt_video``).
 """
 
 from __future__ import annotations
@@ -72,16 +63,14 @@ class VideoIndex:
 
     codec: str
     stream_index: int  # which stream of the container (``container.streams[i]``)
-    width: int
-    height: int
-    time_base: Fraction
-    pts: np.ndarray  # int64 [n], presentation order
+    pts: np.ndarray  # int64 [n], presentation order, in the stream's time base
     keyframes: np.ndarray  # int64 [k], indices into pts
     timestamps_s: np.ndarray  # float64 [n], from 0
     duration_s: float
-    container_duration_s: float | None
     fps: float
     pts_exact: bool = True  # every packet had a pts (else part of ``pts`` comes from dts or is estimated)
+    colorspace: int = 2  # FFmpeg's AVColorSpace of the stream (1 BT.709, 5/6 BT.601, 2 unspecified, ...)
+    full_range: bool = False  # YUV in full (JPEG) range, else limited (MPEG) range
 
     @property
     def n(self) -> int:
@@ -148,19 +137,12 @@ def _index(container, stream, uri: str) -> VideoIndex:
     if codec is None:
         raise VideoError("unsupported_codec", f"{uri}: unsupported codec: FFmpeg does not know this video stream's codec")
     tb = stream.time_base or Fraction(1, 90_000)
-    pts, dts, durs, keys = [], [], [], []
+    packets = []  # (pts, dts, duration, keyframe) of each packet with data (size 0: the end-of-stream marker)
     try:
-        for packet in container.demux(stream):
-            if packet.size == 0:  # the demuxer's end-of-stream marker
-                continue
-            pts.append(packet.pts)
-            dts.append(packet.dts)
-            durs.append(packet.duration or 0)
-            keys.append(packet.is_keyframe)
+        packets += [(p.pts, p.dts, p.duration or 0, p.is_keyframe) for p in container.demux(stream) if p.size]
     except av.error.FFmpegError as exc:  # a damaged container: what was read before it is not trusted either
-        if not pts:
-            raise VideoError("corrupt_video", f"{uri}: cannot read packets: {clean_message(str(exc))}") from exc
-        raise VideoError("corrupt_video", f"{uri}: damaged after {len(pts)} packets: {clean_message(str(exc))}") from exc
+        raise VideoError("corrupt_video", f"{uri}: cannot read all packets: {clean_message(str(exc))}") from exc
+    pts, dts, durs, keys = zip(*packets) if packets else ((), (), (), ())
     n = len(pts)
     if n == 0:
         raise VideoError("too_few_frames", f"{uri}: 0 frames (the video track has no samples)")
@@ -172,23 +154,19 @@ def _index(container, stream, uri: str) -> VideoIndex:
             raise VideoError("corrupt_video", f"{uri}: truncated: the index lists {declared} frames, the file holds {n}")
         log.info("%s: the header says %d frames, the stream holds %d packets; using the packets", uri, declared, n)
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    fps = float(rate) if rate else 0.0
-    step = max(1, round(1 / (float(rate) * tb))) if rate else max(1, round(1 / (25 * tb)))  # one frame, in ticks
+    step = max(1, round(1 / (float(rate or 25) * tb)))  # one frame, in ticks
     ticks, order = _presentation_order(pts, dts, step)
-    exact = all(p is not None for p in pts)
     keyframes = np.flatnonzero(np.asarray(keys, dtype=bool)[order])
-    if keyframes.size == 0:
-        keyframes = np.zeros(1, dtype=np.int64)
-    last_len = int(durs[int(order[-1])]) or step
     rel = ticks - ticks[0]
-    duration = float((int(rel[-1]) + last_len) * tb)
-    container_s = float(container.duration) / 1e6 if container.duration else None
-    if container_s is not None and abs(container_s - duration) > max(1.0, 0.05 * duration):
+    duration = float((int(rel[-1]) + (int(durs[int(order[-1])]) or step)) * tb)
+    container_s = float(container.duration) / 1e6 if container.duration else duration
+    if abs(container_s - duration) > max(1.0, 0.05 * duration):
         log.info("%s: container says %.3fs, the stream's timestamps %.3fs; using the timestamps", uri, container_s, duration)
     return VideoIndex(
-        codec=codec, stream_index=int(stream.index), width=int(ctx.width or 0), height=int(ctx.height or 0), time_base=tb, pts=ticks,
-        keyframes=keyframes.astype(np.int64), timestamps_s=rel.astype(np.float64) * float(tb), duration_s=duration,
-        container_duration_s=container_s, fps=fps, pts_exact=exact,
+        codec=codec, stream_index=int(stream.index), pts=ticks, timestamps_s=rel.astype(np.float64) * float(tb),
+        keyframes=keyframes.astype(np.int64) if keyframes.size else np.zeros(1, dtype=np.int64), duration_s=duration,
+        fps=float(rate or 0.0), pts_exact=all(p is not None for p in pts), colorspace=int(ctx.colorspace or 2),
+        full_range=int(ctx.color_range or 0) == 2 or str(ctx.pix_fmt or "").startswith("yuvj"),
     )  # fmt: skip
 
 

@@ -1,44 +1,40 @@
-"""NVDEC decoding (NVIDIA GPUs) through PyNvVideoCodec's core decoder, as a backend of :mod:`pipeline.backends`.
+"""NVDEC decoding (NVIDIA GPUs) through PyNvVideoCodec's core decoder, a backend of :mod:`pipeline.backends`.
 
 Contract::
 
-    frames = nvdec_frames_gpu(source, index, indices, size, device=0)   # torch uint8 [F, size, size, 3] on the GPU
-    frames = nvdec_frames(source, index, indices, size)                 # the same as numpy (a decode_frames backend)
+    frames = nvdec_frames(source, index, indices, size)   # torch uint8 [F, size, size, 3] on the current CUDA device
+    rgb = yuv_to_rgb(y, u, v, size, colorspace, full_range)   # any device; what every NVDEC frame goes through
 
-* Packets come from PyAV (the same stream and frame numbering as every backend: :class:`pipeline.media.VideoIndex`);
-  H.264 / HEVC packets are converted to Annex B by FFmpeg's bitstream filter, then fed to ``CreateDecoder`` with
-  their pts. Decoded frames carry that pts back, so a frame is identified by its pts exactly as in the PyAV backend
-  (streams without usable pts are counted instead).
-* Every packet up to the last target is decoded, without seeking: NVDEC decodes a 720p stream at about 1,000 frames
-  per second per session, and its random-access path (``SimpleDecoder``) was measured slower than decoding
-  everything and keeping 32 frames (issue 13). Feeding stops after the last target.
-* Colour conversion to RGB is NVDEC's own (``OutputColorType.RGB``); the resize to ``size`` runs on the GPU
-  (``torch.nn.functional.interpolate``, bilinear, antialiased), and a display-matrix rotation is applied there too.
-* :class:`pipeline.media.CannotOpen` (so the next backend takes the video) when PyNvVideoCodec or a GPU is
-  missing, NVDEC has no decoder for the codec, or the decoder cannot be created (e.g. a profile NVDEC lacks, or a
-  frame below its minimum size: measured on an H200, 64 x 48 HEVC and VP9 test clips are refused).
+* Packets come from PyAV (the numbering every backend shares), in Annex B for H.264 / HEVC, fed with their pts,
+  which the decoded frames carry back (frames are counted when pts are not unique). Every packet up to the last
+  target is decoded, without seeking: ~1,000 frames/s per session at 720p, faster than NVDEC's random access (issue 13).
+* NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target goes through :func:`yuv_to_rgb`: planes resized
+  (bilinear, antialiased), then RGB with the stream's matrix and range as swscale does for PyAV (BT.709, BT.2020,
+  SMPTE 240M or FCC when tagged, else BT.601; limited range unless tagged full); rotation applied on the GPU too.
+* :class:`pipeline.media.CannotOpen` (the next backend takes the video) without PyNvVideoCodec or a GPU, for a codec
+  NVDEC lacks, or a stream it refuses (a profile, or a size below its minimum: 64 x 48 HEVC and VP9 on an H200).
 
-Needs the ``pynvvideocodec`` wheel and the driver's ``libnvcuvid``; nothing here runs on a machine without them
-(the tests that use it are marked ``gpu``).
+Needs the ``pynvvideocodec`` wheel and the driver's ``libnvcuvid``; tests that use them are marked ``gpu``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
+import functools
 
 import numpy as np
 
 from pipeline.media import CannotOpen, VideoError, VideoIndex, clean_message
 
-log = logging.getLogger(__name__)
-
 #: PyAV's codec names -> ``PyNvVideoCodec.cudaVideoCodec`` members
 NVDEC_CODECS = {"h264": "H264", "hevc": "HEVC", "av1": "AV1", "vp9": "VP9", "vp8": "VP8", "mpeg2video": "MPEG2",
                 "mpeg1video": "MPEG1", "mpeg4": "MPEG4", "mjpeg": "JPEG", "vc1": "VC1"}
 _ANNEX_B = {"h264": "h264_mp4toannexb", "hevc": "hevc_mp4toannexb"}
+#: AVColorSpace -> (Kr, Kb): BT.709, FCC, SMPTE 240M, BT.2020 (NCL and CL); anything else is BT.601 (swscale's rule)
+_KR_KB = {1: (0.2126, 0.0722), 4: (0.30, 0.11), 7: (0.212, 0.087), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
 
 
+@functools.cache
 def available() -> bool:
     """PyNvVideoCodec imports and torch sees a CUDA GPU."""
     try:
@@ -49,7 +45,39 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-def _open(source, index: VideoIndex, device: int):
+def yuv_to_rgb(y, u, v, size: int, colorspace: int = 2, full_range: bool = False):
+    """Planes (``[H, W]`` luma, ``[h, w]`` chroma; 8-bit values as float or uint8) -> ``uint8 [size, size, 3]`` RGB."""
+    import torch
+    from torch.nn.functional import interpolate
+
+    kr, kb = _KR_KB.get(int(colorspace), (0.299, 0.114))
+    luma = interpolate(y[None, None].float(), size=(size, size), mode="bilinear", antialias=True)[0, 0]
+    cb, cr = interpolate(torch.stack([u, v])[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
+    luma, scale = (luma / 255, 255.0) if full_range else ((luma - 16) / 219, 224.0)
+    cb, cr = (cb - 128) / scale, (cr - 128) / scale
+    r, b = luma + 2 * (1 - kr) * cr, luma + 2 * (1 - kb) * cb
+    g = (luma - kr * r - kb * b) / (1 - kr - kb)
+    return (torch.stack([r, g, b], -1) * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _planes(surface, fmt: str):
+    """An NVDEC surface as ``(y, u, v)`` in 8-bit units. ``fmt``: its ``Pixel_Format`` name; NV12 / P016 hold luma
+    rows then interleaved chroma rows at half height (NV16 / P216: full height), YUV444 three planes; 16-bit
+    surfaces hold their samples in the high bits."""
+    t = surface.squeeze()  # [rows, width] (some releases add a unit axis), or [3, H, W] / [H, W, 3] planes
+    x = t if t.dtype.itemsize == 1 else t.float() / 256
+    if x.dim() == 3:
+        return tuple(x) if x.shape[0] == 3 else tuple(x.permute(2, 0, 1))
+    rows, width = x.shape
+    if "444" in fmt:
+        h = rows // 3
+        return x[:h], x[h : 2 * h], x[2 * h : 3 * h]
+    h = rows // 2 if "NV16" in fmt or "P216" in fmt else rows * 2 // 3
+    uv = x[h:].reshape(rows - h, width // 2, 2)
+    return x[:h], uv[..., 0], uv[..., 1]
+
+
+def _open(index: VideoIndex):
     try:
         import PyNvVideoCodec as nvc
         import torch
@@ -60,11 +88,10 @@ def _open(source, index: VideoIndex, device: int):
     member = NVDEC_CODECS.get(index.codec)
     if member is None:
         raise CannotOpen(f"NVDEC has no {index.codec} decoder", no_decoder=True)
-    stream = torch.cuda.current_stream(device)
     try:
-        decoder = nvc.CreateDecoder(gpuid=device, codec=getattr(nvc.cudaVideoCodec, member), cudacontext=0,
-                                    cudastream=stream.cuda_stream, usedevicememory=True,
-                                    outputColorType=nvc.OutputColorType.RGB)
+        decoder = nvc.CreateDecoder(gpuid=torch.cuda.current_device(), codec=getattr(nvc.cudaVideoCodec, member),
+                                    cudacontext=0, cudastream=torch.cuda.current_stream().cuda_stream,
+                                    usedevicememory=True, outputColorType=nvc.OutputColorType.NATIVE)
     except Exception as exc:  # PyNvVCException* (their names differ between releases)
         raise CannotOpen(f"NVDEC decoder not created: {clean_message(str(exc))}") from exc
     return nvc, torch, decoder
@@ -87,57 +114,54 @@ def _packets(container, stream, codec: str):
             yield bytes(out), (out.pts if out.pts is not None else out.dts)
 
 
-def _rotation(container, stream) -> int:
-    """Quarter turns of the display matrix (read from the first decoded frame, one CPU-decoded keyframe)."""
-    for frame in container.decode(stream):
-        return int(round((frame.rotation or 0) / 90)) % 4
-    return 0
-
-
-def nvdec_frames_gpu(source, index: VideoIndex, indices: np.ndarray, size: int, device: int = 0):
-    """``uint8 [F, size, size, 3]`` on GPU ``device``; see the module docstring."""
+def _rotation(source, index: VideoIndex) -> int:
+    """Quarter turns of the display matrix (from the first frame, one keyframe decoded on the CPU)."""
     import av
 
-    nvc, torch, decoder = _open(source, index, device)
-    targets = set(int(i) for i in indices)
-    last = max(targets)
-    got: dict[int, object] = {}
-    with av.open(source, mode="r") as probe_container:  # its own container: seeking back is not always possible
-        turns = _rotation(probe_container, probe_container.streams[index.stream_index])
+    turns = 0
+    with av.open(source, mode="r") as container:  # its own container: seeking back is not always possible
+        for frame in container.decode(container.streams[index.stream_index]):
+            turns = int(round((frame.rotation or 0) / 90)) % 4
+            break
     if hasattr(source, "seek"):
         source.seek(0)
+    return turns
+
+
+def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_threads: int = 1):
+    """``uint8 [F, size, size, 3]`` on the current CUDA device; see the module docstring."""
+    import av
+
+    nvc, torch, decoder = _open(index)
+    targets = set(int(i) for i in indices)
+    got: dict[int, object] = {}
+    turns = _rotation(source, index)
     container = av.open(source, mode="r")
     counter = 0
+
+    def take(frames) -> None:
+        nonlocal counter
+        for frame in frames:
+            p = index.position(frame.getPTS()) if index.pts_unique else counter
+            counter += 1
+            if p in targets and p not in got:
+                planes = _planes(torch.from_dlpack(frame), str(getattr(frame, "format", "NV12")))
+                rgb = yuv_to_rgb(*planes, size, index.colorspace, index.full_range)
+                got[p] = torch.rot90(rgb, turns, dims=(0, 1)) if turns else rgb
+
     try:
-        stream = container.streams[index.stream_index]
-
-        def take(frames) -> None:
-            nonlocal counter
-            for frame in frames:
-                p = index.position(frame.getPTS()) if index.pts_unique else counter
-                counter += 1
-                if p is not None and p in targets and p not in got:
-                    got[p] = _resize(torch, torch.from_dlpack(frame), size, turns)
-
-        for data, pts in _packets(container, stream, index.codec):
+        for data, pts in _packets(container, container.streams[index.stream_index], index.codec):
             buf = ctypes.create_string_buffer(data, len(data))  # alive until Decode returns (the parser copies it)
             packet = nvc.PacketData()
             packet.bsl_data, packet.bsl, packet.pts = ctypes.addressof(buf), len(data), int(pts or 0)
             take(decoder.Decode(packet))
-            if last in got and len(got) == len(targets):
+            if len(got) == len(targets):
                 break
         else:
-            while True:  # end of stream: flush the frames NVDEC still holds
-                flushed = list(decoder.Decode(nvc.PacketData()))
-                if not flushed:
-                    break
+            while flushed := list(decoder.Decode(nvc.PacketData())):  # end of stream: the frames NVDEC still holds
                 take(flushed)
-    except CannotOpen:
-        raise
     except Exception as exc:  # PyNvVCException / av.error.FFmpegError while decoding
-        if counter == 0 and "CreateDecoder" in str(exc):
-            # NVDEC creates its decoder at the first sequence header and refuses streams it cannot take (below its
-            # minimum size, e.g. 144 x 144 for HEVC and 128 x 128 for VP9 on Hopper; profiles it lacks): a CPU backend takes it
+        if counter == 0 and "CreateDecoder" in str(exc):  # refused at the first sequence header: a CPU backend takes it
             raise CannotOpen(f"NVDEC cannot decode this stream: {clean_message(str(exc))}") from exc
         raise VideoError("corrupt_video", f"NVDEC decoding failed after {len(got)} targets: "
                          f"{clean_message(str(exc))}") from exc
@@ -147,17 +171,3 @@ def nvdec_frames_gpu(source, index: VideoIndex, indices: np.ndarray, size: int, 
     if missing:
         raise VideoError("corrupt_video", f"the stream ends before frame {missing[0]} of {index.n} (NVDEC)")
     return torch.stack([got[int(i)] for i in indices])
-
-
-def _resize(torch, frame, size: int, turns: int):
-    """One decoded RGB frame (HWC or CHW uint8 on the GPU) -> ``uint8 [size, size, 3]``."""
-    chw = frame if frame.shape[0] == 3 and frame.shape[-1] != 3 else frame.permute(2, 0, 1)
-    x = torch.nn.functional.interpolate(chw[None].float(), size=(size, size), mode="bilinear", align_corners=False,
-                                        antialias=True)
-    hwc = x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-    return torch.rot90(hwc, turns, dims=(0, 1)) if turns else hwc.contiguous()
-
-
-def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_threads: int = 1) -> np.ndarray:
-    """:func:`nvdec_frames_gpu` copied to the host (the :func:`pipeline.backends.decode_frames` contract)."""
-    return nvdec_frames_gpu(source, index, indices, size).cpu().numpy()

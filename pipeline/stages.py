@@ -1,9 +1,8 @@
-"""Model stages: encode (vision tower + TTM), generate (the DyCoke engine), and both fused.
+"""Model stages: encode (vision tower + compression), generate (the DyCoke engine), and both fused.
 
-Plain callables, Ray-free: heavy setup (loading the checkpoint) in ``__init__``, ``__call__(batch)``
-returns a ``pyarrow.Table``. Batches may be a ``pyarrow.Table``, a dict of columns or a list of row
-dicts. Failures are isolated per video (a failing batch is retried video by video) and become rows
-with ``status="error"``; nothing here raises for bad data.
+Plain callables, Ray-free: the checkpoint is loaded in ``__init__``; ``__call__(batch)`` (a ``pyarrow.Table``, a dict
+of columns or a list of rows) returns a ``pyarrow.Table``. A failing batch is retried video by video, and failures
+become rows with ``status="error"``; nothing here raises for bad data.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.decode import frames_from_row, rows_of
+from pipeline.decode import ActorDecoder, frames_from_row, rows_of
 from pipeline.schema import (  # noqa: F401 - StageInputError: part of this module's API
     ENCODED_SCHEMA,
     OUTPUT_SCHEMA,
@@ -148,53 +147,59 @@ class EncodeStage(Stage):
         self.model_id = cfg.model.source
         self.llm = llm if llm is not None else load_llm(cfg, cfg.encode)
         self.dycoke = cfg.compression.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
+        # decode.where: actor: this actor decodes the rows the decode stage only fetched
+        self.decoder = ActorDecoder(cfg.decode, self.llm.image_size) if cfg.decode.where == "actor" else None
 
-    def _encode(self, frames: list[np.ndarray]) -> list:
+    def _encode(self, frames: list) -> list:
         import warnings
 
         import torch
 
         with warnings.catch_warnings():  # read-only views of the batch: only read (copied to the device / converted)
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            tensors = [torch.from_numpy(f) for f in frames]
+            tensors = [f if isinstance(f, torch.Tensor) else torch.from_numpy(f) for f in frames]
+        for t in tensors:
+            if t.is_cuda:  # decoded on another CUDA stream (ActorDecoder): keep its memory until this stream is done
+                t.record_stream(torch.cuda.current_stream(t.device))
         return self.llm.encode(tensors, self.dycoke)
 
+    def decode_rows(self, rows: list[dict]) -> list[dict]:
+        """The rows with frames: decoded here when the decode stage only fetched them (``decode.where: actor``)."""
+        return self.decoder(rows) if self.decoder is not None else rows
+
     def encode_rows(self, rows: list[dict], pack: bool = True) -> list[dict]:
-        """Encode the ``ok`` rows, :data:`ENCODE_CHUNK` videos per vision-tower call. ``pack``: ``visual`` as ``.npz`` bytes (to send to another actor); False
-        keeps the :class:`~dycoke.llava.VisualTokens` on the device (fused stage: no round trip)."""
-        out = []
-        ok_idx = [i for i, r in enumerate(rows) if r.get("status") == STATUS_OK]
-        visuals: dict[int, Any] = {}
-        errors: dict[int, str] = {}
+        """Encode the ``ok`` rows, :data:`ENCODE_CHUNK` videos per vision-tower call (a failing call is retried video
+        by video). ``pack``: ``visual`` as ``.npz`` bytes (to send to another actor); False keeps the
+        :class:`~dycoke.llava.VisualTokens` on the device (fused stage: no round trip)."""
+        ok = [i for i, r in enumerate(rows) if r.get("status") == STATUS_OK]
+        done: dict[int, Any] = {}  # row -> VisualTokens, or the error message
         t0 = time.perf_counter()
-        for c in range(0, len(ok_idx), ENCODE_CHUNK):
-            chunk = ok_idx[c : c + ENCODE_CHUNK]
+        for chunk in (ok[c : c + ENCODE_CHUNK] for c in range(0, len(ok), ENCODE_CHUNK)):
             try:
-                for i, v in zip(chunk, self._encode([frames_from_row(rows[i]) for i in chunk])):
-                    visuals[i] = v
+                done.update(zip(chunk, self._encode([frames_from_row(rows[i]) for i in chunk])))
             except Exception as exc:  # noqa: BLE001 - isolate the failing video(s) below
                 log.warning("encode of a batch of %d failed (%s); retrying one by one", len(chunk), exc)
                 for i in chunk:
                     try:
-                        visuals[i] = self._encode([frames_from_row(rows[i])])[0]
+                        done[i] = self._encode([frames_from_row(rows[i])])[0]
                     except Exception as exc1:  # noqa: BLE001 - becomes an error row
-                        errors[i] = f"{type(exc1).__name__}: {exc1}"
+                        done[i] = f"{type(exc1).__name__}: {exc1}"
                         log.warning("encode failed for %s: %s", rows[i]["video_id"], exc1)
-        share = (time.perf_counter() - t0) / max(1, len(ok_idx))
+        share = (time.perf_counter() - t0) / max(1, len(ok))
+        out = []
         for i, r in enumerate(rows):
-            row = {k: r.get(k) for k in ENCODED_SCHEMA.names if k in r}
-            row["model_id"] = self.model_id
-            if i in visuals:
-                v = visuals[i]
-                row.update(visual=pack_visual(v) if pack else v, visual_tokens_full=int(v.num_full), visual_tokens_prefill=int(v.num_kept),
-                           encode_s=share)
-            elif i in errors:
-                row.update(status=STATUS_ERROR, error_type="encode_failed", error_message=errors[i], encode_s=share)
+            row = {**{k: r.get(k) for k in ENCODED_SCHEMA.names if k in r}, "model_id": self.model_id}
+            v = done.get(i)
+            if isinstance(v, str):
+                row.update(status=STATUS_ERROR, error_type="encode_failed", error_message=v, encode_s=share)
+            elif v is not None:
+                row.update(visual=pack_visual(v) if pack else v, visual_tokens_full=int(v.num_full),
+                           visual_tokens_prefill=int(v.num_kept), encode_s=share)
             out.append(row)
         return out
 
     def process(self, batch) -> pa.Table:
-        return pa.Table.from_pylist(self.encode_rows(rows_of(batch)), schema=ENCODED_SCHEMA)
+        return pa.Table.from_pylist(self.encode_rows(self.decode_rows(rows_of(batch))), schema=ENCODED_SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -229,82 +234,74 @@ class GenerateStage(Stage):
     def _requests(self, video: Mapping[str, Any], tasks: Sequence[Task]):
         from dycoke.engine import GenerationSettings, Request
 
-        t = self.tasks
         visual = video["visual"]
         if isinstance(visual, (bytes, bytearray, memoryview, pa.Buffer)):  # from an encode actor; in-actor tokens as they are
             visual = unpack_visual(visual)  # host tensor: the engine thread moves it to the device, once per video
-        return [
-            Request(request_id=f"{video['video_id']}:{task.task_id}", visual=visual, question=task.prompt,
-                    settings=GenerationSettings(max_new_tokens=task.max_new_tokens, temperature=t.temperature, top_p=t.top_p))
-            for task in tasks
-        ]
+        t = self.tasks
+        return [Request(request_id=f"{video['video_id']}:{task.task_id}", visual=visual, question=task.prompt,
+                        settings=GenerationSettings(max_new_tokens=task.max_new_tokens, temperature=t.temperature, top_p=t.top_p))
+                for task in tasks]
 
-    def _generate(self, items: list[tuple[dict, Task, Any]]) -> list:
-        """Results of the items' requests, generated next to whatever other calls have in the engine."""
-        return self.loop.submit([req for _, _, req in items]).result()
+    def _generate(self, requests: list, videos: list[str]) -> list:
+        """Results of ``requests`` (of ``videos``), generated next to whatever other calls have in the engine; on a
+        failure each video's requests are retried on their own (a failing video gets its exception as results)."""
+        try:
+            return self.loop.submit(requests).result()
+        except Exception as exc:  # noqa: BLE001 - retry per video to isolate the failure
+            log.warning("generate for %d requests failed (%s); retrying video by video", len(requests), exc)
+        by_video: dict[str, list[int]] = {}
+        for k, video_id in enumerate(videos):
+            by_video.setdefault(video_id, []).append(k)
+        results: list = [None] * len(requests)
+        for ks in by_video.values():
+            try:
+                for k, res in zip(ks, self.loop.submit([requests[k] for k in ks]).result()):
+                    results[k] = res
+            except Exception as exc:  # noqa: BLE001 - becomes error rows
+                for k in ks:
+                    results[k] = exc
+        return results
 
     def generate_rows(self, rows: list[dict]) -> list[dict]:
         run_id, comp = self.run_id, self.compression
+
+        def error(video, task, error_type: str, message: str) -> dict:
+            return error_output_row(video, task, run_id=run_id, compression=comp, error_type=error_type,
+                                    error_message=message)
+
         out: list[dict] = []
         items: list[tuple[dict, Task, Any]] = []
         for video in rows:
             tasks = row_tasks(self.tasks, video.get("questions"))
             if video.get("status") != STATUS_OK:  # the video's own error, also when no task applies to it
-                out += [error_output_row(video, t, run_id=run_id, compression=comp, error_type=video.get("error_type") or "internal",
-                                         error_message=video.get("error_message") or "unknown error") for t in tasks]
-                continue
-            if tasks == [NO_TASK]:
-                out.append(error_output_row(video, NO_TASK, run_id=run_id, compression=comp, error_type="no_tasks",
-                                            error_message="no task applies to this video"))
-                continue
-            try:
-                reqs = self._requests(video, tasks)
-            except Exception as exc:  # noqa: BLE001 - a damaged visual blob becomes error rows
-                out += [error_output_row(video, t, run_id=run_id, compression=comp, error_type="internal",
-                                         error_message=f"cannot read visual tokens: {exc}") for t in tasks]
-                continue
-            items += [(video, t, r) for t, r in zip(tasks, reqs)]
+                out += [error(video, t, video.get("error_type") or "internal", video.get("error_message") or "unknown error")
+                        for t in tasks]
+            elif tasks == [NO_TASK]:
+                out.append(error(video, NO_TASK, "no_tasks", "no task applies to this video"))
+            else:
+                try:
+                    items += [(video, t, r) for t, r in zip(tasks, self._requests(video, tasks))]
+                except Exception as exc:  # noqa: BLE001 - a damaged visual blob becomes error rows
+                    out += [error(video, t, "internal", f"cannot read visual tokens: {exc}") for t in tasks]
         if not items:
             return out
         t0 = time.perf_counter()
-        results: list | None
-        try:
-            results = self._generate(items)
-        except Exception as exc:  # noqa: BLE001 - retry per video to isolate the failure
-            log.warning("generate for %d requests failed (%s); retrying video by video", len(items), exc)
-            results = None
-        if results is None:
-            results = []
-            by_video: dict[str, list[int]] = {}
-            for k, (video, _, _) in enumerate(items):
-                by_video.setdefault(video["video_id"], []).append(k)
-            slots: list = [None] * len(items)
-            for ks in by_video.values():
-                try:
-                    for k, res in zip(ks, self._generate([items[k] for k in ks])):
-                        slots[k] = res
-                except Exception as exc:  # noqa: BLE001 - becomes error rows
-                    for k in ks:
-                        slots[k] = exc
-            results = slots
+        results = self._generate([req for _, _, req in items], [video["video_id"] for video, _, _ in items])
         share = (time.perf_counter() - t0) / len(items)
         for (video, task, _), res in zip(items, results):
             if isinstance(res, Exception):
-                out.append(error_output_row(video, task, run_id=run_id, compression=comp, error_type="generate_failed",
-                                            error_message=f"{type(res).__name__}: {res}"))
-                continue
-            if res.finish_reason == "error" or res.error:
-                message = res.error or "generation failed"
-                out.append(error_output_row(video, task, run_id=run_id, compression=comp,
-                                            error_type=generate_error_type(message), error_message=message))
-                continue
-            out.append(output_row(
-                video, task, run_id=run_id, compression=comp,
-                answer=res.text, choice=parse_choice(res.text, task.options) if task.is_mcq else None,
-                visual_tokens_prefill=int(res.visual_tokens), visual_tokens_attended=float(res.visual_tokens_attended),
-                prompt_tokens=int(res.prompt_tokens), output_tokens=int(res.output_tokens),
-                timings={"prefill_s": float(res.prefill_s), "generate_s": share},
-            ))
+                out.append(error(video, task, "generate_failed", f"{type(res).__name__}: {res}"))
+            elif res.finish_reason == "error" or res.error:
+                out.append(error(video, task, generate_error_type(res.error or "generation failed"),
+                                 res.error or "generation failed"))
+            else:
+                out.append(output_row(
+                    video, task, run_id=run_id, compression=comp,
+                    answer=res.text, choice=parse_choice(res.text, task.options) if task.is_mcq else None,
+                    visual_tokens_prefill=int(res.visual_tokens), visual_tokens_attended=float(res.visual_tokens_attended),
+                    prompt_tokens=int(res.prompt_tokens), output_tokens=int(res.output_tokens),
+                    timings={"prefill_s": float(res.prefill_s), "generate_s": share},
+                ))
         return out
 
     def process(self, batch) -> pa.Table:
@@ -333,6 +330,7 @@ class FusedStage(Stage):
 
     def process(self, batch) -> pa.Table:
         # Encoding runs on the engine's thread between decode steps (one thread launches all GPU work).
-        encoded = self.generate.loop.call(self.encode.encode_rows, rows_of(batch), pack=False).result()
+        rows = self.encode.decode_rows(rows_of(batch))  # in this calling thread, while the engine runs
+        encoded = self.generate.loop.call(self.encode.encode_rows, rows, pack=False).result()
         return rows_to_table(self.generate.generate_rows(encoded))
 

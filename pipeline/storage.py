@@ -1,15 +1,10 @@
 """Storage: the one module that reads and writes objects, on S3 or a local disk, named by URI (``s3://b/k``, a
 local path, or ``file://`` + percent-encoded bytes for a local name that is not UTF-8).
 
-* :func:`resolve` -> :class:`Location` (a ``pyarrow.fs`` filesystem, the path in it, the URI) for Parquet I/O;
-  :func:`list_objects` (sizes, fingerprints), :func:`read_bytes`, :func:`put_if_absent` (S3 ``If-None-Match: *``;
-  locally ``link()`` of a finished temp file), :func:`replace_if` (``body=None`` deletes; S3 ``If-Match`` on the
-  ETag, locally a content hash under ``flock``).
-* Clients: boto3 for what ``pyarrow.fs`` does not expose (ETags, conditional writes) and ``pyarrow.fs.S3FileSystem``
-  for Parquet, both from one :class:`pipeline.config.S3Config` (endpoint, region, ``max_attempts``, timeouts; boto3
-  in adaptive retry mode): S3 retries live in the client configuration only.
-* One fingerprint (:func:`etag_of`: the S3 ETag, or ``<int mtime>-<size>``); one rule for relative paths in a
-  manifest (:func:`resolve_relative`); local paths past ``PATH_MAX`` open one folder at a time (:func:`open_file`).
+:func:`resolve` gives a ``pyarrow.fs`` :class:`Location` (Parquet I/O, copies); boto3 does what ``pyarrow.fs`` does
+not expose: listing with ETags (:func:`list_objects`), conditional writes (:func:`put_if_absent`, :func:`replace_if`;
+locally ``link()`` and ``flock``). Both clients come from one :class:`pipeline.config.S3Config` (S3 retries live
+there only). One fingerprint (:func:`etag_of`), one rule for relative paths in a manifest (:func:`resolve_relative`).
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import logging
 import os
 import re
 import urllib.parse
@@ -28,11 +22,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-log = logging.getLogger(__name__)
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_MISSING = ("NoSuchKey", "404", "NotFound")
-_CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") + _MISSING
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+MISSING = ("NoSuchKey", "404", "NotFound")
+DENIED = ("403", "AccessDenied", "Forbidden")
+_CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") + MISSING
 
 
 def is_s3(uri: str) -> bool:
@@ -65,21 +58,19 @@ def uri_for(path: str) -> str:
 
 def path_of(uri: str) -> str:
     """The local path a URI names (``file://`` URIs are percent-decoded, RFC 8089)."""
-    if uri.startswith("file://"):
-        return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://"):]))
-    return uri
+    return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://"):])) if uri.startswith("file://") else uri
 
 
 def resolve_relative(uri: str, base_uri: str) -> str:
     """``uri`` as written in a file at ``base_uri`` (a manifest): a relative local path is taken from the folder
-    of a local ``base_uri``; an absolute path, an ``s3://`` URI or anything with a scheme (also a malformed one
-    such as ``s3:/x``, which the fetch then reports as ``invalid_uri``) is kept as written."""
-    if not uri or os.path.isabs(uri) or _SCHEME.match(uri) or is_s3(base_uri):
+    of a local ``base_uri``; an absolute path or anything with a scheme (also a malformed one such as ``s3:/x``,
+    which the fetch then reports as ``invalid_uri``) is kept as written."""
+    if not uri or os.path.isabs(uri) or SCHEME.match(uri) or is_s3(base_uri):
         return uri
     return os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(path_of(base_uri)))), uri)
 
 
-_O_DIR = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
+_O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def open_file(path: str, flags: int = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK) -> int:
@@ -94,9 +85,8 @@ def open_file(path: str, flags: int = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
     fd = os.open("/" if path.startswith("/") else ".", _O_DIR)
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, _O_DIR, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
+            fd, old = os.open(part, _O_DIR, dir_fd=fd), fd
+            os.close(old)
         return os.open(parts[-1], flags, dir_fd=fd)
     finally:
         os.close(fd)
@@ -116,7 +106,7 @@ def stat_etag(uri: str, cfg=None) -> str | None:
         if is_s3(uri):
             bucket, key = split_uri(uri)
             return etag_of(s3_etag=client(cfg).head_object(Bucket=bucket, Key=key)["ETag"])
-        fd = open_file(path_of(uri), getattr(os, "O_PATH", os.O_RDONLY) | os.O_CLOEXEC)
+        fd = open_file(path_of(uri), os.O_PATH | os.O_CLOEXEC)
     except Exception:  # noqa: BLE001 - missing or unreadable
         return None
     try:
@@ -125,43 +115,19 @@ def stat_etag(uri: str, cfg=None) -> str | None:
         os.close(fd)
 
 
-def _key(cfg) -> tuple:
-    from pipeline.config import S3Config
-
-    cfg = cfg or S3Config()
-    return (cfg.endpoint_url, cfg.region, cfg.max_attempts, cfg.connect_timeout_s, cfg.read_timeout_s)
-
-
 @lru_cache(maxsize=8)
-def _client(key: tuple):
+def client(cfg=None):
+    """A boto3 S3 client for ``cfg`` (a frozen :class:`pipeline.config.S3Config`; cached per process and settings;
+    adaptive retries)."""
     import boto3
     from botocore.config import Config
 
-    endpoint, region, attempts, connect_s, read_s = key
-    conf = Config(retries={"max_attempts": attempts, "mode": "adaptive"}, connect_timeout=connect_s,
-                  read_timeout=read_s, max_pool_connections=32)
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=conf)
+    from pipeline.config import S3Config
 
-
-def client(cfg=None):
-    """A boto3 S3 client for ``cfg`` (an :class:`pipeline.config.S3Config`; cached per process and settings)."""
-    return _client(_key(cfg))
-
-
-client.cache_clear = _client.cache_clear  # type: ignore[attr-defined] - tests swap endpoints
-
-
-def s3_filesystem(cfg=None):
-    """A ``pyarrow.fs.S3FileSystem`` with the same endpoint, region, retries and timeouts as :func:`client`."""
-    from pyarrow import fs
-
-    endpoint, region, attempts, connect_s, read_s = _key(cfg)
-    kwargs: dict = {"region": region or "us-east-1", "connect_timeout": connect_s, "request_timeout": read_s,
-                    "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme, allow_bucket_creation=True)
-    return fs.S3FileSystem(**kwargs)
+    cfg = cfg or S3Config()
+    conf = Config(retries={"max_attempts": cfg.max_attempts, "mode": "adaptive"}, connect_timeout=cfg.connect_timeout_s,
+                  read_timeout=cfg.read_timeout_s, max_pool_connections=32)
+    return boto3.session.Session().client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=conf)
 
 
 @dataclass(frozen=True)
@@ -181,15 +147,23 @@ class Location:
 
 
 def resolve(uri: str, cfg=None) -> Location:
-    """The :class:`Location` of ``uri``: S3 through ``pyarrow.fs.S3FileSystem`` or the local disk."""
+    """The :class:`Location` of ``uri``: ``pyarrow.fs.S3FileSystem`` (the settings of :func:`client`) or the disk."""
     from pyarrow import fs
 
-    if is_s3(uri):
-        bucket, key = split_uri(uri.rstrip("/"))
-        return Location(s3_filesystem(cfg), f"{bucket}/{key}".rstrip("/"), uri.rstrip("/"))
-    local = os.path.abspath(os.path.expanduser(path_of(uri)))
-    return Location(fs.LocalFileSystem(), local, local)
+    if not is_s3(uri):
+        local = os.path.abspath(os.path.expanduser(path_of(uri)))
+        return Location(fs.LocalFileSystem(), local, local)
+    from pipeline.config import S3Config
 
+    c = cfg or S3Config()
+    kwargs: dict = {"region": c.region or "us-east-1", "connect_timeout": c.connect_timeout_s,
+                    "request_timeout": c.read_timeout_s,
+                    "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=c.max_attempts)}
+    if c.endpoint_url:
+        scheme, _, host = c.endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme, allow_bucket_creation=True)
+    bucket, key = split_uri(uri.rstrip("/"))
+    return Location(fs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/"), uri.rstrip("/"))
 
 
 class Entry(NamedTuple):
@@ -200,38 +174,32 @@ class Entry(NamedTuple):
     etag: str | None
 
 
-def list_objects(prefix_uri: str, cfg=None, suffixes: list[str] | None = None, walk=None,
-                 folders: bool = False, page_size: int = 1000) -> Iterator[Entry]:
-    """Every object under ``prefix_uri`` whose name ends with one of ``suffixes`` (any, when None).
+def list_objects(prefix_uri: str, cfg=None, suffixes: list[str] | None = None, folders: bool = False,
+                 page_size: int = 1000) -> Iterator[Entry]:
+    """Every object under ``prefix_uri`` whose name ends with one of ``suffixes`` (any, when None), in name order.
 
-    S3: ``ListObjectsV2`` pages in key order (sizes and ETags come with the listing; a botocore error
-    propagates). Local: ``walk(root)`` yields ``(path, stat)`` (default: every file below ``root``, sorted); a
-    missing folder lists nothing. ``folders=True`` adds folders (S3 folder markers, local folders) as URIs
-    ending in ``/``."""
-    ends = tuple(s.lower() for s in suffixes) if suffixes else None
+    S3: ``ListObjectsV2`` pages (sizes and ETags come with the listing; a botocore error propagates). Local: every
+    file below the folder (``pyarrow.fs``; a missing folder lists nothing). ``folders=True`` adds folders (S3 folder
+    markers, local folders) as URIs ending in ``/``."""
+    ends = tuple(s.lower() for s in suffixes) if suffixes else ""
     if is_s3(prefix_uri):
         bucket, prefix = split_uri(prefix_uri)
-        for page in client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
-                                                                       PaginationConfig={"PageSize": page_size}):
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                if (folders or not key.endswith("/")) and (ends is None or key.lower().endswith(ends)):
-                    yield Entry(f"s3://{bucket}/{key}", int(obj.get("Size", 0)), etag_of(s3_etag=obj.get("ETag", "")))
+        pages = client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                      PaginationConfig={"PageSize": page_size})
+        for obj in (o for page in pages for o in page.get("Contents", [])):
+            key = obj["Key"]
+            if (folders or not key.endswith("/")) and key.lower().endswith(ends):
+                yield Entry(f"s3://{bucket}/{key}", int(obj.get("Size", 0)), etag_of(s3_etag=obj.get("ETag", "")))
         return
-    root = resolve(prefix_uri).path
-    for path, st in (walk or _walk_all)(root, folders):
-        if ends is None or path.lower().endswith(ends):
-            yield Entry(uri_for(path), st.st_size if st else 0, etag_of(st))  # st None: listed, not readable
+    from pyarrow import fs
 
-
-def _walk_all(root: str, folders: bool = False) -> Iterator[tuple[str, os.stat_result]]:
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        names = sorted(files) + (sorted(d + "/" for d in dirs) if folders else [])
-        for name in names:
-            path = os.path.join(folder, name)
-            with contextlib.suppress(FileNotFoundError):
-                yield path, os.stat(path)
+    loc = resolve(prefix_uri)
+    infos = loc.filesystem.get_file_info(fs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        folder = info.type == fs.FileType.Directory
+        if (folders or not folder) and info.path.lower().endswith(ends):
+            etag = None if folder else f"{int(info.mtime.timestamp())}-{info.size}"
+            yield Entry(uri_for(info.path) + ("/" if folder else ""), info.size or 0, etag)
 
 
 def read_bytes(uri: str, cfg=None) -> bytes:
@@ -252,18 +220,18 @@ def read_versioned(uri: str, cfg=None) -> tuple[bytes, str] | None:
 
 
 def _read(uri: str, cfg) -> tuple[bytes, str]:
-    if is_s3(uri):
-        bucket, key = split_uri(uri)
-        try:
-            resp = client(cfg).get_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            if error_code(exc) in _MISSING:
-                raise FileNotFoundError(uri) from exc
-            raise
-        return resp["Body"].read(), resp["ETag"]
-    with open(resolve(uri).path, "rb") as f:
-        body = f.read()
-    return body, hashlib.sha256(body).hexdigest()
+    if not is_s3(uri):
+        with open(resolve(uri).path, "rb") as f:
+            body = f.read()
+        return body, hashlib.sha256(body).hexdigest()
+    bucket, key = split_uri(uri)
+    try:
+        resp = client(cfg).get_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if error_code(exc) in MISSING:
+            raise FileNotFoundError(uri) from exc
+        raise
+    return resp["Body"].read(), resp["ETag"]
 
 
 def _local_tmp(path: str, body: bytes) -> str:
@@ -276,12 +244,13 @@ def _local_tmp(path: str, body: bytes) -> str:
     return tmp
 
 
-def _s3_put(uri: str, body: bytes, cfg, **condition) -> str | None:
+def _s3_call(uri: str, cfg, method: str, **kwargs) -> dict | None:
+    """A conditional S3 request; None when its condition failed (or the object is gone)."""
     bucket, key = split_uri(uri)
     try:
-        return client(cfg).put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
+        return getattr(client(cfg), method)(Bucket=bucket, Key=key, **kwargs)
     except Exception as exc:
-        if condition and error_code(exc) in _CONFLICT:
+        if error_code(exc) in _CONFLICT:
             return None
         raise
 
@@ -291,7 +260,8 @@ def put_if_absent(uri: str, body: bytes, cfg=None) -> str | None:
     racing callers exactly one wins. S3: ``PutObject`` with ``If-None-Match: *``; locally ``link()`` of a
     finished temp file (fails when the name exists; a reader never sees a partial object)."""
     if is_s3(uri):
-        return _s3_put(uri, body, cfg, IfNoneMatch="*")
+        resp = _s3_call(uri, cfg, "put_object", Body=body, IfNoneMatch="*")
+        return resp and resp["ETag"]
     path = resolve(uri).path
     tmp = _local_tmp(path, body)
     try:
@@ -310,27 +280,18 @@ def local_mutex(path: str):
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.mutex"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def replace_if(uri: str, body: bytes | None, version: str, cfg=None) -> str | None:
     """Replace (``body=None``: delete) the object only if it is still ``version``: the new version (``""`` after
     a delete), or None when the object changed or is gone. S3: ``If-Match`` on the ETag; locally under ``flock``."""
-    if is_s3(uri) and body is not None:
-        return _s3_put(uri, body, cfg, IfMatch=version)
     if is_s3(uri):
-        bucket, key = split_uri(uri)
-        try:
-            client(cfg).delete_object(Bucket=bucket, Key=key, IfMatch=version)
-        except Exception as exc:
-            if error_code(exc) in _CONFLICT:
-                return None
-            raise
-        return ""
+        if body is not None:
+            resp = _s3_call(uri, cfg, "put_object", Body=body, IfMatch=version)
+            return resp and resp["ETag"]
+        return None if _s3_call(uri, cfg, "delete_object", IfMatch=version) is None else ""
     path = resolve(uri).path
     with local_mutex(path):
         cur = read_versioned(path)

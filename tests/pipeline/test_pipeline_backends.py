@@ -133,32 +133,135 @@ def test_nonref_skipping_really_skips(clips):
     assert decoded_with_skip <= 0.9 * 60
 
 
-#: NVDEC converts YUV to RGB itself and resizes with torch (bilinear, antialiased). Measured on an H200 (these clips):
-#: mean 4.45-4.47, p99 45, max 80 against PyAV's swscale conversion (the frame identity check is exact regardless)
-NVDEC_MEAN_TOL, NVDEC_P99_TOL = 6.0, 56
-#: clips NVDEC refuses (below its minimum frame size for the codec): the CPU backend must take them
-NVDEC_TOO_SMALL = {"hevc_gop12", "vp9"}
+def _tagged_clip(width: int, height: int, colorspace: int, color_range: int, n: int = 6) -> bytes:
+    """H.264 whose stream says its YUV matrix (AVColorSpace: 1 BT.709, 5/6 BT.601, 2 unspecified) and range (1
+    limited, 2 full)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=24, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.colorspace, stream.codec_context.color_range = colorspace, color_range
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(frame_image(i, width, height), format="rgb24").reformat(format="yuv420p")
+            frame.colorspace, frame.color_range, frame.pts = colorspace, color_range, i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["h264_bframes_gop12", "h264_open_gop", "hevc_gop12", "vp9"])
-def test_nvdec_returns_the_same_frames(clips, name):
+#: (clip, frame size): an SD clip without tags, HD clips tagged BT.709 (limited and full range) and BT.601
+TAGGED = {"sd_untagged": ((128, 96, 2, 0), S), "hd_bt709": ((1280, 720, 1, 1), 96), "hd_bt709_full": ((1280, 720, 1, 2), 96),
+          "vga_bt601": ((640, 480, 6, 1), 96)}
+#: NVDEC's surfaces go through pipeline.nvdec.yuv_to_rgb (resize the planes with torch, then the stream's matrix);
+#: against PyAV's swscale, measured here on the clips above (the YUV samples are the same: H.264 decoding is exact):
+#: mean 1.4-2.5 and p99 <= 27 on the 1280 x 720 and 640 x 480 clips, mean 5.1 and p99 54 on the 128 x 96 -> 32 one
+#: (the synthetic bar's hard edges); the other matrix gives mean 6.1 to 8.8
+NVDEC_MEAN_TOL, NVDEC_P99_TOL = {"sd_untagged": 6.0, "hd_bt709": 3.5, "hd_bt709_full": 3.5, "vga_bt601": 3.5}, 56
+
+
+def _diff(a, b) -> tuple[float, float]:
+    d = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    return float(d.mean()), float(np.percentile(d, 99))
+
+
+@pytest.mark.parametrize("name", list(TAGGED))
+def test_nvdec_colour_conversion_follows_the_stream_matrix(name):
+    """The conversion NVDEC frames get (on the GPU there; the same torch code runs on the CPU here), fed NV12 planes
+    built from PyAV's own decoded YUV, agrees with PyAV's RGB; the other matrix does not (what NVDEC's own RGB output
+    did on HD clips: mean 16)."""
+    import av
+    import torch
+
+    from pipeline.nvdec import _planes, yuv_to_rgb
+
+    (w, h, colorspace, color_range), size = TAGGED[name]
+    data = _tagged_clip(w, h, colorspace, color_range)
+    index = probe(io.BytesIO(data))
+    assert (index.colorspace, index.full_range) == (colorspace, color_range == 2)
+    with av.open(io.BytesIO(data)) as c:
+        frame = list(c.decode(video=0))[3]
+    y, u, v = (np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[: p.height, : p.width] for p in frame.planes)
+    nv12 = torch.from_numpy(np.concatenate([y, np.stack([u, v], -1).reshape(h // 2, w)]))
+    reference = frame.reformat(width=size, height=size, format="rgb24").to_ndarray()
+    mean, p99 = _diff(yuv_to_rgb(*_planes(nv12, "Pixel_Format.NV12"), size, index.colorspace, index.full_range), reference)
+    print(f"NVDEC_CONVERSION {name}: mean {mean:.2f} p99 {p99:.0f}")
+    assert mean < NVDEC_MEAN_TOL[name] and p99 <= NVDEC_P99_TOL
+    planes = _planes(nv12, "Pixel_Format.NV12")
+    p016 = _planes(nv12.to(torch.int32).mul(256).to(torch.uint16), "Pixel_Format.P016")  # 16-bit: samples high
+    yuv444 = torch.cat([torch.from_numpy(y)] + [torch.from_numpy(c).repeat_interleave(2, 0).repeat_interleave(2, 1)
+                                                for c in (u, v)])
+    assert all(torch.equal(a.float(), b) for a, b in zip(planes, p016))
+    assert torch.equal(_planes(yuv444, "Pixel_Format.YUV444")[2][::2, ::2], torch.from_numpy(v.copy()))
+    other = 1 if index.colorspace != 1 else 5
+    wrong = _diff(yuv_to_rgb(*_planes(nv12, "Pixel_Format.NV12"), size, other, index.full_range), reference)[0]
+    print(f"NVDEC_CONVERSION {name}: the other matrix: mean {wrong:.2f}")
+    assert wrong > NVDEC_MEAN_TOL[name]
+
+
+def _nvdec_usable() -> None:
     pytest.importorskip("PyNvVideoCodec")
     from pipeline import nvdec
 
     if not nvdec.available():
         pytest.skip("PyNvVideoCodec installed but no CUDA GPU")
-    data, index, indices, reference = _reference(clips, name, 32)
+
+
+#: clips NVDEC refuses (below its minimum frame size for the codec): the CPU backend must take them
+NVDEC_TOO_SMALL = {"hevc_gop12", "vp9"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["h264_bframes_gop12", "h264_open_gop", "hevc_gop12", "vp9", *TAGGED])
+def test_nvdec_returns_the_same_frames(clips, name):
+    _nvdec_usable()
+    if name in TAGGED:
+        (w, h, colorspace, color_range), size = TAGGED[name]
+        data = _tagged_clip(w, h, colorspace, color_range, n=24)
+        index = probe(io.BytesIO(data))
+        indices = sample_indices(index.n, 8)
+        reference = pyav_sequential_frames(io.BytesIO(data), index, indices, size)
+    else:
+        data, index, indices, reference = _reference(clips, name, 32)
     if name in NVDEC_TOO_SMALL:
         frames, used = decode_frames(io.BytesIO(data), index, indices, S, backends=("nvdec", "pyav"))
         assert used == "pyav" and np.array_equal(frames, reference)
         return
-    frames, used = decode_frames(io.BytesIO(data), index, indices, S, backends=("nvdec",))
-    assert used == "nvdec" and frames.shape == reference.shape and frames.dtype == np.uint8
-    assert _shown(frames, _truth(index.n)) == indices.tolist()
-    diff = np.abs(frames.astype(np.int16) - reference.astype(np.int16))
-    print(f"NVDEC_TOLERANCE {name}: mean {diff.mean():.2f} p99 {np.percentile(diff, 99):.0f} max {diff.max()}")
-    assert diff.mean() < NVDEC_MEAN_TOL and np.percentile(diff, 99) <= NVDEC_P99_TOL
+    frames, used = decode_frames(io.BytesIO(data), index, indices, reference.shape[1], backends=("nvdec",))
+    assert used == "nvdec" and frames.is_cuda and tuple(frames.shape) == reference.shape
+    frames = frames.cpu().numpy()
+    if name not in TAGGED:
+        assert _shown(frames, _truth(index.n)) == indices.tolist()
+    mean, p99 = _diff(frames, reference)
+    print(f"NVDEC_TOLERANCE {name}: mean {mean:.2f} p99 {p99:.0f}")
+    assert mean < NVDEC_MEAN_TOL.get(name, NVDEC_MEAN_TOL["sd_untagged"]) and p99 <= NVDEC_P99_TOL
+
+
+@pytest.mark.gpu
+def test_model_actor_decodes_with_nvdec_and_falls_back_per_video(clips):
+    """``decode.where: actor`` on a GPU: the actor's NVDEC sessions decode (frames stay on the GPU) what NVDEC can
+    take; clips it refuses (HEVC and VP9 below its minimum size) are decoded by the CPU backends, with PyAV's frames."""
+    _nvdec_usable()
+    from pipeline.config import DecodeConfig
+    from pipeline.decode import ActorDecoder, frames_from_row
+
+    names = ["h264_bframes_gop12", "hevc_gop12", "h264_open_gop", "vp9"]
+    rows = [{"video_id": n, "video_uri": "<bytes>", "questions": None, "status": "ok", "data": clips[n]} for n in names]
+    cfg = DecodeConfig(num_frames=16, frame_size=S, where="actor", actor_threads=3)
+    got = ActorDecoder(cfg, S)(rows)
+    for name, row in zip(names, got):
+        index = probe(io.BytesIO(clips[name]))
+        want = pyav_sequential_frames(io.BytesIO(clips[name]), index, sample_indices(index.n, 16), S)
+        frames = frames_from_row(row)
+        assert row["status"] == "ok" and row["num_frames"] == 16 and "data" not in row
+        if name in NVDEC_TOO_SMALL:
+            assert isinstance(frames, np.ndarray) and np.array_equal(frames, want)
+        else:
+            assert frames.is_cuda and _diff(frames.cpu().numpy(), want)[0] < NVDEC_MEAN_TOL["sd_untagged"]
+        assert row["frame_timestamps_s"] == [round(float(t), 6) for t in index.timestamps_s[sample_indices(index.n, 16)]]
 
 
 def test_nvdec_backend_falls_back_to_the_cpu_per_video(clips):

@@ -94,7 +94,7 @@ def test_too_few_frames(tmp_path):
 def test_large_files_decode_from_disk(video_dir):
     settings = _settings(in_memory_bytes=100)  # everything counts as "large"
     fetched = fetch(str(video_dir / "medium_30fps.mp4"), settings)
-    assert fetched.data is None and fetched.path
+    assert fetched.data is None and fetched.source().startswith("/proc/self/fd/")
     row = DecodeStage(settings)([_row(video_dir / "medium_30fps.mp4")]).to_pylist()[0]
     assert row["status"] == "ok"
 
@@ -155,3 +155,30 @@ def test_listing_etag_is_carried_not_read_again(video_dir, isolation):
     assert listed["video_etag"] == "etag-from-the-listing"
     st = path.stat()
     assert bare["video_etag"] == f"{int(st.st_mtime)}-{st.st_size}"
+
+
+def test_where_decoding_runs_is_resolved_once_for_the_graph(monkeypatch):
+    """``decode.where: auto``: in the GPU actor when the model stage has GPUs and NVDEC can be used, else in the stage
+    (CPU-only runs unchanged); the decode tasks and the model actors get the same resolved section."""
+    import importlib.util
+
+    from pipeline.config import load_config
+    from pipeline.decode import place
+    from pipeline.graph import stage_specs
+
+    base = {"input": {"local_dir": "v"}, "output": {"path": "o"}, "model": {"source": "m"}}
+    cpu = load_config(data=base)
+    assert place(cpu) is cpu and place(load_config(data={**base, "decode": {"backend": "nvdec"}})).decode.where == "auto"
+    gpu = {**base, "fused": {"num_gpus": 1}}
+    assert place(load_config(data={**gpu, "decode": {"backend": "nvdec"}})).decode.where == "actor"
+    assert place(load_config(data={**gpu, "decode": {"backend": "pyav"}})).decode.where == "auto"  # stage
+    assert place(load_config(data={**gpu, "decode": {"where": "stage", "backend": "nvdec"}})).decode.where == "stage"
+    real = importlib.util.find_spec
+    for installed in (False, True):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, on=installed: (on or None) if name == "PyNvVideoCodec" else real(name))
+        assert place(load_config(data=gpu)).decode.where == ("actor" if installed else "auto")
+    split = load_config(data={**base, "mode": "split", "encode": {"num_gpus": 1}, "generate": {"num_gpus": 1}})
+    decode, encode, _ = stage_specs(split, 384, cluster_gpus=2)
+    assert decode.kwargs["decode"].where == "actor" and encode.kwargs["cfg"].decode.where == "actor"
+    assert decode.kwargs["decode"].frame_size == 384 and encode.kwargs["cfg"].effective_run_id() == split.effective_run_id()

@@ -117,6 +117,21 @@ def test_segfault_is_decoder_crashed_and_the_batch_continues(vids):
     assert again["status"] == "ok" and _worker_pid() == after
 
 
+def test_decoding_in_a_model_actor_is_isolated_too(vids):
+    """``decode.where: actor``: the stage ships the bytes; the actor's CPU decoding runs in the same kind of isolated
+    worker (the same code: hangs are covered by the stage's tests), so a decoder crash there is an error row, not a
+    dead GPU actor."""
+    from pipeline.decode import ActorDecoder
+
+    cfg = DecodeConfig(num_frames=F, frame_size=S, where="actor", backend="pyav")
+    fetched = _stage(where="actor", isolation="none")([_row(vids / n) for n in ("v0.mp4", "v3_SEGFAULT.mp4", "v1.mp4")])
+    assert fetched.column("data").null_count == 0  # the stage only checked them
+    rows = ActorDecoder(cfg, S, decoder=faulty_decoder.decode)(fetched.to_pylist())
+    assert [(r["status"], r.get("error_type")) for r in rows] == [("ok", None), ("error", "decoder_crashed"), ("ok", None)]
+    assert "SIGSEGV" in rows[1]["error_message"] and frames_from_row(rows[2]).shape == (F, S, S, 3)
+    assert rows[2]["fetch_s"] == fetched.column("fetch_s")[2].as_py()
+
+
 @pytest.mark.parametrize("name, how", [("v5_ABORT.mp4", "SIGABRT"), ("v6_EXIT3.mp4", "exit code 3")])
 def test_abort_and_exit_are_decoder_crashed(vids, name, how):
     stage = _stage()

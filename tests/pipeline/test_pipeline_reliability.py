@@ -54,6 +54,33 @@ def test_every_bad_input_gives_the_expected_row(bad_dir, bad_inputs):
     assert got == {name: expected for name, (_, expected) in bad_inputs.items()}
 
 
+def test_decoding_in_the_model_actor_gives_the_same_rows(bad_dir, bad_inputs):
+    """``decode.where: actor`` (the stage fetches and checks, the actor decodes; on this CPU machine with the PyAV
+    backend, the in-actor path NVDEC would take on a GPU node) gives each input the row the stage path gives."""
+    from pipeline.decode import FETCHED_SCHEMA, ActorDecoder
+
+    fetch_only = DecodeStage(DecodeConfig(num_frames=F, frame_size=S, isolation="none", where="actor"))
+    actor = ActorDecoder(fetch_only.cfg, S)
+    names = sorted(bad_inputs)
+    rows = [{"video_id": n, "video_uri": str(bad_dir / n), "questions": None} for n in names]
+    fetched = fetch_only(rows)
+    assert fetched.schema.equals(FETCHED_SCHEMA)
+    shipped = {r["video_id"] for r in fetched.to_pylist() if r["data"] is not None}
+    assert "flipped_middle.mp4" in shipped and "uhd_4k.mp4" in shipped  # checked by the stage, decoded by the actor
+    assert "text.mp4" not in shipped and "audio_only.mp4" not in shipped  # error rows from the stage's check
+    in_actor = actor(fetched.to_pylist())
+    for name, want, got in zip(names, (_decode(bad_dir / n) for n in names), in_actor):
+        assert (got["status"], got.get("error_type")) == (want["status"], want.get("error_type")), name
+        assert got.get("error_message") == want.get("error_message") and got.get("data") is None
+        if want["status"] == "ok":
+            assert np.array_equal(frames_from_row(got), frames_from_row(want)), name
+            for key in ("num_frames", "frame_timestamps_s", "duration_s", "video_bytes", "video_etag"):
+                assert got[key] == want[key], (name, key)
+    big = DecodeStage(DecodeConfig(num_frames=F, frame_size=S, isolation="none", where="actor", in_memory_bytes=1))
+    row = big.decode_one(rows[names.index("five_frames.mp4")])  # too large to ship: decoded by the stage
+    assert row["status"] == "ok" and "data" not in row and actor([row]) == [row]
+
+
 @pytest.mark.parametrize("n, stamps", [(1, [0] * 8), (3, [0, 0, 0, 0, 1, 1, 1, 2]), (5, [0, 0, 1, 1, 2, 2, 3, 4])])
 def test_fewer_frames_than_requested_repeat_frames(bad_dir, n, stamps):
     """F is kept (TTM windows and batch shapes stay uniform); linspace repeats frames and the timestamps say so."""
@@ -109,7 +136,7 @@ def test_manifest_keeps_scheme_uris_as_written(tmp_path):
     from pipeline.sources import manifest_source
 
     (tmp_path / "m.jsonl").write_text('{"video_uri": "s3:/b/v.mp4"}\n{"video_uri": "rel/v.mp4"}\n')
-    uris = [r["video_uri"] for t in manifest_source(str(tmp_path / "m.jsonl"), S3Config()) for r in t.to_pylist()]
+    uris = manifest_source(str(tmp_path / "m.jsonl"), S3Config()).column("video_uri").to_pylist()
     assert uris == ["s3:/b/v.mp4", str(tmp_path / "rel/v.mp4")]
 
 

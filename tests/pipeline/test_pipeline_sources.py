@@ -15,8 +15,8 @@ from pipeline.sources import SourceError, list_videos, manifest_source, video_id
 SETTINGS = S3Config()
 
 
-def _rows(tables) -> list[dict]:
-    return [r for t in tables for r in t.to_pylist()]
+def _rows(table) -> list[dict]:
+    return table.to_pylist()
 
 
 def test_local_folder(tmp_path):

@@ -162,6 +162,26 @@ def test_fused_stage_keeps_visual_tokens_in_the_actor(tiny_model, llm, decoded, 
     assert {r["video_id"] for r in good} == set(NAMES) - {"not_a_video.mp4"} and {r["status"] for r in good} == {"ok"}
 
 
+def test_model_actors_decode_what_the_stage_only_fetched(tiny_model, llm, decoded, video_dir):
+    """``decode.where: actor``: the decode stage ships bytes and the encode / fused actor decodes them (PyAV here; the
+    same path takes NVDEC on a GPU node): the same rows as when the decode stage ships frames."""
+    decode = DecodeConfig(num_frames=8, frame_size=56, isolation="none", where="actor")
+    fetched = DecodeStage(decode)([{"video_id": n, "video_uri": str(video_dir / n), "questions": ["Why?"] if i == 0 else None}
+                                   for i, n in enumerate(NAMES)])
+    assert fetched.column("frames").null_count == len(NAMES) and fetched.column("data").null_count == 1
+    cfg = _job(tiny_model)
+    in_actor = cfg.model_copy(update={"decode": decode})
+    want, got = (EncodeStage(c, llm=llm)(b).to_pylist() for c, b in ((cfg, decoded), (in_actor, fetched)))
+    for w, g in zip(want, got):
+        assert {k: g[k] for k in ("status", "error_type", "num_frames", "frame_timestamps_s", "duration_s")} == \
+            {k: w[k] for k in ("status", "error_type", "num_frames", "frame_timestamps_s", "duration_s")}
+        if w["status"] == "ok":
+            assert g["decode_s"] > 0 and unpack_visual(g["visual"]).tokens.equal(unpack_visual(w["visual"]).tokens)
+    want, got = (FusedStage(c, llm=llm)(b).to_pylist() for c, b in ((cfg, decoded), (in_actor, fetched)))
+    keep = ("video_id", "task_id", "status", "error_type", "answer", "num_frames", "frame_timestamps_s")
+    assert [{k: r[k] for k in keep} for r in got] == [{k: r[k] for k in keep} for r in want]
+
+
 def test_stages_declare_columns():
     assert set(EncodeStage.output_columns) == set(ENCODED_SCHEMA.names)
     assert set(GenerateStage.output_columns) == set(OUTPUT_SCHEMA.names)
