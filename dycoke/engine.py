@@ -10,10 +10,8 @@
   whole: one prefill per group prefix (long, one sequence fills the device), then ONE batched forward over
   the suffixes of every admitted row (padded, each row attending to its own prefix in the cache).
 * **decode** — :meth:`Engine.step` admits what fits, replays ``sync_every`` decode steps (a CUDA graph on
-  CUDA; no host synchronisation inside) and queues a host copy of the rows' state; then, while that batch runs,
-  it reads the PREVIOUS call's copy, hands back the results finished there and frees their rows for the next
-  admission (continuous batching). The device never waits for the host; a row that finished stays idle one
-  batch longer (``overlap_host``, on for CUDA; on a CPU, where work is synchronous, the copy is read at once). Phase times come from CUDA events, read after the fact (:class:`~dycoke.scheduling.PhaseClock`). When nothing waits and at most
+  CUDA; no host synchronisation inside), then reads the done flags once, hands back finished results and
+  frees their rows for the next admission (continuous batching). When nothing waits and at most
   ``compact_ratio`` of the rows are live, the live rows are compacted to a smaller prefix session.
 
 :meth:`Engine.generate` is add + step until done. :class:`dycoke.serving.EngineLoop` runs the same loop
@@ -38,7 +36,6 @@ from dycoke.scheduling import (  # noqa: F401 - GenerationSettings, Request, Res
     GenerationSettings,
     Group,
     Handle,
-    PhaseClock,
     Prepared,
     Request,
     Result,
@@ -113,11 +110,6 @@ class Engine:
         self.max_prefill_tokens = 16384  # prefix tokens (padded) per prefill forward
         self.compactions = 0  # figures for benchmarks and logs
         self.stats = collections.Counter()
-        self._clock = PhaseClock(self.stats, llm.device)
-        self._batches = 0  # decode batches queued so far (a snapshot's id)
-        self._pending: tuple | None = None  # (batch id, session, snapshot) of the last batch, read at the next step
-        # read a batch's snapshot one batch later (CUDA: the device runs on meanwhile); on a CPU, at once
-        self.overlap_host = llm.device.type == "cuda"
         tok = llm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
@@ -169,8 +161,7 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit what fits, queue ``sync_every`` decode steps and a snapshot of the rows, then finish the rows that
-        were done at the previous call's snapshot (the one wait on the device: for that earlier batch)."""
+        """Admit what fits, run ``sync_every`` decode steps, finish and free the rows that are done."""
         try:
             self._admit()
             cur = self._cur
@@ -178,16 +169,14 @@ class Engine:
                 return
             do_sample = any(r is not None and r.request.settings.temperature > 0 for r in self._rows)
             run = cur.stepper(do_sample, self.use_cuda_graph)
-            t0 = self._clock.mark()
+            t0 = time.perf_counter()
             for _ in range(self.sync_every):
                 run()
-            self._clock.add("decode_s", t0, self._clock.mark())
+            done = cur.done.cpu()  # the loop's one host synchronisation per sync_every steps
+            self.stats["decode_s"] += time.perf_counter() - t0
             self.stats["decode_steps"] += self.sync_every
-            self._batches += 1
-            snap = (self._batches, cur, cur.snapshot())
-            prev, self._pending = (self._pending, snap) if self.overlap_host else (snap, None)
-            if prev is not None and prev[1] is cur:  # else the rows moved since (compaction, new session): skip it
-                self._finish(*prev)
+            self._harvest(done)
+            self._maybe_compact(done)
         except Exception:
             self.reset()
             raise
@@ -195,8 +184,6 @@ class Engine:
     def reset(self) -> None:
         """Forget every queued and running sequence (after a failure); the next step starts afresh."""
         self._waiting.clear()
-        self._pending = None
-        self._clock.discard()
         self._rows = [None] * len(self._rows)
         if self._session is not None:
             self._session.done.fill_(True)
@@ -289,11 +276,13 @@ class Engine:
     def _prefill(self, admitted: list[tuple[Group, list[int]]]) -> None:
         """Prefixes once per group (batched, copied to the group's rows), then the admitted rows' suffixes in a few batched forwards
         (rows of similar suffix length together, :func:`~dycoke.scheduling.buckets`)."""
-        t0 = self._clock.mark()
+        dev = self.llm.device
+        t0 = time.perf_counter()
         s = self._session
         for batch in prefix_batches(admitted, self.max_prefill_tokens):
             prefix_forward(s, self.cache_kwarg, batch)
-        t1 = self._clock.mark()
+        _sync(dev)
+        t1 = time.perf_counter()
         for g, _ in admitted:
             self._groups += 1
             for p in g.members:
@@ -303,45 +292,51 @@ class Engine:
         logits = torch.cat([suffix_forward(s, self.cache_kwarg, b) for b in buckets(members)])
         start_rows(s, members, logits, self.pad_id)
         n = len(members)
-        t2 = self._clock.mark()
-        self._clock.add("prefix_prefill_s", t0, t1)
-        self._clock.add("suffix_prefill_s", t1, t2)
-        self._clock.add(None, t0, t2, lambda sec: [setattr(p, "prefill_s", sec / n) for p, _ in members])
+        _sync(dev)
+        t2 = time.perf_counter()
+        self.stats["prefix_prefill_s"] += t1 - t0
+        self.stats["suffix_prefill_s"] += t2 - t1
         self.stats["admissions"] += 1
         self.stats["prefixes"] += len(admitted)
         self.stats["rows_admitted"] += n
-        now = time.perf_counter()
-        for p, r in members:
-            p.admitted_at, p.batch = now, self._batches
-            self._rows[r] = p
+        for g, rows in admitted:
+            for p, r in zip(g.members, rows):
+                p.prefill_s = (t1 - t0) / n + (t2 - t1) / n
+                p.admitted_at = t2
+                self._rows[r] = p
 
     # ------------------------------------------------------------------ finishing
-    def _finish(self, batch: int, cur: Session, snap: dict) -> None:
-        """Hand back the results of the rows done at snapshot ``batch`` and free them (rows admitted after it are
-        not its to finish), then compact if the batch has thinned out."""
-        if snap["event"] is not None:
-            snap["event"].synchronize()
-        self._clock.resolve()
-        ours = torch.tensor([p is not None and p.batch < batch for p in self._rows[: cur.rows]])
+    def _harvest(self, done: torch.Tensor) -> None:
+        """Hand back the results of the rows that are done and free them."""
+        cur = self._cur
+        occupied = torch.tensor([p is not None for p in self._rows[: cur.rows]])
+        finished = (occupied & done).nonzero().flatten().tolist()
+        if not finished:
+            return
+        idx = torch.tensor(finished, device=cur.out.device)
+        out, steps = cur.out.index_select(0, idx).cpu(), cur.steps.index_select(0, idx).cpu()
+        attended = cur.attended.index_select(0, idx).cpu()
         now = time.perf_counter()
-        for r in (ours & snap["done"]).nonzero().flatten().tolist():
+        for k, r in enumerate(finished):
             p = self._rows[r]
             self._rows[r] = None
-            p.handle.finish(p.index, p.result(snap["out"][r], int(snap["steps"][r]), float(snap["attended"][r]),
-                                              self.llm.tokenizer, now - p.admitted_at))
-        self._maybe_compact()
+            p.handle.finish(p.index, p.result(out[k], int(steps[k]), float(attended[k]), self.llm.tokenizer,
+                                              now - p.admitted_at))
 
-    def _maybe_compact(self) -> None:
+    def _maybe_compact(self, done: torch.Tensor) -> None:
         cur = self._cur
         live = [r for r in range(cur.rows) if self._rows[r] is not None]
         if self.compact_ratio <= 0 or self._waiting or not live or len(live) > cur.rows * self.compact_ratio:
             return
         if max(self._rows[r].request.settings.max_new_tokens for r in live) < 2 * self.sync_every:
             return  # answers this short end before a compacted shape would pay off
-        free = torch.tensor([p is None for p in self._rows[: cur.rows]])  # done on the device, never refilled
-        new, perm = cur.compacted(torch.tensor(live, device=cur.out.device), free)
+        new, perm = cur.compacted(torch.tensor(live, device=cur.out.device), done)
         rows = [self._rows[int(i)] for i in perm]
         self._rows = rows + [None] * (len(self._rows) - len(rows))
         self._cur = new
-        self._pending = None  # taken before the rows moved
         self.compactions += 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

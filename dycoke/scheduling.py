@@ -8,7 +8,6 @@ Nothing here runs on the device except the embedding tensors a :class:`Prepared`
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +105,6 @@ class Prepared:
     prefill_s: float = 0.0
     admitted_at: float = 0.0
     group: int = 0  # the admission's prefix group (rows of one group hold the same prefix KV)
-    batch: int = 0  # decode batches queued before its admission (older snapshots do not describe it)
 
     @property
     def length(self) -> int:
@@ -190,41 +188,3 @@ def buckets(members: list, max_waste: float = 0.25) -> list[list]:
             out.append([m])
             real = n
     return out
-
-
-class PhaseClock:
-    """Adds the device time of engine phases to a counter without synchronising the host: on CUDA each phase is a
-    pair of CUDA events, read at :meth:`resolve` (called once later work is known to be done); on a CPU, host
-    time (the work is synchronous there). ``on_done(seconds)`` callbacks get a phase's time when it is read."""
-
-    def __init__(self, stats, device: torch.device):
-        self.stats, self.cuda = stats, device.type == "cuda"
-        self._open: list = []
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def add(self, name: str | None, start, end, on_done=None) -> None:
-        if self.cuda:
-            self._open.append((name, start, end, on_done))
-        else:
-            self._count(name, end - start, on_done)
-
-    def resolve(self) -> None:
-        for name, start, end, on_done in self._open:
-            end.synchronize()  # already complete when called after a later event
-            self._count(name, start.elapsed_time(end) / 1e3, on_done)
-        self._open.clear()
-
-    def discard(self) -> None:
-        self._open.clear()
-
-    def _count(self, name, seconds: float, on_done) -> None:
-        if name is not None:
-            self.stats[name] += seconds
-        if on_done is not None:
-            on_done(seconds)

@@ -107,21 +107,6 @@ class Session:
         self.tok.copy_(nxt)
         self.pos.copy_(torch.where(live, self.pos + 1, self.pos).clamp_(max=self.slots - 1))
 
-    def snapshot(self) -> dict:
-        """Host copies of what finishing rows needs (``done``, ``out``, ``steps``, ``attended``), queued behind the
-        work enqueued so far without waiting for it (pinned memory on CUDA); ``event`` (None on a CPU) completes
-        when they have landed. Finished rows never change again until refilled, so a snapshot read one batch later
-        still holds their results."""
-        names = ("done", "out", "steps", "attended")
-        if self.out.device.type != "cuda":
-            return {"event": None, **{n: getattr(self, n).clone() for n in names}}
-        snap = {n: torch.empty(getattr(self, n).shape, dtype=getattr(self, n).dtype, pin_memory=True) for n in names}
-        for n in names:
-            snap[n].copy_(getattr(self, n), non_blocking=True)
-        snap["event"] = torch.cuda.Event()
-        snap["event"].record()
-        return snap
-
     def is_stop(self, tok: torch.Tensor) -> torch.Tensor:
         return (tok.unsqueeze(-1) == self.stop_ids).any(-1)
 
