@@ -283,6 +283,8 @@ class Engine:
             prefix_forward(s, self.cache_kwarg, batch)
         _sync(dev)
         t1 = time.perf_counter()
+        if any(len(g.members) > 1 for g, _ in admitted):
+            s.sharing = True  # the decode kernel reads shared prefixes once per group from now on
         for g, _ in admitted:
             self._groups += 1
             for p in g.members:

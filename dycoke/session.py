@@ -69,14 +69,20 @@ class Session:
             start=self.vis_start, length=self.vis_len, state=PruneState.empty(rows, slots, dev),
             use_kernel=engine.use_decode_kernel,
         )
-        self.cascade = engine.use_decode_kernel and engine.share_decode_reads
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        # shared prefix reads: allowed with the decode kernel; switched on (for the root and its prefix sessions)
+        # by the engine once a group of several rows is admitted, so a caption-only job keeps the split kernel
+        self.share_reads, self.sharing = engine.use_decode_kernel and engine.share_decode_reads, False
+        self.graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}  # per (sampling, shared reads)
         self._parent: weakref.ref | None = None  # a prefix session's root (weak: no cycle keeps a cache alive)
         self._prefixes: dict[int, Session] = {}
 
     @property
     def root(self) -> Session:
         return self if self._parent is None else self._parent()
+
+    @property
+    def cascade(self) -> bool:
+        return self.share_reads and self.root.sharing
 
     # ------------------------------------------------------------------ the step
     def step(self, do_sample: bool) -> None:
@@ -90,6 +96,8 @@ class Session:
         if self.cascade:  # ... and share with nobody (a refill overwrites their prefix)
             self.ctx.members = share_groups(torch.where(self.done, -1 - self.row_ids, self.share_gid), SHARE_WIDTH)
             self.ctx.shared = torch.where(self.done, 0, self.share_len)
+        else:
+            self.ctx.members = None
         self.cache.begin_decode()
         h = llm.language_model(input_ids=self.tok.unsqueeze(1), position_ids=self.pos.unsqueeze(1),
                                attention_mask={"full_attention": bias}, use_cache=True, dycoke_ctx=self.ctx,
@@ -114,7 +122,8 @@ class Session:
         """A zero-argument callable running one step (a CUDA graph replay when ``use_graph``)."""
         if not use_graph:
             return lambda: self.step(do_sample)
-        graph = self.graphs.get(do_sample)
+        key = (do_sample, self.cascade)
+        graph = self.graphs.get(key)
         if graph is None:
             saved = [t.clone() for t in self._mutable()]
             stream = torch.cuda.Stream()
@@ -130,7 +139,7 @@ class Session:
                 self.step(do_sample)
             for t, v in zip(self._mutable(), saved):
                 t.copy_(v)
-            self.graphs[do_sample] = graph
+            self.graphs[key] = graph
         return graph.replay
 
     def _mutable(self) -> list[torch.Tensor]:
@@ -168,7 +177,7 @@ class Session:
             child.rows, child.slots, child.max_stop = m, self.slots, self.max_stop
             for name in ROW_TENSORS:
                 setattr(child, name, getattr(self, name)[:m])
-            child.slot_idx, child.row_ids, child.cascade = self.slot_idx, self.row_ids[:m], self.cascade
+            child.slot_idx, child.row_ids, child.share_reads = self.slot_idx, self.row_ids[:m], self.share_reads
             child.cache = self.cache.prefix(m, child.pos)
             c = self.ctx
             child.ctx = DecodeContext(bias=c.bias[:m], dp_layer=c.dp_layer, prune_ratio=c.prune_ratio,

@@ -188,3 +188,17 @@ def test_a_longer_request_grows_the_session_after_a_drain(llm, videos, cfg):
     assert engine._session.slots > slots >= first.prompt_tokens + 4  # grown, with headroom
     _same(both[1], _alone(llm, cfg, long))
     assert both[0].token_ids == first.token_ids
+
+
+def test_shared_prefix_reads_switch_on_only_when_a_group_has_several_rows(llm, videos, cfg):
+    """The decode kernel's shared reads (CUDA) start with the first admitted group of several rows: a job with
+    one task per video keeps the plain split kernel (its graphs are keyed by the choice)."""
+    vis = llm.encode(videos, cfg)
+    engine = Engine(llm, cfg, max_batch_size=8)
+    engine.generate([Request(f"v{i}", v, TASKS[0][0], GenerationSettings(max_new_tokens=3)) for i, v in enumerate(vis)])
+    session = engine._session
+    session.share_reads = True  # as with the kernel on CUDA (the CPU attends through SDPA either way)
+    engine.generate([Request(f"w{i}", vis[0], TASKS[0][0], GenerationSettings(max_new_tokens=3)) for i in range(1)])
+    assert session.sharing is False and not session.cascade
+    engine.generate(_mixed(vis[:1]))
+    assert session.sharing is True and session.cascade

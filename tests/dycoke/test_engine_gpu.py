@@ -50,11 +50,11 @@ def test_compaction_under_cuda_graphs_matches_cpu(tmp_path):
                         use_cuda_graph=device == "cuda")
         outs[device] = [(r.token_ids, round(r.visual_tokens_attended, 4)) for r in engine.generate(reqs)]
         if device == "cuda":
-            graphs = {m: p.graphs.get(False) for m, p in engine._session._prefixes.items()}
+            graphs = {m: p.graphs.get((False, p.cascade)) for m, p in engine._session._prefixes.items()}
             assert [(r.token_ids, round(r.visual_tokens_attended, 4)) for r in engine.generate(reqs)] == outs["cuda"]
             # the second batch replays the prefix graphs captured by the first
             assert graphs and all(g is not None for g in graphs.values())
-            assert {m: p.graphs.get(False) for m, p in engine._session._prefixes.items()} == graphs
+            assert {m: p.graphs.get((False, p.cascade)) for m, p in engine._session._prefixes.items()} == graphs
         compactions[device] = engine.compactions
     assert compactions["cpu"] == 0 and compactions["cuda"] >= 2
     assert outs["cpu"] == outs["cuda"]
