@@ -28,6 +28,14 @@ def online_update(q, k, v, bias, m_i, l_i, acc, scale, FP32: tl.constexpr):
 
 
 @triton.jit
+def load_tile(k_base, v_base, n_idx, valid, d_idx, stride_ks, stride_vs):
+    """K and V at slots ``n_idx`` (``[N, D]`` each; slots not ``valid`` read as 0)."""
+    k = tl.load(k_base + n_idx[:, None] * stride_ks + d_idx[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(v_base + n_idx[:, None] * stride_vs + d_idx[None, :], mask=valid[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def split_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, start_ptr, len_ptr, o_ptr, lse_ptr, scale,
                  stride_qb, stride_qh, stride_qg,
                  stride_kb, stride_kh, stride_ks,
@@ -56,8 +64,7 @@ def split_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, start_ptr, len_ptr, o_ptr, lse_p
     for start in range(lo, hi, BLOCK_N):
         n_idx = start + tl.arange(0, BLOCK_N)
         valid = n_idx < hi
-        k = tl.load(k_base + n_idx[:, None] * stride_ks + d_idx[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_base + n_idx[:, None] * stride_vs + d_idx[None, :], mask=valid[:, None], other=0.0)
+        k, v = load_tile(k_base, v_base, n_idx, valid, d_idx, stride_ks, stride_vs)
         bias = tl.load(bias_ptr + b * stride_bb + n_idx, mask=valid, other=float("-inf")).to(tl.float32)
         m_i, l_i, acc = online_update(q, k, v, bias[None, :], m_i, l_i, acc, scale, FP32)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -65,6 +72,7 @@ def split_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, start_ptr, len_ptr, o_ptr, lse_p
     o_off = b * stride_ob + h * stride_oh + s * stride_os
     tl.store(o_ptr + o_off + g_idx[:, None] * stride_og + d_idx[None, :], out, mask=g_idx[:, None] < G)
     tl.store(lse_ptr + ((b * tl.num_programs(1) + h) * tl.num_programs(2) + s) * G_PAD + g_idx, lse)
+
 
 @triton.jit
 def shared_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, plen_ptr, len_ptr, mem_ptr, o_ptr, lse_ptr, scale,
@@ -97,8 +105,7 @@ def shared_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, plen_ptr, len_ptr, mem_ptr, o_p
     for start in range(lo, hi, BLOCK_N):
         n_idx = start + tl.arange(0, BLOCK_N)
         valid = n_idx < hi
-        k = tl.load(k_base + n_idx[:, None] * stride_ks + d_idx[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_base + n_idx[:, None] * stride_vs + d_idx[None, :], mask=valid[:, None], other=0.0)
+        k, v = load_tile(k_base, v_base, n_idx, valid, d_idx, stride_ks, stride_vs)
         bias = tl.load(bias_ptr + row[:, None] * stride_bb + n_idx[None, :], mask=live[:, None] & valid[None, :],
                        other=float("-inf")).to(tl.float32)  # each member's own mask (DyCoke's pruning)
         m_i, l_i, acc = online_update(q, k, v, bias, m_i, l_i, acc, scale, FP32)
@@ -112,10 +119,8 @@ def shared_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, plen_ptr, len_ptr, mem_ptr, o_p
             for start in range(own_lo, own_hi, BLOCK_N):
                 n_idx = start + tl.arange(0, BLOCK_N)
                 valid = n_idx < own_hi
-                k = tl.load(k_ptr + own_row * stride_kb + h * stride_kh + n_idx[:, None] * stride_ks + d_idx[None, :],
-                            mask=valid[:, None], other=0.0)
-                v = tl.load(v_ptr + own_row * stride_vb + h * stride_vh + n_idx[:, None] * stride_vs + d_idx[None, :],
-                            mask=valid[:, None], other=0.0)
+                k, v = load_tile(k_ptr + own_row * stride_kb + h * stride_kh, v_ptr + own_row * stride_vb + h * stride_vh,
+                                 n_idx, valid, d_idx, stride_ks, stride_vs)
                 bias = tl.load(bias_ptr + own_row * stride_bb + n_idx, mask=valid, other=float("-inf")).to(tl.float32)
                 bias = tl.where(mine[:, None], bias[None, :], float("-inf"))  # other members' queries skip it
                 m_i, l_i, acc = online_update(q, k, v, bias, m_i, l_i, acc, scale, FP32)
