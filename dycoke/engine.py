@@ -42,6 +42,7 @@ from dycoke.scheduling import (  # noqa: F401 - GenerationSettings, Request, Res
     auto_rows,
     buckets,
     error_result,
+    on_device,
 )
 from dycoke.session import Session
 
@@ -122,7 +123,8 @@ class Engine:
         self._cur: Session | None = None  # the root or, after a compaction, a prefix of it
         self._rows: list[Prepared | None] = []  # root row -> its sequence
         self._waiting: collections.deque[Group] = collections.deque()
-        self._prompt_ids: dict[tuple[str, str | None], list[int]] = {}  # a job asks the same tasks of every video
+        # a job asks the same tasks of every video: their token ids and embeddings are computed once
+        self._prompts: dict[tuple[str, str | None], tuple[list[int], torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
@@ -141,10 +143,10 @@ class Engine:
         """
         handle = Handle(requests)
         groups: dict[tuple, Group] = {}
-        on_device: dict[tuple, torch.Tensor] = {}  # prefix tensors shared by the requests of a group
+        prefixes: dict[tuple, torch.Tensor] = {}  # prefix tensors shared by the requests of a group
         for i, req in enumerate(requests):
             try:
-                p = self._prepare(i, req, handle, on_device)
+                p = self._prepare(i, req, handle, prefixes)
             except ValueError as exc:
                 handle.finish(i, error_result(req, str(exc)))
                 continue
@@ -191,30 +193,24 @@ class Engine:
 
     # ------------------------------------------------------------------ prompts
     def _prepare(self, index: int, req: Request, handle: Handle | None = None,
-                 on_device: dict[tuple, torch.Tensor] | None = None) -> Prepared:
+                 prefixes: dict[tuple, torch.Tensor] | None = None) -> Prepared:
         llm = self.llm
-        ids = self._prompt_ids.get((req.question, req.system_prompt))
-        if ids is None:
-            ids = llm.prompt_ids(req.question, req.system_prompt)
-            if len(self._prompt_ids) >= 4096:
-                self._prompt_ids.clear()
-            self._prompt_ids[(req.question, req.system_prompt)] = ids
+        ids, emb = self._prompt(req.question, req.system_prompt)
         p = ids.index(llm.video_token_id)
-        emb = llm.language_model.embed_tokens(torch.tensor(ids, device=llm.device))
         if req.visual is None:
             prefix, vis_len = emb[:p], 0
         else:
             # one host-to-device copy per visual tokens object, one prefix tensor per (visual, prefix tokens): the
             # members of a group share it (only the group's prefix is prefilled)
             key = (id(req.visual), tuple(ids[:p]))
-            prefix = None if on_device is None else on_device.get(key)
+            prefix = None if prefixes is None else prefixes.get(key)
             if prefix is None:
-                vis = req.visual.tokens.to(llm.device, llm.dtype)
+                vis = req.visual.tokens.to(llm.device, llm.dtype, non_blocking=True)
                 if vis.shape[-1] != emb.shape[-1]:
                     raise ValueError(f"visual tokens have width {vis.shape[-1]}, the model expects {emb.shape[-1]}")
                 prefix = torch.cat([emb[:p], vis])
-                if on_device is not None:
-                    on_device[key] = prefix
+                if prefixes is not None:
+                    prefixes[key] = prefix
             vis_len = req.visual.num_kept
         suffix = emb[p + 1 :]
         s = req.settings
@@ -225,6 +221,19 @@ class Engine:
         stop = () if s.ignore_eos else (s.stop_token_ids if s.stop_token_ids is not None else self.default_stop_ids)
         return Prepared(index=index, request=req, handle=handle, prefix=prefix, suffix=suffix, vis_start=p,
                         vis_len=vis_len, stop_ids=tuple(stop), prefix_key=tuple(ids[:p]))
+
+    def _prompt(self, question: str, system_prompt: str | None) -> tuple[list[int], torch.Tensor]:
+        """Token ids and ``[L, D]`` embeddings of a chat-templated prompt (cached: 256 prompts, a few hundred MB at
+        most at 7B; a new prompt is copied to the device without a host synchronisation)."""
+        key = (question, system_prompt)
+        hit = self._prompts.get(key)
+        if hit is None:
+            ids = self.llm.prompt_ids(question, system_prompt)
+            hit = (ids, self.llm.language_model.embed_tokens(on_device(ids, self.llm.device)))
+            if len(self._prompts) >= 256:
+                self._prompts.clear()
+            self._prompts[key] = hit
+        return hit
 
     # ------------------------------------------------------------------ admission
     def _row_cap(self) -> int:
@@ -315,7 +324,7 @@ class Engine:
         finished = (occupied & done).nonzero().flatten().tolist()
         if not finished:
             return
-        idx = torch.tensor(finished, device=cur.out.device)
+        idx = on_device(finished, cur.out.device)
         out, steps = cur.out.index_select(0, idx).cpu(), cur.steps.index_select(0, idx).cpu()
         attended = cur.attended.index_select(0, idx).cpu()
         now = time.perf_counter()
@@ -332,7 +341,7 @@ class Engine:
             return
         if max(self._rows[r].request.settings.max_new_tokens for r in live) < 2 * self.sync_every:
             return  # answers this short end before a compacted shape would pay off
-        new, perm = cur.compacted(torch.tensor(live, device=cur.out.device), done)
+        new, perm = cur.compacted(on_device(live, cur.out.device), done)
         rows = [self._rows[int(i)] for i in perm]
         self._rows = rows + [None] * (len(self._rows) - len(rows))
         self._cur = new

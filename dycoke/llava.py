@@ -120,8 +120,8 @@ def preprocess_frames(frames: torch.Tensor, spec: PixelSpec, dtype: torch.dtype 
     if x.shape[-2:] != (spec.size, spec.size):
         x = F.interpolate(x, size=(spec.size, spec.size), mode="bicubic", align_corners=False, antialias=True)
         x = x.round_().clamp_(0, 255)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean).to(x.device, non_blocking=True).view(1, 3, 1, 1)  # no host synchronisation
+    std = torch.tensor(spec.std).to(x.device, non_blocking=True).view(1, 3, 1, 1)
     return ((x * spec.rescale - mean) / std).to(dtype)
 
 
@@ -238,8 +238,9 @@ class VideoLLM:
 
     # ------------------------------------------------------------------ vision
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        """``[F, H, W, 3]`` uint8 -> ``[F, 3, S, S]`` in the model dtype, on the model device."""
-        return preprocess_frames(frames.to(self.device), self.pixel_spec, self.dtype)
+        """``[F, H, W, 3]`` uint8 -> ``[F, 3, S, S]`` in the model dtype, on the model device (copied without a host
+        synchronisation: asynchronous from pinned memory, see ``pipeline.stages``)."""
+        return preprocess_frames(frames.to(self.device, non_blocking=True), self.pixel_spec, self.dtype)
 
     @torch.inference_mode()
     def video_features(self, pixels: torch.Tensor, saliency: bool = False):

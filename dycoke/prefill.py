@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from dycoke.attention import grouped_mask
 from dycoke.sampling import greedy, sample
-from dycoke.scheduling import Group, Prepared
+from dycoke.scheduling import Group, Prepared, on_device
 
 
 def prefix_batches(admitted: list, max_tokens: int) -> list[list]:
@@ -38,7 +38,7 @@ def prefix_forward(s, cache_kwarg: str, batch: list[tuple[Group, list[int]]]) ->
     dev = llm.device
     emb = pad_sequence([g.prefix for g, _ in batch], batch_first=True)
     width = emb.shape[1]
-    s.cache.begin_rows(torch.tensor([rows[0] for _, rows in batch], device=dev))
+    s.cache.begin_rows(on_device([rows[0] for _, rows in batch], dev))
     try:
         llm.language_model(inputs_embeds=emb, position_ids=torch.arange(width, device=dev)[None].expand(len(batch), -1),
                            attention_mask={"full_attention": None}, use_cache=True, **{cache_kwarg: s.cache})
@@ -47,7 +47,7 @@ def prefix_forward(s, cache_kwarg: str, batch: list[tuple[Group, list[int]]]) ->
         s.cache.end()
     for g, rows in batch:
         if len(rows) > 1:
-            s.cache.copy_prefix(rows[0], torch.tensor(rows[1:], device=dev), g.prefix.shape[0])
+            s.cache.copy_prefix(rows[0], on_device(rows[1:], dev), g.prefix.shape[0])
 
 
 def suffix_forward(s, cache_kwarg: str, members: list[tuple[Prepared, int]]) -> torch.Tensor:
@@ -57,13 +57,13 @@ def suffix_forward(s, cache_kwarg: str, members: list[tuple[Prepared, int]]) -> 
     dev = llm.device
     emb = pad_sequence([p.suffix for p, _ in members], batch_first=True)  # [n, width, D]
     n, width = emb.shape[:2]
-    start = torch.tensor([p.prefix.shape[0] for p, _ in members], device=dev)
-    lengths = torch.tensor([p.suffix.shape[0] for p, _ in members], device=dev)
+    start = on_device([p.prefix.shape[0] for p, _ in members], dev)
+    lengths = on_device([p.suffix.shape[0] for p, _ in members], dev)
     pos = start[:, None] + torch.arange(width, device=dev)[None]  # [n, width]
     slots = pos.clamp(max=s.slots - 1)  # padding past a short suffix lands beyond its row's length (masked)
     bias = torch.zeros(n, 1, width, s.slots, dtype=llm.dtype, device=dev)
     bias.masked_fill_(s.slot_idx[None, None, None, :] > pos[:, None, :, None], float("-inf"))
-    s.cache.begin_chunk(torch.tensor([r for _, r in members], device=dev), slots)
+    s.cache.begin_chunk(on_device([r for _, r in members], dev), slots)
     try:
         cfg = llm.language_model.config
         h = llm.language_model(inputs_embeds=emb, position_ids=pos, attention_mask={"full_attention": bias},
@@ -80,9 +80,9 @@ def start_rows(s, members: list[tuple[Prepared, int]], logits: torch.Tensor, pad
     """Rows ``members`` (``(sequence, row)``) start decoding: first token from ``logits`` (``[n, V]``), position at the
     end of each prompt, per-row settings, fresh DyCoke pruning state."""
     dev = s.llm.device
-    rows = torch.tensor([r for _, r in members], device=dev)
-    lengths = torch.tensor([p.length for p, _ in members], device=dev)
-    col = lambda vals, dt=torch.long: torch.tensor(vals, dtype=dt, device=dev)  # noqa: E731
+    rows = on_device([r for _, r in members], dev)
+    lengths = on_device([p.length for p, _ in members], dev)
+    col = lambda vals, dt=torch.long: on_device(vals, dev, dt)  # noqa: E731
     sets = [p.request.settings for p, _ in members]
     temperature = col([x.temperature for x in sets], torch.float32)
     top_p = col([x.top_p for x in sets], torch.float32)

@@ -153,6 +153,13 @@ class Group:
         return max(len(p.stop_ids) for p in self.members)
 
 
+def on_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``values`` (a list) as a tensor on ``device`` without a host synchronisation: ``torch.tensor(v, device=cuda)``
+    copies synchronously, which drains every queued kernel first and leaves the device idle while the host
+    prepares the next launch."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def kv_bytes_per_slot(llm) -> int:
     """Bytes of K and V one cache slot takes over all decoder layers."""
     cfg = llm.language_model.config

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -151,8 +152,6 @@ class EncodeStage(Stage):
         self.decoder = ActorDecoder(cfg.decode, self.llm.image_size) if cfg.decode.where == "actor" else None
 
     def _encode(self, frames: list) -> list:
-        import warnings
-
         import torch
 
         with warnings.catch_warnings():  # read-only views of the batch: only read (copied to the device / converted)
@@ -164,8 +163,18 @@ class EncodeStage(Stage):
         return self.llm.encode(tensors, self.dycoke)
 
     def decode_rows(self, rows: list[dict]) -> list[dict]:
-        """The rows with frames: decoded here when the decode stage only fetched them (``decode.where: actor``)."""
-        return self.decoder(rows) if self.decoder is not None else rows
+        """The rows with frames: decoded here when the decode stage only fetched them (``decode.where: actor``).
+        On a GPU, frames still on the host are copied once into pinned memory here, in the calling thread, so
+        that the engine thread's copy to the device is asynchronous (it never waits for the queued kernels)."""
+        import torch
+
+        rows = self.decoder(rows) if self.decoder is not None else rows
+        if self.llm.device.type != "cuda":
+            return rows
+        with warnings.catch_warnings():  # read-only views of the batch, only read by the copy
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            return [{**r, "frames": torch.from_numpy(frames_from_row(r)).pin_memory()} if r.get("status") == STATUS_OK
+                    and not isinstance(r.get("frames"), torch.Tensor) else r for r in rows]
 
     def encode_rows(self, rows: list[dict], pack: bool = True) -> list[dict]:
         """Encode the ``ok`` rows, :data:`ENCODE_CHUNK` videos per vision-tower call (a failing call is retried video
