@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import statistics
@@ -49,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_engine import build_model, measure_peaks  # noqa: E402
+from bench.stage_profile import gap_report, labelled  # noqa: E402
 from dycoke.testing import build_tiny_tokenizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.schema import DECODED_SCHEMA  # noqa: E402
@@ -142,21 +144,30 @@ def _reset_peak() -> None:
 
 
 class Timed:
-    """Wraps a stage's ``encode_rows`` to add the vision time (synchronised) to a counter."""
+    """Wraps a stage's ``encode_rows`` to add its GPU time to a counter: CUDA events around each call on the
+    engine thread's stream, read once at the end (no synchronisation during the run)."""
 
     def __init__(self, encode):
-        self.encode, self.total = encode, 0.0
-        self.real = encode.encode_rows
+        self.encode, self.real, self.events = encode, encode.encode_rows, []
 
     def __call__(self, rows, pack=True):
-        t0 = time.perf_counter()
+        if not torch.cuda.is_available():
+            return self.real(rows, pack=pack)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         out = self.real(rows, pack=pack)
-        _sync()
-        self.total += time.perf_counter() - t0
+        end.record()
+        self.events.append((start, end))
         return out
 
+    @property
+    def total(self) -> float:
+        _sync()
+        return sum(s.elapsed_time(e) for s, e in self.events) / 1e3
 
-def run_fused(llm, cfg, rows: list[dict], warm: list[dict], ablations: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
+
+def run_fused(llm, cfg, rows: list[dict], warm: list[dict], ablations: tuple[str, ...] = (),
+              profile: bool = False) -> tuple[dict, list[dict]]:
     from dycoke.fused import adapt_language_model, restore
     from dycoke.vision import fuse_mlp_gelu, unfuse_mlp_gelu
 
@@ -175,11 +186,18 @@ def run_fused(llm, cfg, rows: list[dict], warm: list[dict], ablations: tuple[str
         list(pool.map(stage, batches(warm, size)))  # warm-up: session allocation, graph capture
         _sync()
         stage.generate.engine.stats.clear()
-        timer.total = 0.0
+        timer.events.clear()
         _reset_peak()
-        t0 = time.perf_counter()
-        out = [r for t in pool.map(stage, batches(rows, size)) for r in t.to_pylist()]
-        wall = time.perf_counter() - t0
+        with contextlib.ExitStack() as stack:
+            if profile:  # started on the engine thread: the profiler records the CPU ops of the thread that starts it
+                stack.enter_context(labelled())
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+                stage.generate.loop.call(prof.start).result()
+                stack.callback(lambda: stage.generate.loop.call(prof.stop).result())
+            t0 = time.perf_counter()
+            out = [r for t in pool.map(stage, batches(rows, size)) for r in t.to_pylist()]
+            wall = time.perf_counter() - t0
     eng = stage.generate.engine
     stage.generate.loop.close()
     return {"wall_s": wall, "videos_per_s": len(rows) / wall, "vision_s": timer.total,
@@ -187,7 +205,7 @@ def run_fused(llm, cfg, rows: list[dict], warm: list[dict], ablations: tuple[str
             "decode_s": eng.stats["decode_s"], "decode_steps": eng.stats["decode_steps"],
             "admissions": eng.stats["admissions"], "prefixes": eng.stats["prefixes"], "rows": eng._session.rows,
             "slots": eng._session.slots, "videos_per_call": size, "calls_in_flight": threads,
-            "peak_gib": _peak_gib()}, out
+            "peak_gib": _peak_gib(), **({"gaps": gap_report(prof)} if profile else {})}, out
 
 
 def run_split(llm, cfg, rows: list[dict], warm: list[dict]) -> dict:
@@ -227,6 +245,8 @@ def main() -> None:
     ap.add_argument("--variants", default="fused_mix,fused_caption,fused_mix_drain,split_mix")
     ap.add_argument("--repeat", type=int, default=1, help="run the variant list this many times, interleaved; "
                     "the last table gives each variant's median videos/s")
+    ap.add_argument("--profile", action="store_true", help="trace the first fused run (torch.profiler) and report "
+                    "where the GPU idles, charged to the host step running then (bench/stage_profile.py); slower")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script on a tiny checkpoint (no figures)")
     args = ap.parse_args()
     shapes = ["tiny"] if args.tiny else (args.shape or ["7b", "0.5b"])
@@ -256,7 +276,10 @@ def main() -> None:
             if variant.startswith("split"):
                 r = run_split(llm, cfg, rows, warm)
             else:
-                r, out = run_fused(llm, cfg, rows, warm, tuple(ablations))
+                r, out = run_fused(llm, cfg, rows, warm, tuple(ablations), profile=args.profile and rep == 0
+                                   and variant == variants[0])
+                if "gaps" in r:
+                    print("GAPS", json.dumps(r["gaps"], indent=1), flush=True)
                 assert len(out) == len(rows) * (1 if tasks == {} else 4) and all(o["status"] == "ok" for o in out), \
                     [o["error_message"] for o in out if o["status"] != "ok"][:3]
                 ok = [o for o in out if o["video_id"] == out[0]["video_id"]]
