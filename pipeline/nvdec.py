@@ -7,8 +7,9 @@ Contract::
 
 * Packets come from PyAV (the numbering every backend shares), in Annex B for H.264 / HEVC, fed with their pts,
   which the decoded frames carry back (frames are counted when pts are not unique). Only the packets the targets need
-  are fed (:mod:`pipeline.nvdec_feed`: from the keyframe before each group of targets until the group is out; the
-  same frames as feeding every packet), without seeking: faster than NVDEC's random access (issue 13).
+  are fed (:mod:`pipeline.nvdec_feed`: from the keyframe before each group of targets until the group is out, less
+  the non-reference pictures that are no target; the same frames as feeding every packet), without seeking: faster
+  than NVDEC's random access (issue 13).
 * NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target goes through :func:`yuv_to_rgb`: planes resized
   (bilinear, antialiased), then RGB with the stream's matrix and range as swscale does for PyAV (BT.709, BT.2020,
   SMPTE 240M or FCC when tagged, else BT.601; limited range unless tagged full); rotation applied on the GPU too.

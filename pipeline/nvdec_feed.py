@@ -10,9 +10,12 @@ Contract::
 * H.264 / HEVC go through FFmpeg's ``*_mp4toannexb`` filter, which sees every packet (it is stateful); dropped packets
   then do not reach the decoder. An HEVC packet fed after dropped ones gets an end-of-sequence NAL unit before it, so
   a CRA keyframe starts a new coded video sequence (POC reset, its RASL pictures not output: they are no targets).
+* Non-reference pictures that are not targets are dropped too (H.264 ``nal_ref_idc`` 0; HEVC sub-layer
+  non-reference pictures of the highest sub-layer, read from the SPS): no other picture uses them, and neither frame
+  numbers nor POCs count them (what FFmpeg's ``skip_frame = NONREF`` does on the CPU path). Only with unique pts.
 * Restart points (keyframes at which feeding may resume after a gap): for H.264 the IDR keyframes (a non-IDR I
   picture of an open GOP keeps the POC and reference state of what came before: after a gap FFmpeg drops or misorders
-  its frames); for HEVC, VP8, VP9 and AV1 every keyframe (an IRAP picture, a key frame refreshing every reference);
+  its frames); for HEVC the IRAP keyframes; for VP8, VP9 and AV1 every keyframe (it refreshes every reference);
   other codecs none, so they are fed whole up to the last target (MPEG-4 Part 2 differed after a gap, measured with
   FFmpeg), as is a stream whose frames cannot be told apart by pts (``not index.pts_unique``).
 """
@@ -27,8 +30,10 @@ from pipeline.media import VideoIndex
 
 ANNEX_B = {"h264": "h264_mp4toannexb", "hevc": "hevc_mp4toannexb"}
 HEVC_EOS = b"\x00\x00\x01\x48\x01"  # end-of-sequence NAL unit (type 36)
-#: codecs whose every keyframe is a restart point (checked in tests/pipeline/test_pipeline_nvdec.py)
-KEYFRAME_RESTARTS = frozenset({"hevc", "vp8", "vp9", "av1"})
+#: codecs whose every keyframe is a restart point (checked in tests/pipeline/test_pipeline_nvdec.py) ...
+KEYFRAME_RESTARTS = frozenset({"vp8", "vp9", "av1"})
+#: ... and those whose keyframes are when they hold these NAL units: H.264 IDR, HEVC IRAP (BLA, IDR, CRA)
+RESTART_NALS = {"h264": {5}, "hevc": {16, 17, 18, 19, 20, 21}}
 
 
 class PacketSelector:
@@ -112,25 +117,49 @@ def nal_types(data: bytes, codec: str) -> set[int]:
     return types
 
 
+def nonreference(data: bytes, codec: str, top: list[int]) -> bool:
+    """Whether an Annex B H.264 / HEVC packet holds pictures no other picture references: every slice in it has
+    ``nal_ref_idc`` 0 (H.264) or is a sub-layer non-reference picture on the highest sub-layer (HEVC; ``top``:
+    ``[that sub-layer]``, -1 until an SPS is seen, updated from an SPS in ``data``)."""
+    slices, i = 0, data.find(b"\x00\x00\x01")
+    while 0 <= i < len(data) - 5:
+        b = data[i + 3]
+        if codec == "h264" and b & 0x1F in (1, 5):
+            if b & 0x1F == 5 or b >> 5:
+                return False
+            slices += 1
+        elif codec == "hevc":
+            kind = (b >> 1) & 0x3F
+            if kind == 33:  # SPS: sps_max_sub_layers_minus1 follows the VPS id
+                top[0] = (data[i + 5] >> 1) & 7
+            elif kind < 32:  # a slice: TRAIL_N, TSA_N, STSA_N, RADL_N, RASL_N are the even types below 16
+                if kind >= 16 or kind % 2 or (data[i + 4] & 7) - 1 != top[0]:
+                    return False
+                slices += 1
+        i = data.find(b"\x00\x00\x01", i + 3)
+    return slices > 0
+
+
 def restart_points(container, index: VideoIndex) -> np.ndarray:
-    """The keyframe positions where feeding may resume after a gap (see the module docstring). H.264's IDR keyframes
-    are read from ``container`` (open on the video; it is left seeked somewhere), one seek per keyframe; a keyframe
-    whose packet the seek does not land on is no restart point."""
-    if index.codec != "h264":
+    """The keyframe positions where feeding may resume after a gap (see the module docstring). For H.264 / HEVC each
+    keyframe's packet is read from ``container`` (open on the video; left seeked somewhere), one seek per keyframe:
+    a restart point holds an IDR slice (H.264) or an IRAP one (HEVC); a keyframe the seek does not land on is none."""
+    if index.codec not in RESTART_NALS:
         return index.keyframes if index.codec in KEYFRAME_RESTARTS else np.zeros(0, dtype=np.int64)
     from av.bitstream import BitStreamFilterContext
 
-    idr = []
+    points = []
     stream = container.streams[index.stream_index]
     for k in index.keyframes:
         container.seek(int(index.pts[k]), stream=stream, backward=True, any_frame=False)
         packet = next((p for p in container.demux(stream) if p.size), None)
         if packet is None or index.position(packet.pts) != k:
             continue
-        bsf = BitStreamFilterContext(ANNEX_B["h264"], stream)  # its own: only the slice types are read
-        if any(5 in nal_types(bytes(out), "h264") for out in [*bsf.filter(packet), *bsf.filter(None)]):
-            idr.append(int(k))
-    return np.asarray(idr, dtype=np.int64)
+        bsf = BitStreamFilterContext(ANNEX_B[index.codec], stream)  # its own: only the slice types are read
+        types = set().union(*(nal_types(bytes(out), index.codec) for out in [*bsf.filter(packet), *bsf.filter(None)]))
+        if types & RESTART_NALS[index.codec]:
+            points.append(int(k))
+    return np.asarray(points, dtype=np.int64)
 
 
 def feed_packets(source, index: VideoIndex, indices: np.ndarray, received, restarts: np.ndarray | None = None,
@@ -146,12 +175,19 @@ def feed_packets(source, index: VideoIndex, indices: np.ndarray, received, resta
         if hasattr(source, "seek"):
             source.seek(0)
     select = PacketSelector(index, indices, restarts) if index.pts_unique else None
-    fed, gap = 0, False
+    targets = set(int(i) for i in indices)
+    skip_nonref = select is not None and index.codec in ANNEX_B
+    fed, gap, top = 0, False, [-1]
     try:
         with av.open(source, mode="r") as container:
             for data, pts in _packets(container, container.streams[index.stream_index], index.codec):
-                if select is not None and not select.wants(index.position(pts), received):
+                position = index.position(pts)
+                if select is not None and not select.wants(position, received):
                     gap = True
+                    continue
+                # every packet fed is read (the SPS that sets ``top`` comes first); never the first one
+                droppable = skip_nonref and nonreference(data, index.codec, top)
+                if droppable and position not in targets and select.packets > 1:
                     continue
                 fed += 1
                 yield (HEVC_EOS + data if gap and index.codec == "hevc" else data), pts

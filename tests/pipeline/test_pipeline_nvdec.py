@@ -19,7 +19,15 @@ import pytest
 from pipeline.backends import _rgb, pyav_sequential_frames
 from pipeline.frames import sample_indices
 from pipeline.media import VideoIndex, probe
-from pipeline.nvdec_feed import ANNEX_B, PacketSelector, _packets, feed_packets, nal_types, restart_points
+from pipeline.nvdec_feed import (
+    ANNEX_B,
+    PacketSelector,
+    _packets,
+    feed_packets,
+    nal_types,
+    nonreference,
+    restart_points,
+)
 from pipeline.samples import frame_image
 from tests.pipeline.oddities import encode
 from tests.pipeline.test_pipeline_backends import _clips, _nvdec_usable, _shown, _truth
@@ -27,24 +35,28 @@ from tests.pipeline.videos import make_video
 
 S = 32
 N = 300  # frames of the short-GOP clips (a keyframe every 10)
-SHORT_GOP = ["h264_closed_gop10", "h264_open_gop10", "hevc_open_gop10", "vp9_gop10", "vp8_gop10", "av1_gop10",
-             "mpeg4_gop10"]
+SHORT_GOP = ["h264_closed_gop10", "h264_open_gop10", "hevc_open_gop10", "hevc_temporal_layers", "vp9_gop10",
+             "vp8_gop10", "av1_gop10", "mpeg4_gop10"]
 FED_WHOLE = {"h264_open_gop10", "mpeg4_gop10"}  # no restart point after the first keyframe
 
 
 def _short_gop_clips() -> dict[str, bytes]:
-    closed = "keyint=10:min-keyint=10:scenecut=0:bframes=3:b-pyramid=normal"
+    x264 = "keyint=10:min-keyint=10:scenecut=0:bframes=3:b-pyramid=normal"
+    x265 = "keyint=10:min-keyint=10:scenecut=0:bframes=3:log-level=error"
+    vpx = {"deadline": "realtime", "cpu-used": "8", "g": "10"}
     return {
-        "h264_closed_gop10": make_video(num_frames=N, width=128, height=96, options={"preset": "veryfast", "x264-params": closed}),
-        "h264_open_gop10": make_video(num_frames=N, width=128, height=96, options={
-            "preset": "veryfast", "x264-params": "keyint=10:min-keyint=10:scenecut=0:open-gop=1:bframes=3:b-pyramid=normal"}),
-        "hevc_open_gop10": encode("mp4", "libx265", N, width=128, height=96, codec_options={
-            "preset": "ultrafast", "x265-params": "keyint=10:min-keyint=10:scenecut=0:bframes=3:open-gop=1:log-level=error"}),
-        "vp9_gop10": encode("webm", "libvpx-vp9", N, width=128, height=96,
-                            codec_options={"deadline": "realtime", "cpu-used": "8", "g": "10"}),
-        "vp8_gop10": encode("webm", "libvpx", N, width=128, height=96,
-                            codec_options={"deadline": "realtime", "cpu-used": "8", "g": "10", "keyint_min": "10"}),
-        "av1_gop10": encode("mp4", "libsvtav1", N, width=128, height=96, codec_options={"preset": "12", "g": "10", "crf": "5"}),
+        "h264_closed_gop10": make_video(num_frames=N, width=128, height=96,
+                                        options={"preset": "veryfast", "x264-params": x264}),
+        "h264_open_gop10": make_video(num_frames=N, width=128, height=96,
+                                      options={"preset": "veryfast", "x264-params": x264 + ":open-gop=1"}),
+        "hevc_open_gop10": encode("mp4", "libx265", N, width=128, height=96,
+                                  codec_options={"preset": "ultrafast", "x265-params": x265 + ":open-gop=1"}),
+        "hevc_temporal_layers": encode("mp4", "libx265", N, width=128, height=96, codec_options={  # _N on 3 layers
+            "preset": "ultrafast", "x265-params": x265 + ":b-pyramid=1:temporal-layers=3"}),
+        "vp9_gop10": encode("webm", "libvpx-vp9", N, width=128, height=96, codec_options=vpx),
+        "vp8_gop10": encode("webm", "libvpx", N, width=128, height=96, codec_options={**vpx, "keyint_min": "10"}),
+        "av1_gop10": encode("mp4", "libsvtav1", N, width=128, height=96,
+                            codec_options={"preset": "12", "g": "10", "crf": "5"}),
         "mpeg4_gop10": make_video(num_frames=N, width=128, height=96, codec="mpeg4", gop=10),
     }
 
@@ -119,6 +131,15 @@ def _restarts(data: bytes, index) -> np.ndarray:
         return restart_points(container, index)
 
 
+def _nonreference_positions(data: bytes, index) -> set[int]:
+    import av
+
+    top = [-1]
+    with av.open(io.BytesIO(data)) as c:
+        return {index.position(pts) for payload, pts in _packets(c, c.streams.video[0], index.codec)
+                if index.codec in ANNEX_B and nonreference(payload, index.codec, top)}
+
+
 def _around_keyframes(index) -> np.ndarray:
     """Targets beside every third keyframe k: k - 1 (an open GOP's leading picture, decoded after k), k, k + 1."""
     keys = index.keyframes[1::3]
@@ -134,17 +155,19 @@ def test_selected_packets_give_the_sequential_frames(clips, name, num_frames):
 @pytest.mark.parametrize("name", SHORT_GOP)
 def test_short_gops_are_skipped_with_the_same_frames(short_gop, name):
     """8 targets over 30 GOPs: most GOPs are dropped, except on open-GOP H.264 (its only IDR picture is the first) and
-    MPEG-4 Part 2 (no restart points), fed whole up to the last target; targets beside keyframes (an open GOP's
-    leading pictures among them); every frame a target: every packet fed."""
+    MPEG-4 Part 2 (no restart points), fed whole up to the last target but for H.264's non-reference pictures;
+    targets beside keyframes (an open GOP's leading pictures among them); every frame a target: every packet fed."""
     data = short_gop[name]
     index = probe(io.BytesIO(data))
     assert len(index.keyframes) == N // 10
     restarts = _restarts(data, index)
-    assert restarts.tolist() == ([0] if name == "h264_open_gop10" else [] if name in FED_WHOLE else index.keyframes.tolist())
+    want = [0] if name == "h264_open_gop10" else [] if name in FED_WHOLE else index.keyframes.tolist()
+    assert restarts.tolist() == want
     stats = _check(data, num_frames=8)
     print(f"FED {name}: {stats['packets_fed']} of {stats['packets']} packets for 8 targets")
-    if name in FED_WHOLE:
-        assert stats["packets_fed"] == index.n
+    if name in FED_WHOLE:  # no GOP dropped: every packet but the non-reference pictures that are no targets
+        nonref = _nonreference_positions(data, index) - set(sample_indices(index.n, 8).tolist())
+        assert stats["packets_fed"] == index.n - len(nonref) and (len(nonref) > 0) == (index.codec == "h264")
     else:
         assert stats["packets_fed"] <= 0.5 * index.n, stats
         assert _check(data, indices=_around_keyframes(index))["packets_fed"] < 0.9 * index.n
@@ -219,8 +242,9 @@ def _nvdec_clip(name: str, short_gop: dict) -> tuple[bytes, np.ndarray]:
 
 def _nvdec_bytes(name: str, short_gop: dict) -> bytes:
     if name == "hevc_open_gop10_256":
-        return encode("mp4", "libx265", 150, width=256, height=192, codec_options={
-            "preset": "ultrafast", "x265-params": "keyint=10:min-keyint=10:scenecut=0:bframes=3:open-gop=1:log-level=error"})
+        x265 = "keyint=10:min-keyint=10:scenecut=0:bframes=3:open-gop=1:log-level=error"
+        return encode("mp4", "libx265", 150, width=256, height=192,
+                      codec_options={"preset": "ultrafast", "x265-params": x265})
     if name == "vp9_gop10_256":
         return encode("webm", "libvpx-vp9", 150, width=256, height=192,
                       codec_options={"deadline": "realtime", "cpu-used": "8", "g": "10"})
@@ -231,10 +255,11 @@ def _nvdec_bytes(name: str, short_gop: dict) -> bytes:
 @pytest.mark.parametrize("name", ["h264_closed_gop10", "h264_open_gop10", "hevc_open_gop10_256", "vp9_gop10_256"])
 def test_nvdec_skips_gops_with_the_frames_of_decoding_everything(short_gop, name, monkeypatch):
     """On NVDEC: the fed packets give the same frames as feeding every packet (bit-identical RGB), the right frames,
-    and most GOPs are dropped (open-GOP H.264: fed whole)."""
+    and most GOPs are dropped (open-GOP H.264: only non-reference pictures)."""
     _nvdec_usable()
     import torch
 
+    from pipeline import nvdec_feed
     from pipeline.nvdec import nvdec_frames
 
     data, truth = _nvdec_clip(name, short_gop)
@@ -243,9 +268,14 @@ def test_nvdec_skips_gops_with_the_frames_of_decoding_everything(short_gop, name
     stats: dict = {}
     frames = nvdec_frames(io.BytesIO(data), index, indices, S, stats=stats)
     print(f"NVDEC_FED {name}: {stats['packets_fed']} of {stats['packets']} packets")
-    assert stats["packets_fed"] == index.n if name == "h264_open_gop10" else stats["packets_fed"] <= 0.5 * index.n
+    if name == "h264_open_gop10":  # no GOP dropped, only non-reference pictures
+        nonref = _nonreference_positions(data, index) - set(indices.tolist())
+        assert 0.5 * index.n < stats["packets_fed"] <= index.n - len(nonref)
+    else:
+        assert stats["packets_fed"] <= 0.5 * index.n
     assert _shown(frames.cpu().numpy(), truth[: index.n]) == indices.tolist()
     monkeypatch.setattr(PacketSelector, "wants", lambda self, position, received: True)  # feed every packet
+    monkeypatch.setattr(nvdec_feed, "nonreference", lambda data, codec, top: False)
     everything: dict = {}
     assert torch.equal(nvdec_frames(io.BytesIO(data), index, indices, S, stats=everything), frames)
     assert everything["packets_fed"] == index.n
