@@ -279,3 +279,16 @@ def test_nvdec_skips_gops_with_the_frames_of_decoding_everything(short_gop, name
     everything: dict = {}
     assert torch.equal(nvdec_frames(io.BytesIO(data), index, indices, S, stats=everything), frames)
     assert everything["packets_fed"] == index.n
+
+
+def test_nvdec_prepass_reads_the_restart_points_after_the_first_frame(short_gop):
+    """What :func:`pipeline.nvdec.nvdec_frames` passes to the feed (read in the container that decoded the first frame
+    for its rotation) equals the restart points read in a fresh container."""
+    from pipeline.nvdec import _prepass
+
+    for name in ("h264_closed_gop10", "h264_open_gop10", "hevc_open_gop10"):
+        data = short_gop[name]
+        index = probe(io.BytesIO(data))
+        source = io.BytesIO(data)
+        turns, restarts = _prepass(source, index)
+        assert turns == 0 and restarts.tolist() == _restarts(data, index).tolist() and source.tell() == 0
