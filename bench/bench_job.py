@@ -6,7 +6,8 @@ Modes:
                    content and keyframes 10 s apart: 60 s 720p and 20 s 1080p at 30 fps, ~450 kbit/s (4 MB):
                        python bench/bench_job.py make-videos --out bench/videos
                    ``--kbps 4000 --only 720p_60s``: the decode-heavy input of issue 13's bar (30 MB a clip: encode it
-                   on the GPU machine rather than carry it)
+                   on the GPU machine rather than carry it); ``--gop-s 2``: keyframes 2 s apart (streaming-like
+                   short GOPs, where NVDEC skips the GOPs without a sampled frame)
   make-checkpoint  build a random-weight LLaVA-OneVision at real shapes on the GPU and save it in Hugging Face
                    layout (safetensors, tokenizer with chat template, preprocessor config); ``run`` does this in a
                    child process (the GPU is free again before the job starts) unless the folder holds one.
@@ -62,6 +63,7 @@ from bench.bench_stage import MIX  # noqa: E402
 from bench.job_inputs import (  # noqa: E402
     CLIPS,
     FPS,
+    KEYFRAME_S,
     TINY_CLIPS,
     ensure_checkpoint,
     link_inputs,
@@ -256,6 +258,7 @@ def main() -> int:
     mv.add_argument("--fps", type=int, default=FPS)
     mv.add_argument("--kbps", type=int, default=450)
     mv.add_argument("--only", action="append", choices=sorted(CLIPS), help="just these clips (repeatable)")
+    mv.add_argument("--gop-s", type=float, default=KEYFRAME_S, help="seconds between keyframes (IDR)")
     mc = sub.add_parser("make-checkpoint", help="build and save a random-weight checkpoint (GPU)")
     mc.add_argument("--shape", choices=["7b", "0.5b"], default="7b")
     mc.add_argument("--out", required=True)
@@ -277,7 +280,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.mode == "make-videos":
         make_videos(Path(args.out), {k: v for k, v in CLIPS.items() if not args.only or k in args.only}, fps=args.fps,
-                    kbps=args.kbps)
+                    kbps=args.kbps, gop_s=args.gop_s)
         return 0
     if args.mode == "make-checkpoint":
         make_checkpoint(args.shape, Path(args.out))

@@ -1,8 +1,8 @@
 """Inputs of ``bench/bench_job.py``: generated H.264 clips, the job's input folder, a saved checkpoint.
 
-The clips are real H.264 in MP4 (High profile: CABAC and B-frames, as ordinary footage has), keyframes
-``KEYFRAME_S`` apart, with a cheap procedural scene that moves (a panning texture and moving objects), at a
-low bitrate so the files stay small enough to travel with the working tree. Encoding needs PyAV
+The clips are real H.264 in MP4 (High profile: CABAC and B-frames, as ordinary footage has), IDR keyframes
+``KEYFRAME_S`` apart (``gop_s`` to change it), with a cheap procedural scene that moves (a panning texture and moving
+objects), at a low bitrate so the files stay small enough to travel with the working tree. Encoding needs PyAV
 (:func:`pipeline.samples.make_video`); everything else needs only the job's own dependencies.
 """
 
@@ -48,8 +48,9 @@ def scene_frame(i: int, width: int, height: int, _cache: dict = {}) -> np.ndarra
     return img
 
 
-def make_videos(out: Path, clips: dict, fps: int = FPS, kbps: int = 450, preset: str = "superfast") -> list[Path]:
-    """Encode each clip (H.264 in MP4, CABAC and B-frames as usual footage has, keyframes ``KEYFRAME_S`` apart)."""
+def make_videos(out: Path, clips: dict, fps: int = FPS, kbps: int = 450, preset: str = "superfast",
+                gop_s: float = KEYFRAME_S) -> list[Path]:
+    """Encode each clip (H.264 in MP4, CABAC and B-frames as usual footage has, IDR keyframes ``gop_s`` apart)."""
     from pipeline.samples import make_video
 
     out.mkdir(parents=True, exist_ok=True)
@@ -57,11 +58,11 @@ def make_videos(out: Path, clips: dict, fps: int = FPS, kbps: int = 450, preset:
     for name, (w, h, seconds) in clips.items():
         path = out / f"clip_{name}.mp4"
         t0 = time.perf_counter()
-        data = make_video(num_frames=seconds * fps, width=w, height=h, fps=fps, gop=KEYFRAME_S * fps,
+        data = make_video(num_frames=seconds * fps, width=w, height=h, fps=fps, gop=max(1, round(gop_s * fps)),
                           frame_fn=scene_frame, options={"preset": preset, "b": f"{kbps}k"})
         path.write_bytes(data)
         paths.append(path)
-        print(f"wrote {path} ({w}x{h}, {seconds} s at {fps} fps, keyframe every {KEYFRAME_S} s): "
+        print(f"wrote {path} ({w}x{h}, {seconds} s at {fps} fps, keyframe every {gop_s:g} s): "
               f"{len(data) / 1e6:.1f} MB, {len(data) * 8 / seconds / 1e3:.0f} kbit/s, {time.perf_counter() - t0:.0f} s",
               flush=True)
     return paths

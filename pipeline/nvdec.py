@@ -6,8 +6,10 @@ Contract::
     rgb = yuv_to_rgb(y, u, v, size, colorspace, full_range)   # any device; what every NVDEC frame goes through
 
 * Packets come from PyAV (the numbering every backend shares), in Annex B for H.264 / HEVC, fed with their pts,
-  which the decoded frames carry back (frames are counted when pts are not unique). Every packet up to the last
-  target is decoded, without seeking: ~1,000 frames/s per session at 720p, faster than NVDEC's random access (issue 13).
+  which the decoded frames carry back (frames are counted when pts are not unique). Only the packets the targets need
+  are fed (:mod:`pipeline.nvdec_feed`: from the keyframe before each group of targets until the group is out, less
+  the non-reference pictures that are no target; the same frames as feeding every packet), without seeking: faster
+  than NVDEC's random access (issue 13).
 * NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target goes through :func:`yuv_to_rgb`: planes resized
   (bilinear, antialiased), then RGB with the stream's matrix and range as swscale does for PyAV (BT.709, BT.2020,
   SMPTE 240M or FCC when tagged, else BT.601; limited range unless tagged full); rotation applied on the GPU too.
@@ -25,11 +27,11 @@ import functools
 import numpy as np
 
 from pipeline.media import CannotOpen, VideoError, VideoIndex, clean_message
+from pipeline.nvdec_feed import feed_packets, restart_points
 
 #: PyAV's codec names -> ``PyNvVideoCodec.cudaVideoCodec`` members
 NVDEC_CODECS = {"h264": "H264", "hevc": "HEVC", "av1": "AV1", "vp9": "VP9", "vp8": "VP8", "mpeg2video": "MPEG2",
                 "mpeg1video": "MPEG1", "mpeg4": "MPEG4", "mjpeg": "JPEG", "vc1": "VC1"}
-_ANNEX_B = {"h264": "h264_mp4toannexb", "hevc": "hevc_mp4toannexb"}
 #: AVColorSpace -> (Kr, Kb): BT.709, FCC, SMPTE 240M, BT.2020 (NCL and CL); anything else is BT.601 (swscale's rule)
 _KR_KB = {1: (0.2126, 0.0722), 4: (0.30, 0.11), 7: (0.212, 0.087), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
 
@@ -97,46 +99,30 @@ def _open(index: VideoIndex):
     return nvc, torch, decoder
 
 
-def _packets(container, stream, codec: str):
-    """``(bytes, pts)`` of the stream's packets in decode order, Annex B for H.264 / HEVC."""
-    bsf = None
-    if codec in _ANNEX_B:
-        from av.bitstream import BitStreamFilterContext
-
-        bsf = BitStreamFilterContext(_ANNEX_B[codec], stream)
-    for packet in container.demux(stream):
-        if packet.size == 0:
-            break
-        for out in bsf.filter(packet) if bsf is not None else (packet,):
-            yield bytes(out), (out.pts if out.pts is not None else out.dts)
-    if bsf is not None:
-        for out in bsf.filter(None):
-            yield bytes(out), (out.pts if out.pts is not None else out.dts)
-
-
-def _rotation(source, index: VideoIndex) -> int:
-    """Quarter turns of the display matrix (from the first frame, one keyframe decoded on the CPU)."""
+def _prepass(source, index: VideoIndex) -> tuple[int, np.ndarray | None]:
+    """Quarter turns of the display matrix (from the first frame, decoded on the CPU) and the stream's restart points
+    (:func:`pipeline.nvdec_feed.restart_points`), in a container of their own (seeking back is not always possible)."""
     import av
 
     turns = 0
-    with av.open(source, mode="r") as container:  # its own container: seeking back is not always possible
+    with av.open(source, mode="r") as container:
         for frame in container.decode(container.streams[index.stream_index]):
             turns = int(round((frame.rotation or 0) / 90)) % 4
             break
+        restarts = restart_points(container, index) if index.pts_unique else None
     if hasattr(source, "seek"):
         source.seek(0)
-    return turns
+    return turns, restarts
 
 
-def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_threads: int = 1):
-    """``uint8 [F, size, size, 3]`` on the current CUDA device; see the module docstring."""
-    import av
-
+def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_threads: int = 1,
+                 stats: dict | None = None):
+    """``uint8 [F, size, size, 3]`` on the current CUDA device; see the module docstring. ``stats``, if given, gets
+    ``packets_fed`` (to NVDEC) and ``packets`` (in the stream)."""
     nvc, torch, decoder = _open(index)
     targets = set(int(i) for i in indices)
     got: dict[int, object] = {}
-    turns = _rotation(source, index)
-    container = av.open(source, mode="r")
+    turns, restarts = _prepass(source, index)
     counter = 0
 
     def take(frames) -> None:
@@ -149,8 +135,9 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
                 rgb = yuv_to_rgb(*planes, size, index.colorspace, index.full_range)
                 got[p] = torch.rot90(rgb, turns, dims=(0, 1)) if turns else rgb
 
+    packets = feed_packets(source, index, indices, got, restarts, stats)
     try:
-        for data, pts in _packets(container, container.streams[index.stream_index], index.codec):
+        for data, pts in packets:
             buf = ctypes.create_string_buffer(data, len(data))  # alive until Decode returns (the parser copies it)
             packet = nvc.PacketData()
             packet.bsl_data, packet.bsl, packet.pts = ctypes.addressof(buf), len(data), int(pts or 0)
@@ -166,7 +153,7 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
         raise VideoError("corrupt_video", f"NVDEC decoding failed after {len(got)} targets: "
                          f"{clean_message(str(exc))}") from exc
     finally:
-        container.close()
+        packets.close()  # its container too
     missing = sorted(targets - set(got))
     if missing:
         raise VideoError("corrupt_video", f"the stream ends before frame {missing[0]} of {index.n} (NVDEC)")
