@@ -39,7 +39,7 @@ from pipeline.sections import (  # noqa: F401 - the sections are part of this mo
 #: Decode fields that change how decoding runs, not its rows (every backend gives the same frames), and the
 #: stage's resources: left out of the default run_id, so changing them resumes the same run.
 OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation", "backend",
-                             "where", "actor_threads", "batch_size", "concurrency", "num_cpus", "num_gpus", "memory")
+                             "where", "actor_threads", "actor_cpu_workers", "batch_size", "concurrency", "num_cpus", "num_gpus", "memory")
 #: Error types retried when a run is resumed (``output.retry_error_types``): they may not recur.
 TRANSIENT_ERROR_TYPES = ("fetch_failed", "decode_timeout", "decoder_crashed", "encode_failed", "generate_failed",
                          "internal")
@@ -138,11 +138,15 @@ class DecodeConfig(StageConfig):
         "(decode_timeout, decoder_crashed). none: in the task's process, unprotected.")
     where: Literal["auto", "stage", "actor"] = Field(
         "auto", description="Where frames are decoded. stage: the decode stage ships frames. actor: the decode stage "
-        "fetches the bytes (and checks the container), the model actor (fused, or encode) decodes them: NVDEC where backend "
-        "allows it, else its CPUs. auto: actor when the model stage has GPUs and backend is nvdec, or auto with "
-        "PyNvVideoCodec installed; else stage.")
-    actor_threads: int = Field(4, ge=1, le=64, description="Videos a model actor decodes at once with where: actor "
-                               "(one NVDEC session each; an H100/H200 has 7 NVDEC engines).")
+        "fetches the bytes (and checks the container), the model actor (fused, or encode) decodes them: NVDEC sessions "
+        "where backend allows it, and CPU decoder processes, from one queue. auto: actor when the model stage has GPUs "
+        "and backend is nvdec, or auto with PyNvVideoCodec installed; else stage.")
+    actor_threads: int = Field(4, ge=1, le=64, description="NVDEC sessions per model actor with where: actor "
+                               "(an H100/H200 has 7 NVDEC engines).")
+    actor_cpu_workers: int = Field(8, ge=0, le=256, description="CPU decoder processes per model actor with where: "
+                                   "actor, next to its NVDEC sessions (a video goes to a free session first); without "
+                                   "NVDEC they decode everything (at least one). Not reserved from Ray: raise the model "
+                                   "stage's num_cpus where CPUs are shared.")
 
 
 class S3Config(Section):

@@ -3,7 +3,7 @@
 Contract::
 
     DecodeStage(decode_cfg, s3_cfg=None)(batch) -> pyarrow.Table     # one row per input row
-    ActorDecoder(decode_cfg, frame_size)(rows) -> rows                # in a model actor, on the stage's rows
+    pipeline.actor_decode.ActorDecoder(decode_cfg, frame_size)(rows) -> rows   # in a model actor, on the stage's rows
 
 ``decode_cfg``: the :class:`pipeline.config.DecodeConfig` (the stage needs ``frame_size``: the run fills it from
 the model). Every failure becomes an error row (``status="error"``, an ``error_type`` from
@@ -14,15 +14,15 @@ Where decoding runs (``decode.where``; :func:`place` resolves ``auto`` once, on 
 * ``stage``: the stage fetches and decodes each video and ships its frames (:data:`pipeline.schema.DECODED_SCHEMA`).
 * ``actor``: the stage fetches the bytes and checks the container (:func:`pipeline.frames.plan`: not a video, no
   video stream, too few frames are error rows there) and ships the bytes (:data:`FETCHED_SCHEMA`); the model actor
-  (fused, or encode) decodes them with :class:`ActorDecoder`, ``decode.actor_threads`` videos at once: NVDEC (one
-  session per thread, frames stay on the GPU) when ``decode.backend`` is auto or nvdec and the actor can use it;
-  a video NVDEC fails on goes to the CPU backends, isolated as in the stage, whose result is the row. Videos larger
-  than ``decode.in_memory_bytes`` are decoded by the stage.
+  (fused, or encode) decodes them with :class:`pipeline.actor_decode.ActorDecoder`: ``decode.actor_threads`` NVDEC
+  sessions (frames stay on the GPU) and ``decode.actor_cpu_workers`` CPU decoder processes, isolated as in the stage,
+  take the videos from one queue. Videos larger than ``decode.in_memory_bytes`` are decoded by the stage.
 * ``auto``: ``actor`` when the model stage reserves GPUs and the backend is nvdec, or auto with PyNvVideoCodec
   installed (the driver's image is every node's); else ``stage``: CPU-only runs are unchanged. Both give the same rows.
 
-Isolation (``decode.isolation: process``, default): CPU decoding runs in the one worker of this process's `pebble
-<https://pypi.org/project/Pebble/>`_ ``ProcessPool`` with ``timeout=decode.timeout_s``: no answer in time kills it
+Isolation (``decode.isolation: process``, default): CPU decoding runs in a worker of this process's `pebble
+<https://pypi.org/project/Pebble/>`_ ``ProcessPool`` (one worker; :func:`pool_workers` in a model actor) with
+``timeout=decode.timeout_s``: no answer in time kills it
 (``decode_timeout``, naming the URI and ``decode.timeout_s=<v> exceeded``), a worker that dies is
 ``decoder_crashed`` (naming the signal or exit code); the next video gets a fresh worker. Workers are spawned, get
 ``SIGKILL`` when their parent dies (``PR_SET_PDEATHSIG``) and default ``SIGTERM`` handling, and stop at exit.
@@ -53,8 +53,8 @@ from pipeline.frames import Decoded, decode_video, plan
 from pipeline.media import VideoError
 from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK, require_columns
 
-__all__ = ["FETCHED_SCHEMA", "ActorDecoder", "DecodeStage", "close_pool", "decode_batch", "decode_row",
-           "frames_from_row", "place", "rows_of", "stage_kwargs"]
+__all__ = ["FETCHED_SCHEMA", "DecodeStage", "close_pool", "decode_batch", "decode_row", "frames_from_row", "isolated",
+           "place", "pool_workers", "rows_of", "stage_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _error(exc: Exception, video_id) -> dict:
     return {"status": STATUS_ERROR, "error_type": "internal", "error_message": f"{type(exc).__name__}: {exc}"}
 
 
-def _decoded(dec: Decoded, host: bool) -> dict:
+def decoded_fields(dec: Decoded, host: bool) -> dict:
     """The row fields of decoded frames: raw bytes + shape (``host``, to ship) or the array / tensor itself."""
     frames = dec.frames
     if host and not isinstance(frames, np.ndarray):
@@ -114,7 +114,7 @@ def decode_row(row: Mapping[str, Any], cfg, s3_cfg=None, decoder: Callable = dec
             out.update(data=fetched.data, status=STATUS_OK)
         else:
             t1 = time.perf_counter()
-            out.update(_decoded(decoder(fetched.source(), cfg, row["video_uri"], fetched.head()), host=True),
+            out.update(decoded_fields(decoder(fetched.source(), cfg, row["video_uri"], fetched.head()), host=True),
                        decode_s=time.perf_counter() - t1)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row
         out.update(_error(exc, row["video_id"]))
@@ -125,11 +125,11 @@ def decode_row(row: Mapping[str, Any], cfg, s3_cfg=None, decoder: Callable = dec
     return out
 
 
-def _decode_bytes(data: bytes, cfg, uri: str, video_id, decoder: Callable = decode_video) -> dict:
+def decode_bytes(data: bytes, cfg, uri: str, video_id, decoder: Callable = decode_video) -> dict:
     """Decode fetched bytes (in an actor's decoder process, or in the actor); always returns row fields."""
     t0 = time.perf_counter()
     try:
-        return {**_decoded(decoder(io.BytesIO(data), cfg, uri, data[:4096]), host=False),
+        return {**decoded_fields(decoder(io.BytesIO(data), cfg, uri, data[:4096]), host=False),
                 "decode_s": time.perf_counter() - t0}
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row
         return _error(exc, video_id)
@@ -140,6 +140,7 @@ def _decode_bytes(data: bytes, cfg, uri: str, video_id, decoder: Callable = deco
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
+_POOL_WORKERS = 1  # decoder processes of this process's pool (a model actor decoding on its CPUs asks for more)
 
 
 def _worker_init(parent: int) -> None:
@@ -150,10 +151,10 @@ def _worker_init(parent: int) -> None:
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _quiet_decord()
+    quiet_decord()
 
 
-def _quiet_decord() -> None:
+def quiet_decord() -> None:
     """ffmpeg's own messages for broken files go quiet; each failure is reported in its row instead."""
     with contextlib.suppress(ImportError):  # decord is only the fallback backend
         import decord
@@ -168,9 +169,17 @@ def _pool():
 
     with _POOL_LOCK:
         if _POOL is None or not _POOL.active:
-            _POOL = ProcessPool(max_workers=1, initializer=_worker_init, initargs=(os.getpid(),),
+            _POOL = ProcessPool(max_workers=_POOL_WORKERS, initializer=_worker_init, initargs=(os.getpid(),),
                                 context=multiprocessing.get_context("spawn"))
         return _POOL
+
+
+def pool_workers(n: int) -> None:
+    """Decode up to ``n`` videos at once in this process's pool (``n`` worker processes, started on first use)."""
+    global _POOL_WORKERS
+    if n != _POOL_WORKERS:
+        close_pool()
+        _POOL_WORKERS = n
 
 
 def close_pool() -> None:
@@ -225,7 +234,7 @@ class DecodeStage:
         self.cfg, self.s3, self.decoder = decode, s3, decoder
         self.schema = FETCHED_SCHEMA if decode.where == "actor" else DECODED_SCHEMA
         if decode.isolation == "none":
-            _quiet_decord()
+            quiet_decord()
 
     def decode_one(self, row: Mapping[str, Any]) -> dict:
         """Fetch and decode one video; always returns a row (an error row for any failure)."""
@@ -248,59 +257,6 @@ def decode_batch(batch: pa.Table, decode, s3=None, decoder: Callable = decode_vi
     """Ray task body for the decode stage (a function, so it runs as stateless CPU tasks); checks its input columns."""
     require_columns(batch, DecodeStage.input_columns, "DecodeStage")
     return DecodeStage(decode, s3, decoder)(batch)
-
-
-# ------------------------------------------------------------------------------------------------ in an actor
-
-
-class ActorDecoder:
-    """Decodes, in a model actor, the rows the stage only fetched (``data`` set; other rows pass): ``frames`` as an
-    array (CPU) or a CUDA tensor (NVDEC), ``uint8 [F, S, S, 3]``, and the stage's other fields or error fields.
-    ``frame_size``: the model's, when ``decode.frame_size`` is unset."""
-
-    def __init__(self, decode, frame_size: int, decoder: Callable = decode_video):
-        from pipeline import nvdec
-
-        self.cfg = decode.model_copy(update={"frame_size": int(decode.frame_size or frame_size)})
-        self.decoder = decoder
-        self.gpu = decode.backend in ("auto", "nvdec") and nvdec.available()
-        if decode.backend == "nvdec" and not self.gpu:
-            log.warning("decode.backend is nvdec but NVDEC is not usable here (PyNvVideoCodec or a CUDA GPU missing): "
-                        "this actor decodes on its CPUs")
-        self.cpu_cfg = self.cfg.model_copy(update={"backend": "auto"}) if decode.backend == "nvdec" else self.cfg
-        self.threads = concurrent.futures.ThreadPoolExecutor(decode.actor_threads, thread_name_prefix="decode")
-        if decode.isolation == "none":
-            _quiet_decord()
-
-    def __call__(self, rows: list[dict]) -> list[dict]:
-        return list(self.threads.map(self.decode_one, rows))
-
-    def _nvdec(self, data: bytes, uri: str) -> Decoded:
-        import torch
-
-        stream = torch.cuda.Stream()  # one per video: its kernels overlap the engine's and other sessions'
-        with torch.cuda.stream(stream):
-            dec = decode_video(io.BytesIO(data), self.cfg, uri, data[:4096], backends=("nvdec",))
-        stream.synchronize()
-        return dec
-
-    def decode_one(self, row: dict) -> dict:
-        if row.get("status") != STATUS_OK or row.get("data") is None:
-            return row
-        out = {k: v for k, v in row.items() if k != "data"}
-        data, uri = bytes(row["data"]), row["video_uri"]
-        if self.gpu:
-            t0 = time.perf_counter()
-            try:
-                return {**out, **_decoded(self._nvdec(data, uri), host=False), "decode_s": time.perf_counter() - t0}
-            except Exception as exc:  # noqa: BLE001 - the CPU backends decide this video
-                log.info("video %s: NVDEC did not decode it (%s); decoding it on the CPU", row["video_id"], exc)
-        args = (data, self.cpu_cfg, uri, row["video_id"], self.decoder)
-        if self.cfg.isolation == "none":
-            return {**out, **_decode_bytes(*args)}
-        fields = isolated(_decode_bytes, args, row["video_id"], uri, self.cfg.timeout_s)
-        fields.pop("fetch_s", None)
-        return {**out, **fields}
 
 
 def rows_of(batch) -> list[dict]:

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.decode import ActorDecoder, frames_from_row, rows_of
+from pipeline.actor_decode import ActorDecoder
+from pipeline.decode import frames_from_row, rows_of
 from pipeline.schema import (  # noqa: F401 - StageInputError: part of this module's API
     ENCODED_SCHEMA,
     OUTPUT_SCHEMA,

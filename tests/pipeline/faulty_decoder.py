@@ -8,7 +8,9 @@ except when the video's URI contains a marker:
 * ``ABORT``: ``os.abort()`` (SIGABRT);
 * ``EXIT3``: ``os._exit(3)``;
 * ``HANG``: sleeps forever;
-* ``NOISY``: writes junk to fd 1 and ``print()``s (must not corrupt the worker protocol), then decodes.
+* ``NOISY``: writes junk to fd 1 and ``print()``s (must not corrupt the worker protocol), then decodes;
+* ``PIDS``: leaves a file named after this process's pid next to the URI's path and sleeps 0.5 s, then decodes
+  (which processes decoded what).
 
 Core dumps are switched off before crashing, so no core file is left behind.
 """
@@ -20,6 +22,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 from pipeline.frames import Decoded, decode_video
 
@@ -44,4 +47,7 @@ def decode(source, cfg, uri: str = "<bytes>", head: bytes = b"") -> Decoded:
         os.write(1, b"\x00\x00\x00\x00\x00\x00\x00\x10 junk from C code on fd 1\n")
         print("a stray print from the decoder")
         sys.stdout.flush()
+    if "PIDS" in uri:
+        (Path(uri).parent / f"pid-{os.getpid()}-{Path(uri).name}").touch()
+        time.sleep(0.5)
     return decode_video(source, cfg, uri, head)

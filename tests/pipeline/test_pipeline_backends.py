@@ -245,8 +245,9 @@ def test_model_actor_decodes_with_nvdec_and_falls_back_per_video(clips):
     """``decode.where: actor`` on a GPU: the actor's NVDEC sessions decode (frames stay on the GPU) what NVDEC can
     take; clips it refuses (HEVC and VP9 below its minimum size) are decoded by the CPU backends, with PyAV's frames."""
     _nvdec_usable()
+    from pipeline.actor_decode import ActorDecoder
     from pipeline.config import DecodeConfig
-    from pipeline.decode import ActorDecoder, frames_from_row
+    from pipeline.decode import frames_from_row
 
     names = ["h264_bframes_gop12", "hevc_gop12", "h264_open_gop", "vp9"]
     rows = [{"video_id": n, "video_uri": "<bytes>", "questions": None, "status": "ok", "data": clips[n]} for n in names]
@@ -262,6 +263,36 @@ def test_model_actor_decodes_with_nvdec_and_falls_back_per_video(clips):
         else:
             assert frames.is_cuda and _diff(frames.cpu().numpy(), want)[0] < NVDEC_MEAN_TOL["sd_untagged"]
         assert row["frame_timestamps_s"] == [round(float(t), 6) for t in index.timestamps_s[sample_indices(index.n, 16)]]
+
+
+@pytest.mark.gpu
+def test_model_actor_shares_the_videos_between_nvdec_and_cpu_workers(clips):
+    """One NVDEC session and two CPU decoder processes take the videos of a call from one queue: both kinds decode
+    some, NVDEC's frames on the GPU within its tolerance, the CPU's equal to PyAV's."""
+    _nvdec_usable()
+    from pipeline import decode
+    from pipeline.actor_decode import ActorDecoder
+    from pipeline.config import DecodeConfig
+    from pipeline.decode import frames_from_row
+
+    names = ["h264_bframes_gop12", "h264_open_gop"] * 4
+    rows = [{"video_id": f"{n}-{i}", "video_uri": "<bytes>", "questions": None, "status": "ok", "data": clips[n]}
+            for i, n in enumerate(names)]
+    cfg = DecodeConfig(num_frames=16, frame_size=S, where="actor", actor_threads=1, actor_cpu_workers=2)
+    try:
+        actor = ActorDecoder(cfg, S)
+        got = actor(rows)
+    finally:
+        decode.pool_workers(1)
+    assert actor.counts["nvdec"] >= 1 and actor.counts["cpu"] >= 1 and sum(actor.counts.values()) == len(names)
+    for name, row in zip(names, got):
+        index = probe(io.BytesIO(clips[name]))
+        want = pyav_sequential_frames(io.BytesIO(clips[name]), index, sample_indices(index.n, 16), S)
+        frames = frames_from_row(row)
+        if isinstance(frames, np.ndarray):
+            assert np.array_equal(frames, want), name
+        else:
+            assert frames.is_cuda and _diff(frames.cpu().numpy(), want)[0] < NVDEC_MEAN_TOL["sd_untagged"], name
 
 
 def test_nvdec_backend_falls_back_to_the_cpu_per_video(clips):

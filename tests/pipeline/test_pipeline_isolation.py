@@ -121,7 +121,7 @@ def test_decoding_in_a_model_actor_is_isolated_too(vids):
     """``decode.where: actor``: the stage ships the bytes; the actor's CPU decoding runs in the same kind of isolated
     worker (the same code: hangs are covered by the stage's tests), so a decoder crash there is an error row, not a
     dead GPU actor."""
-    from pipeline.decode import ActorDecoder
+    from pipeline.actor_decode import ActorDecoder
 
     cfg = DecodeConfig(num_frames=F, frame_size=S, where="actor", backend="pyav")
     fetched = _stage(where="actor", isolation="none")([_row(vids / n) for n in ("v0.mp4", "v3_SEGFAULT.mp4", "v1.mp4")])
@@ -130,6 +130,30 @@ def test_decoding_in_a_model_actor_is_isolated_too(vids):
     assert [(r["status"], r.get("error_type")) for r in rows] == [("ok", None), ("error", "decoder_crashed"), ("ok", None)]
     assert "SIGSEGV" in rows[1]["error_message"] and frames_from_row(rows[2]).shape == (F, S, S, 3)
     assert rows[2]["fetch_s"] == fetched.column("fetch_s")[2].as_py()
+
+
+def test_a_model_actor_decodes_in_several_cpu_processes(tmp_path):
+    """Without NVDEC the actor's CPU decoder processes (``decode.actor_cpu_workers``) decode the videos of one call
+    at the same time, each in its own isolated process, with the rows the stage gives."""
+    from pipeline.actor_decode import ActorDecoder
+
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    paths = [write_video(folder / f"v{i}_PIDS.mp4", make_video(num_frames=12, width=48, height=32)) for i in range(3)]
+    cfg = DecodeConfig(num_frames=F, frame_size=S, where="actor", backend="pyav", actor_cpu_workers=3)
+    fetched = _stage(where="actor", isolation="none")([_row(p) for p in paths]).to_pylist()
+    try:
+        actor = ActorDecoder(cfg, S, decoder=faulty_decoder.decode)
+        rows = actor(fetched)
+        assert actor.counts == {"nvdec": 0, "cpu": 3}
+    finally:
+        decode.pool_workers(1)  # back to the stage's one-process pool for the other tests
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    pids = {f.name.split("-")[1] for f in folder.glob("pid-*")}
+    assert len(list(folder.glob("pid-*"))) == 3 and len(pids) >= 2 and str(os.getpid()) not in pids
+    want = _stage()([_row(p) for p in paths]).to_pylist()
+    for got, ref in zip(rows, want):
+        assert (frames_from_row(got) == frames_from_row(ref)).all()
 
 
 @pytest.mark.parametrize("name, how", [("v5_ABORT.mp4", "SIGABRT"), ("v6_EXIT3.mp4", "exit code 3")])

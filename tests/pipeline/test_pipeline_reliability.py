@@ -57,7 +57,8 @@ def test_every_bad_input_gives_the_expected_row(bad_dir, bad_inputs):
 def test_decoding_in_the_model_actor_gives_the_same_rows(bad_dir, bad_inputs):
     """``decode.where: actor`` (the stage fetches and checks, the actor decodes; on this CPU machine with the PyAV
     backend, the in-actor path NVDEC would take on a GPU node) gives each input the row the stage path gives."""
-    from pipeline.decode import FETCHED_SCHEMA, ActorDecoder
+    from pipeline.actor_decode import ActorDecoder
+    from pipeline.decode import FETCHED_SCHEMA
 
     fetch_only = DecodeStage(DecodeConfig(num_frames=F, frame_size=S, isolation="none", where="actor"))
     actor = ActorDecoder(fetch_only.cfg, S)
