@@ -56,6 +56,7 @@ class ActorDecoder:
         self.threads = concurrent.futures.ThreadPoolExecutor(sessions + max(1, self.cpu_workers),
                                                              thread_name_prefix="decode")
         self.counts = {"nvdec": 0, "cpu": 0}  # videos decoded by each kind (logs, benchmarks)
+        self._lock = threading.Lock()
         if decode.isolation == "none":
             quiet_decord()
         else:
@@ -63,6 +64,10 @@ class ActorDecoder:
 
     def __call__(self, rows: list[dict]) -> list[dict]:
         return list(self.threads.map(self.decode_one, rows))
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self.counts[kind] += 1
 
     def _nvdec(self, data: bytes, uri: str) -> Decoded:
         import torch
@@ -83,13 +88,13 @@ class ActorDecoder:
             try:
                 t0 = time.perf_counter()
                 fields = decoded_fields(self._nvdec(data, uri), host=False)
-                self.counts["nvdec"] += 1
+                self._count("nvdec")
                 return {**out, **fields, "decode_s": time.perf_counter() - t0}
             except Exception as exc:  # noqa: BLE001 - the CPU backends decide this video
                 log.info("video %s: NVDEC did not decode it (%s); decoding it on the CPU", row["video_id"], exc)
             finally:
                 self.sessions.release()
-        self.counts["cpu"] += 1
+        self._count("cpu")
         args = (data, self.cpu_cfg, uri, row["video_id"], self.decoder)
         if self.cfg.isolation == "none":
             return {**out, **decode_bytes(*args)}
