@@ -140,7 +140,7 @@ class DecodeConfig(StageConfig):
         "auto", description="Where frames are decoded. stage: the decode stage ships frames. actor: the decode stage "
         "fetches the bytes (and checks the container), the model actor (fused, or encode) decodes them: NVDEC sessions "
         "where backend allows it, and CPU decoder processes, from one queue. auto: actor when the model stage has GPUs "
-        "and backend is nvdec, or auto with PyNvVideoCodec installed; else stage.")
+        "and backend is nvdec (NVDEC is opt-in); else stage.")
     actor_threads: int = Field(4, ge=1, le=64, description="NVDEC sessions per model actor with where: actor "
                                "(an H100/H200 has 7 NVDEC engines).")
     actor_cpu_workers: int = Field(8, ge=0, le=256, description="CPU decoder processes per model actor with where: "

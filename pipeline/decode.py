@@ -17,8 +17,9 @@ Where decoding runs (``decode.where``; :func:`place` resolves ``auto`` once, on 
   (fused, or encode) decodes them with :class:`pipeline.actor_decode.ActorDecoder`: ``decode.actor_threads`` NVDEC
   sessions (frames stay on the GPU) and ``decode.actor_cpu_workers`` CPU decoder processes, isolated as in the stage,
   take the videos from one queue. Videos larger than ``decode.in_memory_bytes`` are decoded by the stage.
-* ``auto``: ``actor`` when the model stage reserves GPUs and the backend is nvdec, or auto with PyNvVideoCodec
-  installed (the driver's image is every node's); else ``stage``: CPU-only runs are unchanged. Both give the same rows.
+* ``auto``: ``actor`` when the model stage reserves GPUs and ``decode.backend`` is ``nvdec`` (NVDEC is opt-in: in the
+  one whole-job run so far, decoding in the actor was slower than the stage's CPU decoding, see ``bench/README.md``);
+  else ``stage``. Both give the same rows.
 
 Isolation (``decode.isolation: process``, default): CPU decoding runs in a worker of this process's `pebble
 <https://pypi.org/project/Pebble/>`_ ``ProcessPool`` (one worker; :func:`pool_workers` in a model actor) with
@@ -34,7 +35,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
-import importlib.util
 import io
 import logging
 import multiprocessing
@@ -68,8 +68,7 @@ def place(cfg):
     if d.where != "auto":
         return cfg
     model = cfg.fused if cfg.resolved_mode == "fused" else cfg.encode
-    nvdec = d.backend == "nvdec" or (d.backend == "auto" and importlib.util.find_spec("PyNvVideoCodec") is not None)
-    if model.num_gpus > 0 and nvdec:
+    if model.num_gpus > 0 and d.backend == "nvdec":
         return cfg.model_copy(update={"decode": d.model_copy(update={"where": "actor"})})
     return cfg  # decoded in the stage: every part reads an unresolved auto as stage
 

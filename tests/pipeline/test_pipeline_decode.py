@@ -158,8 +158,9 @@ def test_listing_etag_is_carried_not_read_again(video_dir, isolation):
 
 
 def test_where_decoding_runs_is_resolved_once_for_the_graph(monkeypatch):
-    """``decode.where: auto``: in the GPU actor when the model stage has GPUs and NVDEC can be used, else in the stage
-    (CPU-only runs unchanged); the decode tasks and the model actors get the same resolved section."""
+    """``decode.where: auto``: in the GPU actor when the model stage has GPUs and ``decode.backend`` is nvdec (opt-in:
+    an installed PyNvVideoCodec alone changes nothing), else in the stage; the decode tasks and the model actors get
+    the same resolved section."""
     import importlib.util
 
     from pipeline.config import load_config
@@ -177,8 +178,9 @@ def test_where_decoding_runs_is_resolved_once_for_the_graph(monkeypatch):
     for installed in (False, True):
         monkeypatch.setattr(importlib.util, "find_spec",
                             lambda name, on=installed: (on or None) if name == "PyNvVideoCodec" else real(name))
-        assert place(load_config(data=gpu)).decode.where == ("actor" if installed else "auto")
-    split = load_config(data={**base, "mode": "split", "encode": {"num_gpus": 1}, "generate": {"num_gpus": 1}})
+        assert place(load_config(data=gpu)).decode.where == "auto"  # stage
+    split = load_config(data={**base, "mode": "split", "encode": {"num_gpus": 1}, "generate": {"num_gpus": 1},
+                              "decode": {"backend": "nvdec"}})
     decode, encode, _ = stage_specs(split, 384, cluster_gpus=2)
     assert decode.kwargs["decode"].where == "actor" and encode.kwargs["cfg"].decode.where == "actor"
     assert decode.kwargs["decode"].frame_size == 384 and encode.kwargs["cfg"].effective_run_id() == split.effective_run_id()
