@@ -7,7 +7,8 @@ Contract::
 Rows the decode stage only fetched (``data`` set) get ``frames`` (``uint8 [F, S, S, 3]``: a CUDA tensor from NVDEC,
 an array from the CPU) and the stage's other fields, or its error fields; other rows pass unchanged.
 
-One queue, two kinds of decoder. ``decode.actor_threads`` NVDEC sessions (when the actor can use NVDEC; each on its
+One queue, two kinds of decoder, shared by the actor's calls in flight (each call's rows enter it together, so
+calls finish in the order they came). ``decode.actor_threads`` NVDEC sessions (when the actor can use NVDEC; each on its
 own CUDA stream, frames stay on the GPU) and ``decode.actor_cpu_workers`` CPU decoder processes take the rows in
 order: a row goes to a free NVDEC session, else to the CPUs. NVDEC alone decodes about 2-3.5 videos/s of 60 s 720p
 H.264 per GPU (``bench/README.md``), less than one GPU's model stage takes, so on GPU nodes the CPUs the decode
@@ -56,14 +57,16 @@ class ActorDecoder:
         self.threads = concurrent.futures.ThreadPoolExecutor(sessions + max(1, self.cpu_workers),
                                                              thread_name_prefix="decode")
         self.counts = {"nvdec": 0, "cpu": 0}  # videos decoded by each kind (logs, benchmarks)
-        self._lock = threading.Lock()
+        self._lock, self._submit = threading.Lock(), threading.Lock()
         if decode.isolation == "none":
             quiet_decord()
         else:
             pool_workers(max(1, self.cpu_workers))
 
     def __call__(self, rows: list[dict]) -> list[dict]:
-        return list(self.threads.map(self.decode_one, rows))
+        with self._submit:  # calls in flight at once queue their rows whole: the first call is done first
+            futures = [self.threads.submit(self.decode_one, r) for r in rows]
+        return [f.result() for f in futures]
 
     def _count(self, kind: str) -> None:
         with self._lock:
