@@ -29,6 +29,8 @@ import functools
 
 import torch
 
+from dycoke.fused import triton_available
+
 
 @functools.cache
 def _kernels():
@@ -42,13 +44,7 @@ def available(t: torch.Tensor, head_dim: int) -> bool:
     8.0 or newer for bf16 tensor-core dots) for heads of ``head_dim`` (a power of two, at least 16)."""
     if not t.is_cuda or head_dim < 16 or head_dim & (head_dim - 1):
         return False
-    if torch.cuda.get_device_capability(t.device) < (8, 0):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return torch.cuda.get_device_capability(t.device) >= (8, 0) and triton_available()
 
 
 @functools.cache

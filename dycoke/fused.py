@@ -78,7 +78,9 @@ class FusedSwiGLU(_Adapter):
         return m.down_proj(silu_mul(m.gate_proj(x).contiguous(), m.up_proj(x).contiguous()))
 
 
-def _triton_available() -> bool:
+@functools.cache
+def triton_available() -> bool:
+    """Triton imports (every Triton kernel of ``dycoke`` checks this one function)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -90,7 +92,7 @@ def adapt_language_model(language_model) -> int:
     """Install the adapters on every RMSNorm and SiLU MLP of ``language_model``; returns how many modules were
     adapted. Modules of other shapes (no ``variance_epsilon``, another activation) are left alone."""
     act = getattr(language_model.config, "hidden_act", None)
-    swiglu = act == "silu" and _triton_available()
+    swiglu = act == "silu" and triton_available()
     count = 0
     for module in language_model.modules():
         if isinstance(module.__dict__.get("forward"), _Adapter):

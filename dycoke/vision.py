@@ -33,6 +33,8 @@ import logging
 
 import torch
 
+from dycoke.fused import triton_available
+
 log = logging.getLogger(__name__)
 
 TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
@@ -139,18 +141,9 @@ class TritonLayerNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = self.norm
-        if not x.is_cuda or not x.is_contiguous() or x.dtype != n.weight.dtype or not _triton_available():
+        if not x.is_cuda or not x.is_contiguous() or x.dtype != n.weight.dtype or not triton_available():
             return self.original(x)
         return layer_norm(x, n.weight, n.bias, n.eps)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def adapt_vision_tower(vision_tower) -> None:
