@@ -1,13 +1,16 @@
 """Decoding inside a model actor (``decode.where: actor``): videos/s per decoder mix, and what it does to a thread that
-launches GPU work in the same process (the engine thread of a fused actor).
+launches GPU work in the same process (the engine thread of a fused actor) or keeps the GPU busy.
 
 For each variant an :class:`pipeline.actor_decode.ActorDecoder` decodes ``--videos`` copies of ``--clip`` (the decode
 stage's fetched rows, as the actor gets them) in calls of ``--per-call`` videos from ``--calls`` threads at once, as
-the fused actor's calls in flight do. Meanwhile a *launcher* thread repeats a small step (``--launch-ops`` tiny
-matmuls, then a synchronisation: the shape of the engine's decode loop); its rate during decoding over its rate alone
-says how much the decoders hold the GIL (1.0: not at all). Variants (``--variants``):
+the fused actor's calls in flight do. Meanwhile a *launcher* thread repeats a step, then a synchronisation; its rate
+during decoding over its rate alone is reported (1.0: undisturbed). ``--probe launch`` (default): ``--launch-ops`` tiny
+matmuls, the shape of the engine's decode loop: says how much the decoders hold the GIL. ``--probe gemm``: large bf16
+matmuls that fill the GPU, the shape of prefill: says what the decoders' own GPU work (and, for NVDEC processes, the
+GPU's switching between their CUDA contexts and the actor's) costs the model. Variants (``--variants``):
 
-* ``nvdecN``: N NVDEC sessions, no CPU workers (``backend: nvdec``); skipped without NVDEC;
+* ``nvdecN``: N NVDEC sessions, each a process (the actor's way), no CPU workers (``backend: nvdec``); skipped
+  without NVDEC; ``nvdectN``: the same as threads of this process (the way before, frames stay on the GPU);
 * ``cpuM``: M CPU decoder processes (``backend: pyav``, isolated as in the job);
 * ``nvdecN+cpuM``: both, from one queue (the job's default with ``backend: nvdec`` is ``nvdec4+cpu8``).
 
@@ -17,6 +20,7 @@ this process's CPU seconds per video without the launcher's (the CPU workers' pr
 
     python bench/bench_job.py make-videos --kbps 4000 --only 720p_60s --gop-s 2 --out v2     # a clip (PyAV)
     python bench/bench_actor_decode.py --clip v2/clip_720p_60s.mp4 --variants nvdec4,cpu8,nvdec4+cpu8,nvdec7
+    python bench/bench_actor_decode.py --clip v2/clip_720p_60s.mp4 --variants nvdect7,nvdec7,nvdec7+cpu8 --probe gemm
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ from pipeline.nvdec import available as nvdec_available  # noqa: E402
 class Launcher:
     """A thread that repeats ``ops`` tiny matmuls and a synchronisation; ``rate()`` is its steps per second."""
 
-    def __init__(self, ops: int):
+    def __init__(self, ops: int, probe: str = "launch"):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.x = torch.randn(64, 64, device=self.device)
+        n, dtype = (8192, torch.bfloat16) if probe == "gemm" and self.device.type == "cuda" else (64, torch.float32)
+        self.x = torch.randn(n, n, device=self.device, dtype=dtype) / n ** 0.5
         self.ops, self.steps, self.stop = ops, 0, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -77,19 +82,20 @@ class Launcher:
         self.thread.join()
 
 
-def parse(variant: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(?:nvdec(\d+))?\+?(?:cpu(\d+))?", variant)
-    if not m or not (m.group(1) or m.group(2)):
-        raise SystemExit(f"bad variant {variant!r}: nvdecN, cpuM or nvdecN+cpuM")
-    return int(m.group(1) or 0), int(m.group(2) or 0)
+def parse(variant: str) -> tuple[int, int, bool]:
+    m = re.fullmatch(r"(?:nvdec(t?)(\d+))?\+?(?:cpu(\d+))?", variant)
+    if not m or not (m.group(2) or m.group(3)):
+        raise SystemExit(f"bad variant {variant!r}: nvdecN, nvdectN, cpuM or nvdecN+cpuM")
+    return int(m.group(2) or 0), int(m.group(3) or 0), bool(m.group(1))
 
 
-def run_variant(row: dict, sessions: int, workers: int, args, launcher: Launcher, alone: float) -> dict:
+def run_variant(row: dict, variant: str, args, launcher: Launcher, alone: float) -> dict:
+    sessions, workers, threads = parse(variant)
     cfg = DecodeConfig(num_frames=args.frames, frame_size=args.size, where="actor",
                        backend="nvdec" if sessions else "pyav", actor_threads=max(1, sessions),
                        actor_cpu_workers=workers)
-    actor = ActorDecoder(cfg, args.size)
-    actor(dict(row, video_id="warm") for row in [row])  # start the CPU workers / NVDEC before timing
+    actor = ActorDecoder(cfg, args.size, threads=threads)
+    actor([dict(row, video_id="warm")])  # start the CPU workers / NVDEC before timing
     actor.counts.update(nvdec=0, cpu=0)
     calls = [[dict(row, video_id=f"v{c}-{i}") for i in range(args.per_call)]
              for c in range(-(-args.videos // args.per_call))]
@@ -107,9 +113,9 @@ def run_variant(row: dict, sessions: int, workers: int, args, launcher: Launcher
     wall = time.perf_counter() - t0
     during = (launcher.steps - s0) / wall
     cpu = time.process_time() - launcher.cpu_s - cpu0
-    actor.threads.shutdown()
+    actor.close()
     bad = [r.get("error_message") for r in rows if r["status"] != "ok"]
-    return {"variant": f"nvdec{sessions}+cpu{workers}", "videos": len(rows), "errors": len(bad), "first_error": bad[:1],
+    return {"variant": variant, "videos": len(rows), "errors": len(bad), "first_error": bad[:1],
             "videos_per_s": len(rows) / wall, "first_call_s": min(done), "by_kind": dict(actor.counts),
             "launcher_relative": during / alone if alone else None, "cpu_s_per_video": cpu / len(rows)}
 
@@ -124,6 +130,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--launch-ops", type=int, default=50)
+    ap.add_argument("--probe", choices=["launch", "gemm"], default="launch", help="the launcher's step (docstring)")
     args = ap.parse_args()
     data = Path(args.clip).read_bytes()
     fetch = decode.DecodeStage(DecodeConfig(num_frames=args.frames, frame_size=args.size, where="actor",
@@ -132,21 +139,21 @@ def main() -> int:
     assert row["status"] == "ok" and row["data"] is not None, row.get("error_message")
     print(f"clip {args.clip}: {len(data) / 1e6:.1f} MB; NVDEC {'usable' if nvdec_available() else 'not usable'}",
           flush=True)
-    launcher = Launcher(args.launch_ops)
+    launcher = Launcher(args.launch_ops if args.probe == "launch" else 4, args.probe)
     results = []
     try:
         for variant in args.variants.split(","):
-            sessions, workers = parse(variant)
-            if sessions and not nvdec_available():
+            if parse(variant)[0] and not nvdec_available():
                 print(f"{variant}: skipped (no NVDEC here)", flush=True)
                 continue
             alone = launcher.rate(2.0)
-            results.append({**run_variant(row, sessions, workers, args, launcher, alone), "launcher_alone": alone})
+            results.append({**run_variant(row, variant, args, launcher, alone), "launcher_alone": alone,
+                            "probe": args.probe})
             print(json.dumps(results[-1]), flush=True)
     finally:
         launcher.close()
         decode.close_pool()
-    out = Path(os.environ.get("OUT", ".")) / "bench_actor_decode.json"
+    out = Path(os.environ.get("OUT", ".")) / f"bench_actor_decode_{args.probe}.json"
     out.write_text(json.dumps({"clip": args.clip, "args": vars(args), "results": results}, indent=2))
     print(f"\n{'variant':16} {'videos/s':>9} {'1st call s':>10} {'nvdec/cpu':>10} {'launcher':>9} {'CPU s/video':>11}")
     for r in results:

@@ -15,7 +15,8 @@ that run every method once in turn, so all see the same machine load; per method
 Every exact method is checked against ``pyav sequential`` before it is timed: same frames (identical for PyAV, within
 the scaler tolerance for decord, which returns wrong frames on some HEVC / open-GOP files: flagged in the table).
 
-GPU rows (``--gpu``, needs PyNvVideoCodec and a CUDA GPU): each session is a thread with its own NVDEC decoder that
+GPU rows (``--gpu``, needs PyNvVideoCodec and a CUDA GPU): each session is a thread (``--sessions``; or a process of
+its own, ``--processes``, to tell the GIL's share) with its own NVDEC decoder that
 runs :func:`pipeline.nvdec.nvdec_frames` on the clip (fed only the packets the 32 targets need:
 :mod:`pipeline.nvdec_feed`) and keeps the targets (resized on the GPU); sessions run concurrently for
 ``--gpu-seconds``; reported: packets fed per video against the frames in the file, decoded (fed) frames/s and videos/s
@@ -29,6 +30,7 @@ Contents: ``--content CODEC:RES:SECONDS:GOP_S:RATE`` (repeatable), CODEC in h264
     python bench/bench_decode.py                                  # CPU rows here
     python bench/bench_decode.py --gpu --content h264:720p:60:10:crf23 --content h264:1080p:20:2:8   # GPU host
     python bench/bench_decode.py --no-cpu --gpu --content h264:720p:60:2:crf23 --content h264:720p:60:10:crf23
+    python bench/bench_decode.py --no-cpu --gpu --content h264:720p:60:2:crf23 --sessions 1 4 7 --processes 1 4 7
 
 Writes JSON to ``--out`` (default ``$OUT/bench_decode.json`` when ``$OUT`` is set, else demo_output/bench/decode.json).
 """
@@ -223,6 +225,46 @@ def _nvdec_session(data: bytes, index, indices, size: int, stop: float, done: li
             done[k] += 1
 
 
+def _nvdec_process(data: bytes, indices, size: int, seconds: float, start) -> int:
+    """One NVDEC session in a process of its own (its own CUDA context and GIL): videos decoded in ``seconds`` after
+    ``start`` (a barrier, so every process starts timing together)."""
+    index = probe(io.BytesIO(data))
+    import torch
+
+    torch.cuda.init()
+    start.wait()
+    done, stop = [0], time.perf_counter() + seconds
+    _nvdec_session(data, index, indices, size, stop, done, 0)
+    return done[0]
+
+
+def _run_processes(data: bytes, indices, size: int, sessions: int, seconds: float) -> tuple[int, float]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(sessions) as pool:
+        start = manager.Barrier(sessions + 1)
+        jobs = [pool.apply_async(_nvdec_process, (data, indices, size, seconds, start)) for _ in range(sessions)]
+        start.wait()
+        w0 = time.perf_counter()
+        videos = sum(j.get() for j in jobs)
+        return videos, time.perf_counter() - w0
+
+
+def _per_video_costs(data: bytes, index, repeats: int = 5) -> dict:
+    """Milliseconds per video of what is not decoding: creating the NVDEC decoder, and the CPU pre-pass."""
+    from pipeline import nvdec
+
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        nvdec._open(index)
+    t1 = time.perf_counter()
+    for _ in range(repeats):
+        nvdec._prepass(io.BytesIO(data), index)
+    t2 = time.perf_counter()
+    return {"create_decoder_ms": (t1 - t0) / repeats * 1e3, "prepass_ms": (t2 - t1) / repeats * 1e3}
+
+
 def run_gpu(args, clips: dict[str, Path]) -> list[dict]:
     import torch
 
@@ -242,6 +284,16 @@ def run_gpu(args, clips: dict[str, Path]) -> list[dict]:
         print(f"{spec}: NVDEC vs PyAV reference: mean diff {diff.mean():.2f}, p99 {np.percentile(diff, 99):.0f}, "
               f"max {diff.max()}; fed {fed['packets_fed']} of {fed['packets']} packets", file=sys.stderr)
         decoded_per_video = fed["packets_fed"]
+        costs = _per_video_costs(data, index)
+        print(f"{spec}: per video, decoder creation {costs['create_decoder_ms']:.1f} ms, CPU pre-pass "
+              f"{costs['prepass_ms']:.1f} ms", file=sys.stderr)
+        for sessions in args.processes:
+            videos, wall = _run_processes(data, indices, args.size, sessions, args.gpu_seconds)
+            rows.append({"content": spec, "method": "nvdec processes", "sessions": sessions, "videos": videos,
+                         "wall_s": wall, "fed_per_video": decoded_per_video, "frames_in_file": index.n,
+                         "videos_per_s": videos / wall, "decoded_frames_per_s": videos * decoded_per_video / wall,
+                         "sampled_frames_per_s": videos * args.frames / wall, "cpu_s_per_video": float("nan"),
+                         "check": "", **costs})
         for sessions in args.sessions:
             done = [0] * sessions
             stop = time.perf_counter() + args.gpu_seconds
@@ -260,7 +312,7 @@ def run_gpu(args, clips: dict[str, Path]) -> list[dict]:
                          "fed_per_video": decoded_per_video, "frames_in_file": index.n,
                          "videos_per_s": videos / wall, "decoded_frames_per_s": videos * decoded_per_video / wall,
                          "sampled_frames_per_s": videos * args.frames / wall, "cpu_s_per_video": cpu / max(videos, 1),
-                         "check": f"mean diff {diff.mean():.2f}, max {int(diff.max())}"})
+                         "check": f"mean diff {diff.mean():.2f}, max {int(diff.max())}", **costs})
     return rows
 
 
@@ -277,6 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True, help="CPU rows (default on)")
     ap.add_argument("--gpu", action="store_true", help="NVDEC rows (PyNvVideoCodec + CUDA GPU)")
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7])
+    ap.add_argument("--processes", type=int, nargs="*", default=[],
+                    help="also run NVDEC sessions as this many processes (one CUDA context and GIL each)")
     ap.add_argument("--gpu-seconds", type=float, default=10.0, help="how long each session count runs")
     ap.add_argument("--cache", default="demo_output/bench/clips")
     ap.add_argument("--out", default=None)
@@ -304,10 +358,11 @@ def main(argv=None) -> int:
     if gpu_rows:
         print(f"\nNVDEC, {args.frames} sampled frames (fed: the packets they need, of the frames in the file), "
               f"resize to {args.size}")
-        print(f"{'content':<24}{'sessions':>9}{'fed / file':>12}{'decoded f/s':>13}{'videos/s':>10}{'CPU s/video':>12}  check")
+        print(f"{'content':<24}{'sessions':>14}{'fed / file':>12}{'decoded f/s':>13}{'videos/s':>10}{'CPU s/video':>12}  check")
         for r in gpu_rows:
             fed = f"{r['fed_per_video']}/{r['frames_in_file']}"
-            print(f"{r['content']:<24}{r['sessions']:>9}{fed:>12}{r['decoded_frames_per_s']:>13.0f}{r['videos_per_s']:>10.2f}"
+            kind = f"{r['sessions']} {'procs' if 'processes' in r['method'] else 'threads'}"
+            print(f"{r['content']:<24}{kind:>14}{fed:>12}{r['decoded_frames_per_s']:>13.0f}{r['videos_per_s']:>10.2f}"
                   f"{r['cpu_s_per_video']:>12.3f}  {r['check']}")
     out = Path(args.out or (Path(os.environ["OUT"]) / "bench_decode.json" if os.environ.get("OUT")
                             else "demo_output/bench/decode.json"))

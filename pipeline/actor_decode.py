@@ -8,12 +8,20 @@ Rows the decode stage only fetched (``data`` set) get ``frames`` (``uint8 [F, S,
 an array from the CPU) and the stage's other fields, or its error fields; other rows pass unchanged.
 
 One queue, two kinds of decoder, shared by the actor's calls in flight (each call's rows enter it together, so
-calls finish in the order they came). ``decode.actor_threads`` NVDEC sessions (when the actor can use NVDEC; each on its
-own CUDA stream, frames stay on the GPU) and ``decode.actor_cpu_workers`` CPU decoder processes take the rows in
-order: a row goes to a free NVDEC session, else to the CPUs. NVDEC alone decodes about 2-3.5 videos/s of 60 s 720p
-H.264 per GPU (``bench/README.md``), less than one GPU's model stage takes, so on GPU nodes the CPUs the decode
-stage no longer uses (it only fetches) decode the rest. A video NVDEC cannot decode goes to the CPUs. CPU decoding
-is isolated as in the decode stage (``decode.isolation``: the pool of :mod:`pipeline.decode`, here with
+calls finish in the order they came). ``decode.actor_threads`` NVDEC sessions (when the actor can use NVDEC) and
+``decode.actor_cpu_workers`` CPU decoder processes take the rows in order: a row goes to a free NVDEC session, else to
+the CPUs. A video NVDEC cannot decode goes to the CPUs.
+
+Each NVDEC session is a process of its own (a pebble pool, spawned, isolated like the CPU workers). As threads of
+the actor the sessions stopped scaling at 4 (2.6 videos/s at 4, 2.3 at 7 on 60 s 720p H.264): PyNvVideoCodec holds
+the GIL while it decodes; as processes they reach 5.1 at 7 and 6.5 at 10 (``bench/README.md``). But a process has
+its own CUDA context, and the GPU time-slices between contexts: with the frames in device memory (a copy kernel per
+decoded frame, the conversion kernels) a GPU-bound thread of the actor ran at 0.6-0.7 of its speed. So the
+processes take their frames through host memory and convert the targets on their CPU (``nvdec_host``), and send a
+host array back (14 MB per video). ``threads=True`` keeps the in-process sessions (frames stay on the GPU), for the
+benchmark's comparison.
+
+CPU decoding is isolated as in the decode stage (``decode.isolation``: the pool of :mod:`pipeline.decode`, here with
 ``actor_cpu_workers`` processes), so a hang or a crash is an error row, not a dead actor. Without NVDEC the CPU
 workers decode everything (at least one).
 
@@ -30,18 +38,43 @@ import threading
 import time
 from collections.abc import Callable
 
-from pipeline.decode import decode_bytes, decoded_fields, isolated, pool_workers, quiet_decord
+from pipeline.decode import decode_bytes, decoded_fields, isolated, pool_workers, process_pool, quiet_decord
 from pipeline.frames import Decoded, decode_video
 from pipeline.schema import STATUS_OK
 
 log = logging.getLogger(__name__)
 
 
+def _nvdec(data: bytes, cfg, uri: str) -> Decoded:
+    """NVDEC on this thread's own CUDA stream (its kernels overlap other work on the GPU); frames on the GPU."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        dec = decode_video(io.BytesIO(data), cfg, uri, data[:4096], backends=("nvdec",))
+    stream.synchronize()
+    return dec
+
+
+def nvdec_to_host(data: bytes, cfg, uri: str) -> dict:
+    """In an NVDEC session process: row fields with the frames as a host array. NVDEC writes each frame to host
+    memory and the targets are converted on this process's CPU (``nvdec_host``): the process runs no GPU kernels, so
+    the GPU does not switch away from the model's CUDA context to its own. Any failure is raised (pebble sends it
+    back): the caller gives the video to the CPUs."""
+    import torch
+
+    torch.set_num_threads(1)  # one video per process at a time; the actor's other CPUs decode too
+    t0 = time.perf_counter()
+    dec = decode_video(io.BytesIO(data), cfg, uri, data[:4096], backends=("nvdec_host",))
+    dec.frames = dec.frames.numpy()
+    return {**decoded_fields(dec, host=False), "decode_s": time.perf_counter() - t0}
+
+
 class ActorDecoder:
     """See the module docstring. ``frame_size``: the model's, when ``decode.frame_size`` is unset; ``decoder``:
     :func:`pipeline.frames.decode_video`'s signature, for the CPU path (a test hook, as in the decode stage)."""
 
-    def __init__(self, decode, frame_size: int, decoder: Callable = decode_video):
+    def __init__(self, decode, frame_size: int, decoder: Callable = decode_video, threads: bool = False):
         from pipeline import nvdec
 
         self.cfg = decode.model_copy(update={"frame_size": int(decode.frame_size or frame_size)})
@@ -54,6 +87,7 @@ class ActorDecoder:
         sessions = decode.actor_threads if gpu else 0
         self.cpu_workers = decode.actor_cpu_workers if gpu else max(1, decode.actor_cpu_workers)
         self.sessions = threading.BoundedSemaphore(sessions) if sessions else None
+        self.n_sessions, self.in_threads, self._nvdec_pool = sessions, threads, None
         self.threads = concurrent.futures.ThreadPoolExecutor(sessions + max(1, self.cpu_workers),
                                                              thread_name_prefix="decode")
         self.counts = {"nvdec": 0, "cpu": 0}  # videos decoded by each kind (logs, benchmarks)
@@ -76,14 +110,22 @@ class ActorDecoder:
         with self._lock:
             self.counts[kind] += 1
 
-    def _nvdec(self, data: bytes, uri: str) -> Decoded:
-        import torch
+    def _nvdec(self, data: bytes, uri: str) -> dict:
+        """Row fields decoded by an NVDEC session; raises when NVDEC did not decode the video."""
+        if self.in_threads:
+            return decoded_fields(_nvdec(data, self.cfg, uri), host=False)
+        with self._lock:
+            if self._nvdec_pool is None or not self._nvdec_pool.active:
+                self._nvdec_pool = process_pool(self.n_sessions)
+            pool = self._nvdec_pool
+        return pool.schedule(nvdec_to_host, args=(data, self.cfg, uri), timeout=self.cfg.timeout_s).result()
 
-        stream = torch.cuda.Stream()  # one per video: its kernels overlap the engine's and other sessions'
-        with torch.cuda.stream(stream):
-            dec = decode_video(io.BytesIO(data), self.cfg, uri, data[:4096], backends=("nvdec",))
-        stream.synchronize()
-        return dec
+    def close(self) -> None:
+        """Stop the NVDEC session processes and the threads (the CPU pool is :mod:`pipeline.decode`'s)."""
+        self.threads.shutdown()
+        if self._nvdec_pool is not None:
+            self._nvdec_pool.stop()
+            self._nvdec_pool.join()
 
     def decode_one(self, row: dict) -> dict:
         if row.get("status") != STATUS_OK or row.get("data") is None:
@@ -94,10 +136,10 @@ class ActorDecoder:
         if self.sessions is not None and self.sessions.acquire(blocking=self.cpu_workers == 0):
             try:
                 t0 = time.perf_counter()
-                fields = decoded_fields(self._nvdec(data, uri), host=False)
+                fields = self._nvdec(data, uri)
                 self._count("nvdec")
                 return {**out, **fields, "decode_s": time.perf_counter() - t0}
-            except Exception as exc:  # noqa: BLE001 - the CPU backends decide this video
+            except Exception as exc:  # noqa: BLE001 - the CPU backends decide this video (a hang or crash too)
                 log.info("video %s: NVDEC did not decode it (%s); decoding it on the CPU", row["video_id"], exc)
             finally:
                 self.sessions.release()

@@ -20,6 +20,7 @@ frame from the start (the tests' reference).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -215,8 +216,8 @@ _BACKENDS = {"decord": decord_frames, "pyav": pyav_frames, "pyav_sequential": py
 
 def backend(name: str):
     """The frames function of a backend name (``nvdec`` is imported on first use: GPU hosts only)."""
-    if name == "nvdec":
+    if name in ("nvdec", "nvdec_host"):  # nvdec_host: frames through host memory (not a decode.backend value)
         from pipeline.nvdec import nvdec_frames
 
-        return nvdec_frames
+        return nvdec_frames if name == "nvdec" else functools.partial(nvdec_frames, device_memory=False)
     return _BACKENDS[name]

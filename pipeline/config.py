@@ -141,8 +141,8 @@ class DecodeConfig(StageConfig):
         "fetches the bytes (and checks the container), the model actor (fused, or encode) decodes them: NVDEC sessions "
         "where backend allows it, and CPU decoder processes, from one queue. auto: actor when the model stage has GPUs "
         "and backend is nvdec (NVDEC is opt-in); else stage.")
-    actor_threads: int = Field(4, ge=1, le=64, description="NVDEC sessions per model actor with where: actor "
-                               "(an H100/H200 has 7 NVDEC engines).")
+    actor_threads: int = Field(4, ge=1, le=64, description="NVDEC sessions per model actor with where: actor, each "
+                               "a decoder process of its own (an H100/H200 has 7 NVDEC engines).")
     actor_cpu_workers: int = Field(8, ge=0, le=256, description="CPU decoder processes per model actor with where: "
                                    "actor, next to its NVDEC sessions (a video goes to a free session first); without "
                                    "NVDEC they decode everything (at least one). Not reserved from Ray: raise the model "

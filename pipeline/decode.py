@@ -15,10 +15,10 @@ Where decoding runs (``decode.where``; :func:`place` resolves ``auto`` once, on 
 * ``actor``: the stage fetches the bytes and checks the container (:func:`pipeline.frames.plan`: not a video, no
   video stream, too few frames are error rows there) and ships the bytes (:data:`FETCHED_SCHEMA`); the model actor
   (fused, or encode) decodes them with :class:`pipeline.actor_decode.ActorDecoder`: ``decode.actor_threads`` NVDEC
-  sessions (frames stay on the GPU) and ``decode.actor_cpu_workers`` CPU decoder processes, isolated as in the stage,
-  take the videos from one queue. Videos larger than ``decode.in_memory_bytes`` are decoded by the stage.
+  session processes and ``decode.actor_cpu_workers`` CPU decoder processes, isolated as in the stage, take the videos
+  from one queue. Videos larger than ``decode.in_memory_bytes`` are decoded by the stage.
 * ``auto``: ``actor`` when the model stage reserves GPUs and ``decode.backend`` is ``nvdec`` (NVDEC is opt-in: in the
-  one whole-job run so far, decoding in the actor was slower than the stage's CPU decoding, see ``bench/README.md``);
+  whole-job runs so far, decoding in the actor did not beat the stage's CPU decoding, see ``bench/README.md``);
   else ``stage``. Both give the same rows.
 
 Isolation (``decode.isolation: process``, default): CPU decoding runs in a worker of this process's `pebble
@@ -54,7 +54,7 @@ from pipeline.media import VideoError
 from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK, require_columns
 
 __all__ = ["FETCHED_SCHEMA", "DecodeStage", "close_pool", "decode_batch", "decode_row", "frames_from_row", "isolated",
-           "place", "pool_workers", "rows_of", "stage_kwargs"]
+           "place", "pool_workers", "process_pool", "rows_of", "stage_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,9 @@ def quiet_decord() -> None:
 def _pool():
     """This process's decoder pool (started on first use; a broken one is replaced)."""
     global _POOL
-    from pebble import ProcessPool
-
     with _POOL_LOCK:
         if _POOL is None or not _POOL.active:
-            _POOL = ProcessPool(max_workers=_POOL_WORKERS, initializer=_worker_init, initargs=(os.getpid(),),
-                                context=multiprocessing.get_context("spawn"))
+            _POOL = process_pool(_POOL_WORKERS)
         return _POOL
 
 
@@ -194,13 +191,22 @@ def close_pool() -> None:
 atexit.register(close_pool)
 
 
-def isolated(fn: Callable, args: tuple, video_id, uri: str, timeout_s: float) -> dict:
-    """``fn(*args)`` (row fields) in the pool's worker; a timeout or a crash becomes error fields (module docstring)."""
+def process_pool(workers: int):
+    """A pebble pool of ``workers`` decoder processes (spawned, started on first use), set up as this module's own."""
+    from pebble import ProcessPool
+
+    return ProcessPool(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),),
+                       context=multiprocessing.get_context("spawn"))
+
+
+def isolated(fn: Callable, args: tuple, video_id, uri: str, timeout_s: float, pool=None) -> dict:
+    """``fn(*args)`` (row fields) in a worker of ``pool`` (default: this process's decoder pool); a timeout or a crash
+    becomes error fields (module docstring)."""
     from pebble import ProcessExpired
 
     t0 = time.monotonic()
     try:
-        return _pool().schedule(fn, args=args, timeout=timeout_s).result()
+        return (pool or _pool()).schedule(fn, args=args, timeout=timeout_s).result()
     except concurrent.futures.TimeoutError:
         error_type, message = "decode_timeout", (f"{uri}: did not finish in {time.monotonic() - t0:.1f}s (decode."
                                                  f"timeout_s={timeout_s:g} exceeded); decoder process killed")
@@ -211,7 +217,8 @@ def isolated(fn: Callable, args: tuple, video_id, uri: str, timeout_s: float) ->
         error_type, message = "decoder_crashed", (f"{uri}: the decoder process died ({how}) on this video; a new one "
                                                   "is started for the next video")
     except Exception as exc:  # noqa: BLE001 - the pool broke (a worker that cannot start) or a row that cannot be sent
-        close_pool()
+        if pool is None:
+            close_pool()
         log.exception("video %s: decoder pool failure", video_id)
         error_type, message = "decoder_crashed", f"{uri}: the decoder process failed: {type(exc).__name__}: {exc}"
     log.warning("video %s: %s after %.1fs", video_id, error_type, time.monotonic() - t0)

@@ -10,7 +10,8 @@ Contract::
   are fed (:mod:`pipeline.nvdec_feed`: from the keyframe before each group of targets until the group is out, less
   the non-reference pictures that are no target; the same frames as feeding every packet), without seeking: faster
   than NVDEC's random access (issue 13).
-* NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target goes through :func:`yuv_to_rgb`: planes resized
+* NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target is kept; then all go through :func:`yuv_to_rgb`
+  at once: planes resized
   (bilinear, antialiased), then RGB with the stream's matrix and range as swscale does for PyAV (BT.709, BT.2020,
   SMPTE 240M or FCC when tagged, else BT.601; limited range unless tagged full); rotation applied on the GPU too.
 * :class:`pipeline.media.CannotOpen` (the next backend takes the video) without PyNvVideoCodec or a GPU, for a codec
@@ -48,18 +49,35 @@ def available() -> bool:
 
 
 def yuv_to_rgb(y, u, v, size: int, colorspace: int = 2, full_range: bool = False):
-    """Planes (``[H, W]`` luma, ``[h, w]`` chroma; 8-bit values as float or uint8) -> ``uint8 [size, size, 3]`` RGB."""
+    """Planes (``[H, W]`` luma, ``[h, w]`` chroma, or a batch of frames ``[F, H, W]`` / ``[F, h, w]``; 8-bit values as
+    float or uint8) -> ``uint8 [size, size, 3]`` RGB (``[F, size, size, 3]`` for a batch)."""
     import torch
     from torch.nn.functional import interpolate
 
+    if y.dim() == 2:
+        return yuv_to_rgb(y[None], u[None], v[None], size, colorspace, full_range)[0]
     kr, kb = _KR_KB.get(int(colorspace), (0.299, 0.114))
-    luma = interpolate(y[None, None].float(), size=(size, size), mode="bilinear", antialias=True)[0, 0]
-    cb, cr = interpolate(torch.stack([u, v])[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
+    luma = interpolate(y[:, None].float(), size=(size, size), mode="bilinear", antialias=True)[:, 0]
+    cb, cr = interpolate(torch.stack([u, v], 1).float(), size=(size, size), mode="bilinear", antialias=True).unbind(1)
     luma, scale = (luma / 255, 255.0) if full_range else ((luma - 16) / 219, 224.0)
     cb, cr = (cb - 128) / scale, (cr - 128) / scale
     r, b = luma + 2 * (1 - kr) * cr, luma + 2 * (1 - kb) * cb
     g = (luma - kr * r - kb * b) / (1 - kr - kb)
     return (torch.stack([r, g, b], -1) * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _to_rgb(planes: list[tuple], size: int, index: VideoIndex, turns: int):
+    """The targets' planes -> ``uint8 [F, size, size, 3]``, converted together (a few kernels per video, not per
+    frame: fewer launches, and fewer switches of the GPU to this CUDA context from another process's); frames of
+    another size (a stream that changes resolution) are converted apart."""
+    import torch
+
+    shapes = [tuple(t.shape for t in p) for p in planes]
+    if len(set(shapes)) == 1:
+        rgb = yuv_to_rgb(*(torch.stack(c) for c in zip(*planes)), size, index.colorspace, index.full_range)
+    else:
+        rgb = torch.stack([yuv_to_rgb(*p, size, index.colorspace, index.full_range) for p in planes])
+    return torch.rot90(rgb, turns, dims=(1, 2)) if turns else rgb
 
 
 def _planes(surface, fmt: str):
@@ -79,7 +97,7 @@ def _planes(surface, fmt: str):
     return x[:h], uv[..., 0], uv[..., 1]
 
 
-def _open(index: VideoIndex):
+def _open(index: VideoIndex, device_memory: bool = True):
     try:
         import PyNvVideoCodec as nvc
         import torch
@@ -91,38 +109,53 @@ def _open(index: VideoIndex):
     if member is None:
         raise CannotOpen(f"NVDEC has no {index.codec} decoder", no_decoder=True)
     try:
-        decoder = nvc.CreateDecoder(gpuid=torch.cuda.current_device(), codec=getattr(nvc.cudaVideoCodec, member),
-                                    cudacontext=0, cudastream=torch.cuda.current_stream().cuda_stream,
-                                    usedevicememory=True, outputColorType=nvc.OutputColorType.NATIVE)
+        stream = torch.cuda.current_stream().cuda_stream if device_memory else 0  # host frames: torch needs no CUDA
+        decoder = nvc.CreateDecoder(gpuid=torch.cuda.current_device() if device_memory else 0,
+                                    codec=getattr(nvc.cudaVideoCodec, member), cudacontext=0, cudastream=stream,
+                                    usedevicememory=device_memory, outputColorType=nvc.OutputColorType.NATIVE)
     except Exception as exc:  # PyNvVCException* (their names differ between releases)
         raise CannotOpen(f"NVDEC decoder not created: {clean_message(str(exc))}") from exc
     return nvc, torch, decoder
 
 
-def _prepass(source, index: VideoIndex) -> tuple[int, np.ndarray | None]:
-    """Quarter turns of the display matrix (from the first frame, decoded on the CPU) and the stream's restart points
-    (:func:`pipeline.nvdec_feed.restart_points`), in a container of their own (seeking back is not always possible)."""
+def _prepass(source, index: VideoIndex) -> tuple[int, np.ndarray | None, int]:
+    """Quarter turns of the display matrix and the coded width (from the first frame, decoded on the CPU) and the
+    stream's restart points (:func:`pipeline.nvdec_feed.restart_points`), in a container of their own (seeking back
+    is not always possible)."""
     import av
 
-    turns = 0
+    turns, width = 0, 0
     with av.open(source, mode="r") as container:
         for frame in container.decode(container.streams[index.stream_index]):
-            turns = int(round((frame.rotation or 0) / 90)) % 4
+            turns, width = int(round((frame.rotation or 0) / 90)) % 4, frame.width
             break
         restarts = restart_points(container, index) if index.pts_unique else None
     if hasattr(source, "seek"):
         source.seek(0)
-    return turns, restarts
+    return turns, restarts, width
+
+
+def _surface(frame, torch, width: int):
+    """A decoded frame's surface as a tensor on its device: DLPack, or (host memory, where a release exports none)
+    its bytes as rows of ``width``."""
+    try:
+        return torch.from_dlpack(frame)
+    except (TypeError, RuntimeError, AttributeError, BufferError):
+        buf = (ctypes.c_uint8 * frame.framesize()).from_address(frame.GetPtrToPlane(0))
+        return torch.frombuffer(buf, dtype=torch.uint8).view(-1, width)
 
 
 def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_threads: int = 1,
-                 stats: dict | None = None):
+                 stats: dict | None = None, device_memory: bool = True):
     """``uint8 [F, size, size, 3]`` on the current CUDA device; see the module docstring. ``stats``, if given, gets
-    ``packets_fed`` (to NVDEC) and ``packets`` (in the stream)."""
-    nvc, torch, decoder = _open(index)
+    ``packets_fed`` (to NVDEC) and ``packets`` (in the stream). ``device_memory=False``: NVDEC copies each decoded
+    frame to host memory (by DMA) and the targets are converted on the CPU: a process doing this runs no kernels and
+    no device-to-device copies, so the GPU never switches to its CUDA context (``nvdec_host``, the actor's NVDEC
+    processes: :mod:`pipeline.actor_decode`)."""
+    nvc, torch, decoder = _open(index, device_memory)
     targets = set(int(i) for i in indices)
     got: dict[int, object] = {}
-    turns, restarts = _prepass(source, index)
+    turns, restarts, width = _prepass(source, index)
     counter = 0
 
     def take(frames) -> None:
@@ -130,10 +163,9 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
         for frame in frames:
             p = index.position(frame.getPTS()) if index.pts_unique else counter
             counter += 1
-            if p in targets and p not in got:
-                planes = _planes(torch.from_dlpack(frame), str(getattr(frame, "format", "NV12")))
-                rgb = yuv_to_rgb(*planes, size, index.colorspace, index.full_range)
-                got[p] = torch.rot90(rgb, turns, dims=(0, 1)) if turns else rgb
+            if p in targets and p not in got:  # the decoder reuses its surfaces: keep a copy of the planes
+                planes = _planes(_surface(frame, torch, width), str(getattr(frame, "format", "NV12")))
+                got[p] = tuple(t.clone() for t in planes)
 
     packets = feed_packets(source, index, indices, got, restarts, stats)
     try:
@@ -157,4 +189,4 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
     missing = sorted(targets - set(got))
     if missing:
         raise VideoError("corrupt_video", f"the stream ends before frame {missing[0]} of {index.n} (NVDEC)")
-    return torch.stack([got[int(i)] for i in indices])
+    return _to_rgb([got[int(i)] for i in indices], size, index, turns)

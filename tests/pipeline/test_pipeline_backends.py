@@ -14,6 +14,7 @@ per backend, clip and F:
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -202,6 +203,23 @@ def test_nvdec_colour_conversion_follows_the_stream_matrix(name):
     assert wrong > NVDEC_MEAN_TOL[name]
 
 
+def test_nvdec_converts_a_video_s_targets_together_as_frame_by_frame():
+    """The targets of one video are converted in one batch (fewer kernels): the same pixels as one frame at a time,
+    rotation included, and frames of another size (a stream that changes resolution) are converted apart."""
+    import torch
+
+    from pipeline.nvdec import _planes, _to_rgb, yuv_to_rgb
+
+    gen = torch.Generator().manual_seed(0)
+    frames = [torch.randint(16, 236, (h * 3 // 2, w), generator=gen, dtype=torch.uint8) for h, w in
+              [(48, 64), (48, 64), (32, 48)]]
+    planes = [_planes(f, "Pixel_Format.NV12") for f in frames]
+    index = SimpleNamespace(colorspace=1, full_range=False)  # what the conversion reads of the stream
+    one = torch.stack([torch.rot90(yuv_to_rgb(*p, 24, 1, False), 1, dims=(0, 1)) for p in planes])
+    assert torch.equal(_to_rgb(planes, 24, index, 1), one)
+    assert torch.equal(_to_rgb(planes[:2], 24, index, 0), torch.stack([yuv_to_rgb(*p, 24, 1, False) for p in planes[:2]]))
+
+
 def _nvdec_usable() -> None:
     pytest.importorskip("PyNvVideoCodec")
     from pipeline import nvdec
@@ -241,9 +259,11 @@ def test_nvdec_returns_the_same_frames(clips, name):
 
 
 @pytest.mark.gpu
-def test_model_actor_decodes_with_nvdec_and_falls_back_per_video(clips):
-    """``decode.where: actor`` on a GPU: the actor's NVDEC sessions decode (frames stay on the GPU) what NVDEC can
-    take; clips it refuses (HEVC and VP9 below its minimum size) are decoded by the CPU backends, with PyAV's frames."""
+@pytest.mark.parametrize("threads", [False, True], ids=["session_processes", "session_threads"])
+def test_model_actor_decodes_with_nvdec_and_falls_back_per_video(clips, threads):
+    """``decode.where: actor`` on a GPU: the actor's NVDEC sessions (processes, whose frames come back as host arrays;
+    or threads, whose frames stay on the GPU) decode what NVDEC can take; clips it refuses (HEVC and VP9 below its
+    minimum size) are decoded by the CPU backends, with PyAV's frames."""
     _nvdec_usable()
     from pipeline.actor_decode import ActorDecoder
     from pipeline.config import DecodeConfig
@@ -251,8 +271,14 @@ def test_model_actor_decodes_with_nvdec_and_falls_back_per_video(clips):
 
     names = ["h264_bframes_gop12", "hevc_gop12", "h264_open_gop", "vp9"]
     rows = [{"video_id": n, "video_uri": "<bytes>", "questions": None, "status": "ok", "data": clips[n]} for n in names]
-    cfg = DecodeConfig(num_frames=16, frame_size=S, where="actor", actor_threads=3)
-    got = ActorDecoder(cfg, S)(rows)
+    # a session per row: a row finding every session busy goes to the CPUs, whichever thread asks first
+    cfg = DecodeConfig(num_frames=16, frame_size=S, where="actor", actor_threads=len(names))
+    actor = ActorDecoder(cfg, S, threads=threads)
+    try:
+        got = actor(rows)
+    finally:
+        actor.close()
+    assert actor.counts == {"nvdec": 2, "cpu": 2}
     for name, row in zip(names, got):
         index = probe(io.BytesIO(clips[name]))
         want = pyav_sequential_frames(io.BytesIO(clips[name]), index, sample_indices(index.n, 16), S)
@@ -261,14 +287,15 @@ def test_model_actor_decodes_with_nvdec_and_falls_back_per_video(clips):
         if name in NVDEC_TOO_SMALL:
             assert isinstance(frames, np.ndarray) and np.array_equal(frames, want)
         else:
-            assert frames.is_cuda and _diff(frames.cpu().numpy(), want)[0] < NVDEC_MEAN_TOL["sd_untagged"]
+            assert isinstance(frames, np.ndarray) != threads  # threads: a CUDA tensor; processes: a host array
+            assert _diff(np.asarray(frames.cpu() if threads else frames), want)[0] < NVDEC_MEAN_TOL["sd_untagged"]
         assert row["frame_timestamps_s"] == [round(float(t), 6) for t in index.timestamps_s[sample_indices(index.n, 16)]]
 
 
 @pytest.mark.gpu
 def test_model_actor_shares_the_videos_between_nvdec_and_cpu_workers(clips):
     """One NVDEC session and two CPU decoder processes take the videos of a call from one queue: both kinds decode
-    some, NVDEC's frames on the GPU within its tolerance, the CPU's equal to PyAV's."""
+    some, NVDEC's frames within its tolerance, the CPU's equal to PyAV's."""
     _nvdec_usable()
     from pipeline import decode
     from pipeline.actor_decode import ActorDecoder
@@ -282,17 +309,18 @@ def test_model_actor_shares_the_videos_between_nvdec_and_cpu_workers(clips):
     try:
         actor = ActorDecoder(cfg, S)
         got = actor(rows)
+        actor.close()
     finally:
         decode.pool_workers(1)
     assert actor.counts["nvdec"] >= 1 and actor.counts["cpu"] >= 1 and sum(actor.counts.values()) == len(names)
+    exact = 0
     for name, row in zip(names, got):
         index = probe(io.BytesIO(clips[name]))
         want = pyav_sequential_frames(io.BytesIO(clips[name]), index, sample_indices(index.n, 16), S)
         frames = frames_from_row(row)
-        if isinstance(frames, np.ndarray):
-            assert np.array_equal(frames, want), name
-        else:
-            assert frames.is_cuda and _diff(frames.cpu().numpy(), want)[0] < NVDEC_MEAN_TOL["sd_untagged"], name
+        assert isinstance(frames, np.ndarray) and _diff(frames, want)[0] < NVDEC_MEAN_TOL["sd_untagged"], name
+        exact += np.array_equal(frames, want)
+    assert exact == actor.counts["cpu"]  # the CPU's frames are PyAV's; NVDEC's differ within the tolerance
 
 
 def test_nvdec_backend_falls_back_to_the_cpu_per_video(clips):
@@ -309,3 +337,33 @@ def test_nvdec_backend_falls_back_to_the_cpu_per_video(clips):
     assert backend_order("nvdec") == ("nvdec", "pyav", "decord")
     frames, used = decode_frames(io.BytesIO(data), index, indices, S, backends=backend_order("nvdec"))
     assert used == "pyav" and np.array_equal(frames, pyav_sequential_frames(io.BytesIO(data), index, indices, S))
+
+
+def test_model_actor_nvdec_session_that_fails_hands_its_video_to_the_cpus(clips, monkeypatch):
+    """The actor's NVDEC sessions are processes: a session that cannot decode (here a machine without a usable NVDEC,
+    made to look usable to the actor) raises in its process, and the CPU decoders decide the video, with PyAV's
+    frames; the session processes are stopped by ``close``."""
+    from pipeline import decode, nvdec
+    from pipeline.actor_decode import ActorDecoder
+    from pipeline.config import DecodeConfig
+    from pipeline.decode import frames_from_row
+
+    if nvdec.available():
+        pytest.skip("NVDEC is usable here: the GPU tests cover the sessions")
+    monkeypatch.setattr(nvdec, "available", lambda: True)  # the parent's view only: the spawned session checks itself
+    names = ["h264_bframes_gop12", "h264_open_gop"]
+    rows = [{"video_id": n, "video_uri": "<bytes>", "questions": None, "status": "ok", "data": clips[n]} for n in names]
+    cfg = DecodeConfig(num_frames=8, frame_size=S, where="actor", backend="nvdec", actor_threads=2,
+                       actor_cpu_workers=0)
+    actor = ActorDecoder(cfg, S)
+    try:
+        got = actor(rows)
+        assert actor._nvdec_pool is not None  # the videos did go to the session processes first
+    finally:
+        actor.close()
+        decode.pool_workers(1)
+    assert actor.counts == {"nvdec": 0, "cpu": 2} and not actor._nvdec_pool.active
+    for name, row in zip(names, got):
+        index = probe(io.BytesIO(clips[name]))
+        want = pyav_sequential_frames(io.BytesIO(clips[name]), index, sample_indices(index.n, 8), S)
+        assert row["status"] == "ok" and np.array_equal(frames_from_row(row), want), name

@@ -290,5 +290,5 @@ def test_nvdec_prepass_reads_the_restart_points_after_the_first_frame(short_gop)
         data = short_gop[name]
         index = probe(io.BytesIO(data))
         source = io.BytesIO(data)
-        turns, restarts = _prepass(source, index)
-        assert turns == 0 and restarts.tolist() == _restarts(data, index).tolist() and source.tell() == 0
+        turns, restarts, width = _prepass(source, index)
+        assert turns == 0 and width > 0 and restarts.tolist() == _restarts(data, index).tolist() and source.tell() == 0
