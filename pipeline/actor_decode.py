@@ -17,8 +17,9 @@ the actor the sessions stopped scaling at 4 (2.6 videos/s at 4, 2.3 at 7 on 60 s
 the GIL while it decodes; as processes they reach 5.1 at 7 and 6.5 at 10 (``bench/README.md``). But a process has
 its own CUDA context, and the GPU time-slices between contexts: with the frames in device memory (a copy kernel per
 decoded frame, the conversion kernels) a GPU-bound thread of the actor ran at 0.6-0.7 of its speed. So the
-processes take their frames through host memory and convert the targets on their CPU (``nvdec_host``), and send a
-host array back (14 MB per video). ``threads=True`` keeps the in-process sessions (frames stay on the GPU), for the
+processes take their frames through host memory and convert the targets on their CPU (``nvdec_host``: with
+swscale, as the CPU backends, so 8-bit 4:2:0 videos get the CPU backends' pixels), and send a host array back
+(14 MB per video). ``threads=True`` keeps the in-process sessions (frames stay on the GPU), for the
 benchmark's comparison.
 
 CPU decoding is isolated as in the decode stage (``decode.isolation``: the pool of :mod:`pipeline.decode`, here with
@@ -37,6 +38,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 from pipeline.decode import decode_bytes, decoded_fields, isolated, pool_workers, process_pool, quiet_decord
 from pipeline.frames import Decoded, decode_video
@@ -66,7 +69,8 @@ def nvdec_to_host(data: bytes, cfg, uri: str) -> dict:
     torch.set_num_threads(1)  # one video per process at a time; the actor's other CPUs decode too
     t0 = time.perf_counter()
     dec = decode_video(io.BytesIO(data), cfg, uri, data[:4096], backends=("nvdec_host",))
-    dec.frames = dec.frames.numpy()
+    if not isinstance(dec.frames, np.ndarray):  # a surface swscale could not take: converted by torch on the CPU
+        dec.frames = dec.frames.numpy()
     return {**decoded_fields(dec, host=False), "decode_s": time.perf_counter() - t0}
 
 

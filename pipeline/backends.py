@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.media import CannotOpen, VideoError, VideoIndex, clean_message
+from pipeline.media import CannotOpen, VideoError, VideoIndex, clean_message, pyav_rgb
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,6 @@ def _open_pyav(source, index: VideoIndex, num_threads: int):
     return container, stream
 
 
-def _rgb(frame, size: int) -> np.ndarray:
-    img = frame.reformat(width=size, height=size, format="rgb24").to_ndarray()
-    turns = int(round((frame.rotation or 0) / 90)) % 4
-    return np.rot90(img, turns) if turns else img
-
-
 def pyav_sequential_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_threads: int = 1) -> np.ndarray:
     """Decode every frame from the start, counting them; keep the targets (the reference for the tests)."""
     import av
@@ -120,7 +114,7 @@ def pyav_sequential_frames(source, index: VideoIndex, indices: np.ndarray, size:
     try:
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                got[i] = _rgb(frame, size)
+                got[i] = pyav_rgb(frame, size)
             if i >= last:
                 break
     except av.error.FFmpegError as exc:
@@ -191,7 +185,7 @@ def _decode_group(container, stream, ctx, index: VideoIndex, targets: np.ndarray
             if p is None:
                 continue
             if p in wanted:
-                got[p] = _rgb(frame, size)
+                got[p] = pyav_rgb(frame, size)
             while t < len(targets) and int(targets[t]) in got:
                 t += 1
             if t == len(targets):

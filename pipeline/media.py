@@ -13,6 +13,9 @@ from 0 whatever the stream's start; ``duration_s``, the end of the last frame on
 
 Errors: no video stream (``no_video_stream``), a codec FFmpeg does not know (``unsupported_codec``), no frame
 (``too_few_frames``), an MP4/MOV whose sample table lists more frames than the bytes hold (``corrupt_video``).
+
+``pyav_rgb(frame, size)``: the one conversion of a decoded frame to ``uint8 [size, size, 3]`` RGB that the CPU
+backends and NVDEC's host frames share (swscale with the frame's own colour tags, then its display rotation).
 """
 
 from __future__ import annotations
@@ -187,3 +190,10 @@ def _presentation_order(pts: list, dts: list, step: int) -> tuple[np.ndarray, np
     arr = np.asarray(times, dtype=np.int64)
     order = np.argsort(arr, kind="stable")
     return arr[order], order
+
+
+def pyav_rgb(frame, size: int) -> np.ndarray:
+    """A PyAV video frame -> ``uint8 [size, size, 3]`` RGB (swscale, the frame's matrix and range), display-rotated."""
+    img = frame.reformat(width=size, height=size, format="rgb24").to_ndarray()
+    turns = int(round((frame.rotation or 0) / 90)) % 4
+    return np.rot90(img, turns) if turns else img

@@ -3,15 +3,17 @@
 Contract::
 
     frames = nvdec_frames(source, index, indices, size)   # torch uint8 [F, size, size, 3] on the current CUDA device
-    rgb = yuv_to_rgb(y, u, v, size, colorspace, full_range)   # any device; what every NVDEC frame goes through
+    frames = nvdec_frames(..., device_memory=False)       # numpy uint8 [F, size, size, 3] (backend "nvdec_host")
+    rgb = yuv_to_rgb(y, u, v, size, colorspace, full_range)   # any device; NVDEC's frames in device memory
 
 * Packets come from PyAV (the numbering every backend shares), in Annex B for H.264 / HEVC, fed with their pts,
   which the decoded frames carry back (frames are counted when pts are not unique). Only the packets the targets need
   are fed (:mod:`pipeline.nvdec_feed`: from the keyframe before each group of targets until the group is out, less
   the non-reference pictures that are no target; the same frames as feeding every packet), without seeking: faster
   than NVDEC's random access (issue 13).
-* NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target is kept; then all go through :func:`yuv_to_rgb`
-  at once: planes resized
+* NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target is kept. With frames in host memory, 8-bit 4:2:0
+  targets are converted by swscale exactly as the CPU backends convert (:func:`swscale_rgb`). Otherwise all go
+  through :func:`yuv_to_rgb` at once: planes resized
   (bilinear, antialiased), then RGB with the stream's matrix and range as swscale does for PyAV (BT.709, BT.2020,
   SMPTE 240M or FCC when tagged, else BT.601; limited range unless tagged full); rotation applied on the GPU too.
 * :class:`pipeline.media.CannotOpen` (the next backend takes the video) without PyNvVideoCodec or a GPU, for a codec
@@ -27,7 +29,7 @@ import functools
 
 import numpy as np
 
-from pipeline.media import CannotOpen, VideoError, VideoIndex, clean_message
+from pipeline.media import CannotOpen, VideoError, VideoIndex, clean_message, pyav_rgb
 from pipeline.nvdec_feed import feed_packets, restart_points
 
 #: PyAV's codec names -> ``PyNvVideoCodec.cudaVideoCodec`` members
@@ -118,21 +120,44 @@ def _open(index: VideoIndex, device_memory: bool = True):
     return nvc, torch, decoder
 
 
-def _prepass(source, index: VideoIndex) -> tuple[int, np.ndarray | None, int]:
-    """Quarter turns of the display matrix and the coded width (from the first frame, decoded on the CPU) and the
-    stream's restart points (:func:`pipeline.nvdec_feed.restart_points`), in a container of their own (seeking back
-    is not always possible)."""
+def _prepass(source, index: VideoIndex):
+    """``(turns, restarts, first)``: quarter turns of the display matrix, the stream's restart points
+    (:func:`pipeline.nvdec_feed.restart_points`) and the first frame, decoded on the CPU (PyAV), read in a container
+    of their own (seeking back is not always possible)."""
     import av
 
-    turns, width = 0, 0
+    turns, first = 0, None
     with av.open(source, mode="r") as container:
-        for frame in container.decode(container.streams[index.stream_index]):
-            turns, width = int(round((frame.rotation or 0) / 90)) % 4, frame.width
+        for first in container.decode(container.streams[index.stream_index]):
+            turns = int(round((first.rotation or 0) / 90)) % 4
             break
         restarts = restart_points(container, index) if index.pts_unique else None
     if hasattr(source, "seek"):
         source.seek(0)
-    return turns, restarts, width
+    return turns, restarts, first
+
+
+def swscale_rgb(planes: list[tuple], template, size: int) -> np.ndarray | None:
+    """Host planes (8-bit 4:2:0) of a video's targets -> ``uint8 [F, size, size, 3]`` exactly as the CPU backends
+    convert (:func:`pipeline.media.pyav_rgb`): each target's samples are written into ``template`` (a frame
+    PyAV decoded from the same stream, so its colour tags, range and chroma siting are the stream's) and go through
+    the same swscale call. H.264, HEVC, VP9 and AV1 decoding is bit-exact by their standards, so NVDEC's samples
+    are the CPU decoder's and so are the pixels. None when a surface does not fit that (another sample format or
+    bit depth, a size other than the template's): the caller converts with :func:`yuv_to_rgb` instead."""
+    if template is None or template.format.name not in ("yuv420p", "yuvj420p"):
+        return None
+    template.make_writable()
+    out = []
+    for frame_planes in planes:
+        for plane, data in zip(template.planes, frame_planes):
+            data = np.asarray(data)
+            if data.dtype != np.uint8 or data.shape[0] < plane.height or data.shape[1] < plane.width:
+                return None
+            rows = np.zeros((plane.height, plane.line_size), np.uint8)
+            rows[:, : plane.width] = data[: plane.height, : plane.width]  # coded size cropped to the display size
+            plane.update(rows)
+        out.append(pyav_rgb(template, size))
+    return np.stack(out)
 
 
 def _surface(frame, torch, width: int):
@@ -149,13 +174,15 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
                  stats: dict | None = None, device_memory: bool = True):
     """``uint8 [F, size, size, 3]`` on the current CUDA device; see the module docstring. ``stats``, if given, gets
     ``packets_fed`` (to NVDEC) and ``packets`` (in the stream). ``device_memory=False``: NVDEC copies each decoded
-    frame to host memory (by DMA) and the targets are converted on the CPU: a process doing this runs no kernels and
-    no device-to-device copies, so the GPU never switches to its CUDA context (``nvdec_host``, the actor's NVDEC
+    frame to host memory (by DMA) and the targets are converted on the CPU, by :func:`swscale_rgb` (the CPU
+    backends' pixels) where the surface allows, and the result is a host array: a process doing this runs no kernels
+    and no device-to-device copies, so the GPU never switches to its CUDA context (``nvdec_host``, the actor's NVDEC
     processes: :mod:`pipeline.actor_decode`)."""
     nvc, torch, decoder = _open(index, device_memory)
     targets = set(int(i) for i in indices)
     got: dict[int, object] = {}
-    turns, restarts, width = _prepass(source, index)
+    turns, restarts, first = _prepass(source, index)
+    width = first.width if first is not None else 0
     counter = 0
 
     def take(frames) -> None:
@@ -189,4 +216,7 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
     missing = sorted(targets - set(got))
     if missing:
         raise VideoError("corrupt_video", f"the stream ends before frame {missing[0]} of {index.n} (NVDEC)")
-    return _to_rgb([got[int(i)] for i in indices], size, index, turns)
+    planes = [got[int(i)] for i in indices]
+    if not device_memory and (rgb := swscale_rgb(planes, first, size)) is not None:
+        return rgb
+    return _to_rgb(planes, size, index, turns)

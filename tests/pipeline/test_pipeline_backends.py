@@ -256,6 +256,35 @@ def test_nvdec_returns_the_same_frames(clips, name):
     mean, p99 = _diff(frames, reference)
     print(f"NVDEC_TOLERANCE {name}: mean {mean:.2f} p99 {p99:.0f}")
     assert mean < NVDEC_MEAN_TOL.get(name, NVDEC_MEAN_TOL["sd_untagged"]) and p99 <= NVDEC_P99_TOL
+    # through host memory (the actor's NVDEC processes), converted by swscale: the CPU backends' pixels exactly
+    host, used = decode_frames(io.BytesIO(data), index, indices, reference.shape[1], backends=("nvdec_host",))
+    assert used == "nvdec_host" and isinstance(host, np.ndarray) and np.array_equal(host, reference)
+
+
+@pytest.mark.parametrize("name", list(TAGGED))
+def test_nvdec_host_frames_are_converted_as_the_cpu_backends_convert(name):
+    """NVDEC's host surfaces (NV12: luma rows, then interleaved chroma rows; here built from PyAV's own decoded
+    samples, which are NVDEC's: decoding is bit-exact) written into the stream's first frame and converted by swscale
+    give PyAV's pixels exactly, whatever the stream's matrix and range; a surface of another size is declined."""
+    import av
+    import torch
+
+    from pipeline.nvdec import _planes, swscale_rgb
+
+    (w, h, colorspace, color_range), size = TAGGED[name]
+    data = _tagged_clip(w, h, colorspace, color_range)
+    with av.open(io.BytesIO(data)) as c:
+        frames = list(c.decode(video=0))
+    surfaces = []
+    for frame in frames[1:4]:
+        y, u, v = (np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[: p.height, : p.width] for p in frame.planes)
+        surfaces.append(torch.from_numpy(np.concatenate([y, np.stack([u, v], -1).reshape(h // 2, w)])))
+    reference = np.stack([f.reformat(width=size, height=size, format="rgb24").to_ndarray() for f in frames[1:4]])
+    planes = [tuple(t.clone() for t in _planes(s, "Pixel_Format.NV12")) for s in surfaces]
+    assert np.array_equal(swscale_rgb(planes, frames[0], size), reference)
+    coded = [tuple(torch.nn.functional.pad(t, (0, 16, 0, 16)) for t in p) for p in planes]  # coded > display size
+    assert np.array_equal(swscale_rgb(coded, frames[0], size), reference)
+    assert swscale_rgb([tuple(t[:-2] for t in p) for p in planes], frames[0], size) is None
 
 
 @pytest.mark.gpu

@@ -16,9 +16,9 @@ import io
 import numpy as np
 import pytest
 
-from pipeline.backends import _rgb, pyav_sequential_frames
+from pipeline.backends import pyav_sequential_frames
 from pipeline.frames import sample_indices
-from pipeline.media import VideoIndex, probe
+from pipeline.media import VideoIndex, probe, pyav_rgb
 from pipeline.nvdec_feed import (
     ANNEX_B,
     PacketSelector,
@@ -92,7 +92,7 @@ def decode_fed(data: bytes, index, indices: np.ndarray, size: int = S) -> tuple[
         for frame in frames:
             p = index.position(frame.pts)
             if p in targets and p not in got:
-                got[p] = _rgb(frame, size)
+                got[p] = pyav_rgb(frame, size)
 
     with contextlib.closing(feed_packets(io.BytesIO(data), index, indices, got, stats=stats)) as packets:
         for payload, pts in packets:
@@ -290,5 +290,5 @@ def test_nvdec_prepass_reads_the_restart_points_after_the_first_frame(short_gop)
         data = short_gop[name]
         index = probe(io.BytesIO(data))
         source = io.BytesIO(data)
-        turns, restarts, width = _prepass(source, index)
-        assert turns == 0 and width > 0 and restarts.tolist() == _restarts(data, index).tolist() and source.tell() == 0
+        turns, restarts, first = _prepass(source, index)
+        assert turns == 0 and first.width > 0 and restarts.tolist() == _restarts(data, index).tolist() and source.tell() == 0
