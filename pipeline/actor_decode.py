@@ -41,7 +41,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.decode import decode_bytes, decoded_fields, isolated, pool_workers, process_pool, quiet_decord
+from pipeline.decode import (
+    decode_bytes,
+    decoded_fields,
+    decoder_pool,
+    isolated,
+    pool_workers,
+    process_pool,
+    quiet_decord,
+)
 from pipeline.frames import Decoded, decode_video
 from pipeline.schema import STATUS_OK
 
@@ -74,6 +82,25 @@ def nvdec_to_host(data: bytes, cfg, uri: str) -> dict:
     return {**decoded_fields(dec, host=False), "decode_s": time.perf_counter() - t0}
 
 
+def warm_session() -> None:
+    """In an NVDEC session process, before its first video: import the decoders and create the CUDA context (a
+    decoder made and dropped), so the first call's videos do not wait for it."""
+    import PyNvVideoCodec as nvc
+
+    nvc.CreateDecoder(gpuid=0, codec=nvc.cudaVideoCodec.H264, cudacontext=0, cudastream=0, usedevicememory=False)
+
+
+def _warm(pool, fn: Callable, n: int, what: str) -> None:
+    """Start ``pool``'s processes now (pebble starts them on the first task) with ``n`` calls of ``fn``; a failure is
+    logged (the videos then find out for themselves)."""
+    def report(future) -> None:
+        if future.exception() is not None:
+            log.warning("%s warm-up failed: %s", what, future.exception())
+
+    for _ in range(n):
+        pool.schedule(fn).add_done_callback(report)
+
+
 class ActorDecoder:
     """See the module docstring. ``frame_size``: the model's, when ``decode.frame_size`` is unset; ``decoder``:
     :func:`pipeline.frames.decode_video`'s signature, for the CPU path (a test hook, as in the decode stage)."""
@@ -100,6 +127,12 @@ class ActorDecoder:
             quiet_decord()
         else:
             pool_workers(max(1, self.cpu_workers))
+        # start the decoder processes while the actor loads its model: in a 7B job their start-up (spawn, imports,
+        # NVDEC's CUDA context) had made the first calls take 48-56 s
+        if sessions and not threads:
+            _warm(self._session_pool(), warm_session, sessions, "NVDEC session")
+        if decode.isolation != "none":
+            _warm(decoder_pool(), quiet_decord, max(1, self.cpu_workers), "CPU decoder")
 
     def __call__(self, rows: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
@@ -118,11 +151,15 @@ class ActorDecoder:
         """Row fields decoded by an NVDEC session; raises when NVDEC did not decode the video."""
         if self.in_threads:
             return decoded_fields(_nvdec(data, self.cfg, uri), host=False)
+        return self._session_pool().schedule(nvdec_to_host, args=(data, self.cfg, uri),
+                                             timeout=self.cfg.timeout_s).result()
+
+    def _session_pool(self):
+        """The NVDEC session processes (a new pool if the last one broke)."""
         with self._lock:
             if self._nvdec_pool is None or not self._nvdec_pool.active:
                 self._nvdec_pool = process_pool(self.n_sessions)
-            pool = self._nvdec_pool
-        return pool.schedule(nvdec_to_host, args=(data, self.cfg, uri), timeout=self.cfg.timeout_s).result()
+            return self._nvdec_pool
 
     def close(self) -> None:
         """Stop the NVDEC session processes and the threads (the CPU pool is :mod:`pipeline.decode`'s)."""

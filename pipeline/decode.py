@@ -54,7 +54,7 @@ from pipeline.media import VideoError
 from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK, require_columns
 
 __all__ = ["FETCHED_SCHEMA", "DecodeStage", "close_pool", "decode_batch", "decode_row", "frames_from_row", "isolated",
-           "place", "pool_workers", "process_pool", "rows_of", "stage_kwargs"]
+           "decoder_pool", "place", "pool_workers", "process_pool", "rows_of", "stage_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def quiet_decord() -> None:
         decord.logging.set_level(decord.logging.QUIET)
 
 
-def _pool():
+def decoder_pool():
     """This process's decoder pool (started on first use; a broken one is replaced)."""
     global _POOL
     with _POOL_LOCK:
@@ -206,7 +206,7 @@ def isolated(fn: Callable, args: tuple, video_id, uri: str, timeout_s: float, po
 
     t0 = time.monotonic()
     try:
-        return (pool or _pool()).schedule(fn, args=args, timeout=timeout_s).result()
+        return (pool or decoder_pool()).schedule(fn, args=args, timeout=timeout_s).result()
     except concurrent.futures.TimeoutError:
         error_type, message = "decode_timeout", (f"{uri}: did not finish in {time.monotonic() - t0:.1f}s (decode."
                                                  f"timeout_s={timeout_s:g} exceeded); decoder process killed")

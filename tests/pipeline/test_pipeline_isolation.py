@@ -144,6 +144,7 @@ def test_a_model_actor_decodes_in_several_cpu_processes(tmp_path):
     fetched = _stage(where="actor", isolation="none")([_row(p) for p in paths]).to_pylist()
     try:
         actor = ActorDecoder(cfg, S, decoder=faulty_decoder.decode)
+        assert decode._POOL is not None and decode._POOL.active  # started with the actor, before its first call
         rows = actor(fetched)
         assert actor.counts == {"nvdec": 0, "cpu": 3}
     finally:
