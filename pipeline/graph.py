@@ -68,6 +68,8 @@ def stage_specs(cfg, frame_size: int, cluster_gpus: float = 0.0) -> list[StageSp
     """The stages of ``cfg`` in order: decode (resizing to ``frame_size``, the model's input side), then fused
     (fused mode) or encode and generate (split mode)."""
     cfg = decode.place(cfg)  # decode.where: auto resolved once, for the decode tasks and the model actors alike
+    # the frame size read once, for the model actors too (one decoding in the actor starts before its model loads)
+    cfg = cfg.model_copy(update={"decode": cfg.decode.model_copy(update={"frame_size": frame_size})})
     # The memory request bounds concurrent decodes per node, and it also makes the decode task's resource
     # request differ from the model actors', so Ray Data never fuses decode into a model actor.
     specs = [StageSpec(decode.decode_batch, cfg.decode, cfg.decode.batch_size, decode.stage_kwargs(cfg, frame_size),

@@ -147,10 +147,14 @@ class EncodeStage(Stage):
     def __init__(self, cfg, llm=None):
         """``cfg``: the :class:`pipeline.config.PipelineConfig`; ``llm``: an already loaded model to share."""
         self.model_id = cfg.model.source
+        # decode.where: actor: this actor decodes the rows the decode stage only fetched; built before the model loads
+        # when the run has set the frame size, so its decoder processes start meanwhile
+        actor = cfg.decode.where == "actor"
+        self.decoder = ActorDecoder(cfg.decode, cfg.decode.frame_size) if actor and cfg.decode.frame_size else None
         self.llm = llm if llm is not None else load_llm(cfg, cfg.encode)
         self.dycoke = cfg.compression.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
-        # decode.where: actor: this actor decodes the rows the decode stage only fetched
-        self.decoder = ActorDecoder(cfg.decode, self.llm.image_size) if cfg.decode.where == "actor" else None
+        if actor and self.decoder is None:
+            self.decoder = ActorDecoder(cfg.decode, self.llm.image_size)
 
     def _encode(self, frames: list) -> list:
         import torch

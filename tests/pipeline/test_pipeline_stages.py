@@ -182,6 +182,22 @@ def test_model_actors_decode_what_the_stage_only_fetched(tiny_model, llm, decode
     assert [{k: r[k] for k in keep} for r in got] == [{k: r[k] for k in keep} for r in want]
 
 
+def test_model_actor_starts_its_decoders_before_its_model_loads(tiny_model, llm, monkeypatch):
+    """``decode.where: actor`` with the frame size the run read: the actor's decoder (and its processes) exists before
+    the model is loaded, so the decoders start meanwhile; without a frame size it is built from the model's."""
+    from pipeline import stages
+
+    seen = []
+    monkeypatch.setattr(stages, "load_llm", lambda cfg, section=None: seen.append(built.get("decoder")) or llm)
+    monkeypatch.setattr(stages, "ActorDecoder", lambda decode, size: built.setdefault("decoder", (decode.frame_size,
+                                                                                                  size)))
+    for frame_size, want_seen, want in ((56, (56, 56), (56, 56)), (None, None, (None, llm.image_size))):
+        built = {}
+        cfg = _job(tiny_model).model_copy(update={"decode": DecodeConfig(where="actor", frame_size=frame_size)})
+        stage = EncodeStage(cfg)
+        assert seen.pop() == want_seen and stage.decoder == want
+
+
 def test_stages_declare_columns():
     assert set(EncodeStage.output_columns) == set(ENCODED_SCHEMA.names)
     assert set(GenerateStage.output_columns) == set(OUTPUT_SCHEMA.names)
