@@ -3,6 +3,7 @@
 Contract::
 
     ActorDecoder(decode_cfg, frame_size)(rows) -> rows     # the decode stage's rows, in order
+    actor_decoder(job_cfg, frame_size) -> ActorDecoder | None   # a model stage's, with decode.where: actor
 
 Rows the decode stage only fetched (``data`` set) get ``frames`` (``uint8 [F, S, S, 3]``: a CUDA tensor from NVDEC,
 an array from the CPU) and the stage's other fields, or its error fields; other rows pass unchanged.
@@ -191,3 +192,11 @@ class ActorDecoder:
         fields = isolated(decode_bytes, args, row["video_id"], uri, self.cfg.timeout_s)
         fields.pop("fetch_s", None)
         return {**out, **fields}
+
+
+def actor_decoder(cfg, frame_size: int | None = None) -> ActorDecoder | None:
+    """A model actor's decoder for the job config ``cfg`` with ``decode.where: actor`` (else None), at ``decode.
+    frame_size`` or ``frame_size`` (None while neither is known). The model stages make it before loading their model
+    when the run's frame size is known, so the decoder processes start meanwhile, else after, from the model's."""
+    size = cfg.decode.frame_size or frame_size
+    return ActorDecoder(cfg.decode, size) if cfg.decode.where == "actor" and size else None

@@ -68,8 +68,6 @@ def stage_specs(cfg, frame_size: int, cluster_gpus: float = 0.0) -> list[StageSp
     """The stages of ``cfg`` in order: decode (resizing to ``frame_size``, the model's input side), then fused
     (fused mode) or encode and generate (split mode)."""
     cfg = decode.place(cfg)  # decode.where: auto resolved once, for the decode tasks and the model actors alike
-    # the frame size read once, for the model actors too (one decoding in the actor starts before its model loads)
-    cfg = cfg.model_copy(update={"decode": cfg.decode.model_copy(update={"frame_size": frame_size})})
     # The memory request bounds concurrent decodes per node, and it also makes the decode task's resource
     # request differ from the model actors', so Ray Data never fuses decode into a model actor.
     specs = [StageSpec(decode.decode_batch, cfg.decode, cfg.decode.batch_size, decode.stage_kwargs(cfg, frame_size),
@@ -78,10 +76,10 @@ def stage_specs(cfg, frame_size: int, cluster_gpus: float = 0.0) -> list[StageSp
         f = cfg.fused
         if f.num_gpus and f.concurrency is None and cluster_gpus < f.num_gpus:
             log.warning("the cluster shows no GPU yet (autoscaling?): starting 1 fused actor; set fused.concurrency")
-        return specs + [StageSpec(FusedStage, f, f.resolved_batch_size, {"cfg": cfg}, f.resolved_concurrency(cluster_gpus),
-                                  f.max_concurrent_batches)]
+        return specs + [StageSpec(FusedStage, f, f.resolved_batch_size, {"cfg": cfg, "frame_size": frame_size},
+                                  f.resolved_concurrency(cluster_gpus), f.max_concurrent_batches)]
     e, g = cfg.encode, cfg.generate
-    return specs + [StageSpec(EncodeStage, e, e.batch_size, {"cfg": cfg}, e.concurrency),
+    return specs + [StageSpec(EncodeStage, e, e.batch_size, {"cfg": cfg, "frame_size": frame_size}, e.concurrency),
                     StageSpec(GenerateStage, g, g.resolved_batch_size, {"cfg": cfg}, g.concurrency, g.max_concurrent_batches)]
 
 

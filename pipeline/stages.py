@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.actor_decode import ActorDecoder
+from pipeline.actor_decode import actor_decoder
 from pipeline.decode import frames_from_row, rows_of
 from pipeline.schema import (  # noqa: F401 - StageInputError: part of this module's API
     ENCODED_SCHEMA,
@@ -144,17 +144,14 @@ class EncodeStage(Stage):
     input_columns = ("video_id", "frames", "frames_shape", "status")
     output_columns = tuple(ENCODED_SCHEMA.names)
 
-    def __init__(self, cfg, llm=None):
-        """``cfg``: the :class:`pipeline.config.PipelineConfig`; ``llm``: an already loaded model to share."""
+    def __init__(self, cfg, llm=None, frame_size: int | None = None, decoder=None):
+        """``cfg``: the :class:`pipeline.config.PipelineConfig`; ``llm``: an already loaded model to share;
+        ``frame_size``: the model's input side as the run read it; ``decoder``: an :class:`ActorDecoder` made already."""
         self.model_id = cfg.model.source
-        # decode.where: actor: this actor decodes the rows the decode stage only fetched; built before the model loads
-        # when the run has set the frame size, so its decoder processes start meanwhile
-        actor = cfg.decode.where == "actor"
-        self.decoder = ActorDecoder(cfg.decode, cfg.decode.frame_size) if actor and cfg.decode.frame_size else None
+        self.decoder = decoder or actor_decoder(cfg, frame_size)  # made before the model loads when it can be
         self.llm = llm if llm is not None else load_llm(cfg, cfg.encode)
         self.dycoke = cfg.compression.to_dycoke(tokens_per_frame=getattr(self.llm, "tokens_per_frame", None))
-        if actor and self.decoder is None:
-            self.decoder = ActorDecoder(cfg.decode, self.llm.image_size)
+        self.decoder = self.decoder or actor_decoder(cfg, self.llm.image_size)
 
     def _encode(self, frames: list) -> list:
         import torch
@@ -337,9 +334,10 @@ class FusedStage(Stage):
     input_columns = ("video_id", "video_uri", "questions", "frames", "frames_shape", "status")
     output_columns = GenerateStage.output_columns
 
-    def __init__(self, cfg, llm=None):
+    def __init__(self, cfg, llm=None, frame_size: int | None = None):
+        decoder = actor_decoder(cfg, frame_size)
         llm = llm if llm is not None else load_llm(cfg, cfg.fused)
-        self.encode = EncodeStage(cfg, llm=llm)
+        self.encode = EncodeStage(cfg, llm=llm, decoder=decoder)
         self.generate = GenerateStage(cfg, llm=llm, section=cfg.fused)
 
     def process(self, batch) -> pa.Table:

@@ -23,8 +23,8 @@ def test_fused_specs_take_each_stage_section():
     assert d["fn_kwargs"]["decode"] == cfg.decode.model_copy(update={"frame_size": 384}) and d["fn_kwargs"]["s3"] == cfg.s3
     f = fused.map_args()
     assert (f["batch_size"], f["num_cpus"], f["num_gpus"]) == (16, 2, 1) and "memory" not in f
-    # the model actors get the frame size read once (with decode.where: actor they build their decoder from it)
-    assert f["fn_constructor_kwargs"] == {"cfg": cfg.model_copy(update={"decode": d["fn_kwargs"]["decode"]})}
+    # and the frame size the run read (with decode.where: actor their decoder is made from it before the model loads)
+    assert f["fn_constructor_kwargs"] == {"cfg": cfg, "frame_size": 384}
     pool = f["compute"]
     assert isinstance(pool, ActorPoolStrategy) and (pool.min_size, pool.max_size) == (4, 4)  # one actor per GPU
     assert pool.max_concurrent_calls_per_actor == 2  # calls of one actor feed its one engine

@@ -184,18 +184,21 @@ def test_model_actors_decode_what_the_stage_only_fetched(tiny_model, llm, decode
 
 def test_model_actor_starts_its_decoders_before_its_model_loads(tiny_model, llm, monkeypatch):
     """``decode.where: actor`` with the frame size the run read: the actor's decoder (and its processes) exists before
-    the model is loaded, so the decoders start meanwhile; without a frame size it is built from the model's."""
-    from pipeline import stages
+    the model is loaded, in both model stages, so the decoders start meanwhile; without a frame size it is made from
+    the model's, after the load."""
+    from pipeline import actor_decode, stages
 
     seen = []
-    monkeypatch.setattr(stages, "load_llm", lambda cfg, section=None: seen.append(built.get("decoder")) or llm)
-    monkeypatch.setattr(stages, "ActorDecoder", lambda decode, size: built.setdefault("decoder", (decode.frame_size,
-                                                                                                  size)))
-    for frame_size, want_seen, want in ((56, (56, 56), (56, 56)), (None, None, (None, llm.image_size))):
+    monkeypatch.setattr(stages, "load_llm", lambda cfg, section=None: seen.append(dict(built)) or llm)
+    monkeypatch.setattr(actor_decode, "ActorDecoder", lambda decode, size: built.setdefault("decoder", size))
+    cfg = _job(tiny_model).model_copy(update={"decode": DecodeConfig(where="actor")})
+    for stage, frame_size, before in ((stages.EncodeStage, 56, {"decoder": 56}), (stages.FusedStage, 56, {"decoder": 56}),
+                                      (stages.EncodeStage, None, {})):
         built = {}
-        cfg = _job(tiny_model).model_copy(update={"decode": DecodeConfig(where="actor", frame_size=frame_size)})
-        stage = EncodeStage(cfg)
-        assert seen.pop() == want_seen and stage.decoder == want
+        made = stage(cfg, frame_size=frame_size)
+        assert seen.pop(0) == before and built == {"decoder": frame_size or llm.image_size}
+        assert (made.encode if stage is stages.FusedStage else made).decoder == built["decoder"]
+    assert not seen  # one load per stage
 
 
 def test_stages_declare_columns():
