@@ -3,8 +3,8 @@ process title (Ray sets ``ray::<actor or task name>``), kill one on cue, and sam
 
 ``ProcessWatcher`` polls every ``interval`` seconds in a daemon thread:
 
-* ``kill_when(match, delay)``: the first process whose title contains ``match`` is SIGKILLed ``delay``
-  seconds after it is first seen with that title (its pid and title are recorded in ``killed``);
+* ``kill_when(match, delay, unless)``: the first process whose title contains ``match`` (and not ``unless``) is
+  SIGKILLed ``delay`` seconds after it is first seen with that title (its pid and title are recorded in ``killed``);
 * ``peak_rss_total`` / ``peak_rss_max``: the largest sum of RSS over the driver and all its descendants,
   and the largest single process RSS, in bytes (RSS counts shared pages of the object store in every
   process that touched them, so the sum over-estimates).
@@ -32,6 +32,7 @@ def title(p: psutil.Process) -> str:
 class _KillOrder:
     match: str
     delay: float
+    unless: str | None = None
     first_seen: dict[int, float] = field(default_factory=dict)
     done: bool = False
 
@@ -48,8 +49,8 @@ class ProcessWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def kill_when(self, match: str, delay: float = 0.0) -> None:
-        self.orders.append(_KillOrder(match, delay))
+    def kill_when(self, match: str, delay: float = 0.0, unless: str | None = None) -> None:
+        self.orders.append(_KillOrder(match, delay, unless))
 
     def pids_with(self, match: str) -> set[int]:
         return {pid for pid, ts in self.titles_seen.items() if any(match in t for t in ts)}
@@ -69,7 +70,7 @@ class ProcessWatcher:
                 t = title(p)
                 self.titles_seen.setdefault(p.pid, set()).add(t)
                 for order in self.orders:
-                    if order.done or order.match not in t:
+                    if order.done or order.match not in t or (order.unless and order.unless in t):
                         continue
                     seen = order.first_seen.setdefault(p.pid, now)
                     if now - seen >= order.delay:
