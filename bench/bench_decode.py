@@ -257,7 +257,7 @@ def _per_video_costs(data: bytes, index, repeats: int = 5) -> dict:
 
     t0 = time.perf_counter()
     for _ in range(repeats):
-        nvdec._open(index)
+        nvdec.open_decoder(index.codec)
     t1 = time.perf_counter()
     for _ in range(repeats):
         nvdec._prepass(io.BytesIO(data), index)

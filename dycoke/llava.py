@@ -27,6 +27,7 @@ from dycoke.config import DyCokeConfig
 from dycoke.fused import adapt_language_model
 from dycoke.holitom import holitom_merge
 from dycoke.saliency import PatchSaliency, feature_layer_index
+from dycoke.scheduling import on_device
 from dycoke.ttm import temporal_merge
 from dycoke.vision import adapt_vision_tower
 
@@ -120,8 +121,8 @@ def preprocess_frames(frames: torch.Tensor, spec: PixelSpec, dtype: torch.dtype 
     if x.shape[-2:] != (spec.size, spec.size):
         x = F.interpolate(x, size=(spec.size, spec.size), mode="bicubic", align_corners=False, antialias=True)
         x = x.round_().clamp_(0, 255)
-    mean = torch.tensor(spec.mean).to(x.device, non_blocking=True).view(1, 3, 1, 1)  # no host synchronisation
-    std = torch.tensor(spec.std).to(x.device, non_blocking=True).view(1, 3, 1, 1)
+    mean = on_device(spec.mean, x.device, torch.float32).view(1, 3, 1, 1)
+    std = on_device(spec.std, x.device, torch.float32).view(1, 3, 1, 1)
     return ((x * spec.rescale - mean) / std).to(dtype)
 
 

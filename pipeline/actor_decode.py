@@ -40,8 +40,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from pipeline.decode import (
     decode_bytes,
     decoded_fields,
@@ -78,17 +76,15 @@ def nvdec_to_host(data: bytes, cfg, uri: str) -> dict:
     torch.set_num_threads(1)  # one video per process at a time; the actor's other CPUs decode too
     t0 = time.perf_counter()
     dec = decode_video(io.BytesIO(data), cfg, uri, data[:4096], backends=("nvdec_host",))
-    if not isinstance(dec.frames, np.ndarray):  # a surface swscale could not take: converted by torch on the CPU
-        dec.frames = dec.frames.numpy()
     return {**decoded_fields(dec, host=False), "decode_s": time.perf_counter() - t0}
 
 
 def warm_session() -> None:
     """In an NVDEC session process, before its first video: import the decoders and create the CUDA context (a
     decoder made and dropped), so the first call's videos do not wait for it."""
-    import PyNvVideoCodec as nvc
+    from pipeline.nvdec import open_decoder
 
-    nvc.CreateDecoder(gpuid=0, codec=nvc.cudaVideoCodec.H264, cudacontext=0, cudastream=0, usedevicememory=False)
+    open_decoder("h264", device_memory=False)
 
 
 def _warm(pool, fn: Callable, n: int, what: str) -> None:

@@ -99,7 +99,9 @@ def _planes(surface, fmt: str):
     return x[:h], uv[..., 0], uv[..., 1]
 
 
-def _open(index: VideoIndex, device_memory: bool = True):
+def open_decoder(codec: str, device_memory: bool = True):
+    """``(PyNvVideoCodec, torch, decoder)``: an NVDEC decoder for PyAV's ``codec`` name, its frames in device memory
+    (on the current CUDA device and stream) or host memory; :class:`CannotOpen` when there is none."""
     try:
         import PyNvVideoCodec as nvc
         import torch
@@ -107,9 +109,9 @@ def _open(index: VideoIndex, device_memory: bool = True):
         raise CannotOpen(f"PyNvVideoCodec is not installed ({exc})") from exc
     if not torch.cuda.is_available():
         raise CannotOpen("no CUDA GPU")
-    member = NVDEC_CODECS.get(index.codec)
+    member = NVDEC_CODECS.get(codec)
     if member is None:
-        raise CannotOpen(f"NVDEC has no {index.codec} decoder", no_decoder=True)
+        raise CannotOpen(f"NVDEC has no {codec} decoder", no_decoder=True)
     try:
         stream = torch.cuda.current_stream().cuda_stream if device_memory else 0  # host frames: torch needs no CUDA
         decoder = nvc.CreateDecoder(gpuid=torch.cuda.current_device() if device_memory else 0,
@@ -178,7 +180,7 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
     backends' pixels) where the surface allows, and the result is a host array: a process doing this runs no kernels
     and no device-to-device copies, so the GPU never switches to its CUDA context (``nvdec_host``, the actor's NVDEC
     processes: :mod:`pipeline.actor_decode`)."""
-    nvc, torch, decoder = _open(index, device_memory)
+    nvc, torch, decoder = open_decoder(index.codec, device_memory)
     targets = set(int(i) for i in indices)
     got: dict[int, object] = {}
     turns, restarts, first = _prepass(source, index)
@@ -217,6 +219,7 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
     if missing:
         raise VideoError("corrupt_video", f"the stream ends before frame {missing[0]} of {index.n} (NVDEC)")
     planes = [got[int(i)] for i in indices]
-    if not device_memory and (rgb := swscale_rgb(planes, first, size)) is not None:
-        return rgb
-    return _to_rgb(planes, size, index, turns)
+    if device_memory:
+        return _to_rgb(planes, size, index, turns)
+    rgb = swscale_rgb(planes, first, size)
+    return rgb if rgb is not None else _to_rgb(planes, size, index, turns).numpy()

@@ -133,6 +133,17 @@ def unpack_visual(blob: bytes, device="cpu"):
 # ------------------------------------------------------------------------------------------------ encode
 
 
+def _tensor(frames):
+    """Frames as a tensor, without a copy (arrays are often read-only views of the batch, and are only read)."""
+    import torch
+
+    if isinstance(frames, torch.Tensor):
+        return frames
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(frames)
+
+
 class EncodeStage(Stage):
     """``decoded rows -> encoded rows``: preprocessing, vision tower, projector, pooling, compression
     (``cfg.compression``: DyCoke TTM, HoliTom or none).
@@ -156,9 +167,7 @@ class EncodeStage(Stage):
     def _encode(self, frames: list) -> list:
         import torch
 
-        with warnings.catch_warnings():  # read-only views of the batch: only read (copied to the device / converted)
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            tensors = [f if isinstance(f, torch.Tensor) else torch.from_numpy(f) for f in frames]
+        tensors = [_tensor(f) for f in frames]
         for t in tensors:
             if t.is_cuda:  # decoded on another CUDA stream (ActorDecoder): keep its memory until this stream is done
                 t.record_stream(torch.cuda.current_stream(t.device))
@@ -173,10 +182,8 @@ class EncodeStage(Stage):
         rows = self.decoder(rows) if self.decoder is not None else rows
         if self.llm.device.type != "cuda":
             return rows
-        with warnings.catch_warnings():  # read-only views of the batch, only read by the copy
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            return [{**r, "frames": torch.from_numpy(frames_from_row(r)).pin_memory()} if r.get("status") == STATUS_OK
-                    and not isinstance(r.get("frames"), torch.Tensor) else r for r in rows]
+        return [{**r, "frames": _tensor(frames_from_row(r)).pin_memory()} if r.get("status") == STATUS_OK
+                and not isinstance(r.get("frames"), torch.Tensor) else r for r in rows]
 
     def encode_rows(self, rows: list[dict], pack: bool = True) -> list[dict]:
         """Encode the ``ok`` rows, :data:`ENCODE_CHUNK` videos per vision-tower call (a failing call is retried video
