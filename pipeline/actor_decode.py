@@ -15,13 +15,13 @@ the CPUs. A video NVDEC cannot decode goes to the CPUs.
 
 Each NVDEC session is a process of its own (a pebble pool, spawned, isolated like the CPU workers). As threads of
 the actor the sessions stopped scaling at 4 (2.6 videos/s at 4, 2.3 at 7 on 60 s 720p H.264): PyNvVideoCodec holds
-the GIL while it decodes; as processes they reach 5.1 at 7 and 6.5 at 10 (``bench/README.md``). But a process has
-its own CUDA context, and the GPU time-slices between contexts: with the frames in device memory (a copy kernel per
-decoded frame, the conversion kernels) a GPU-bound thread of the actor ran at 0.6-0.7 of its speed. So the
-processes take their frames through host memory and convert the targets on their CPU (``nvdec_host``: with
-swscale, as the CPU backends, so 8-bit 4:2:0 videos get the CPU backends' pixels), and send a host array back
-(14 MB per video). ``threads=True`` keeps the in-process sessions (frames stay on the GPU), for the
-benchmark's comparison.
+the GIL while it decodes; as processes they reach 5.1 at 7 and 6.5 at 10 (``bench/README.md``). A process has its
+own CUDA context, and the GPU time-slices between contexts, so each session does little on the GPU: NVDEC decodes
+into device memory, each target's surface is copied once, the targets come to host memory in one transfer per video
+and are converted on the session's CPU (``nvdec_host``: with swscale, as the CPU backends, so 8-bit 4:2:0 videos get
+the CPU backends' pixels); a host array goes back (14 MB per video). NVDEC's own host-memory mode waits for the GPU
+once per decoded frame and ran at 2.2 videos/s with 7 sessions beside a busy GPU. ``threads=True`` keeps the
+in-process sessions (frames stay on the GPU), for the benchmark's comparison.
 
 CPU decoding is isolated as in the decode stage (``decode.isolation``: the pool of :mod:`pipeline.decode`, here with
 ``actor_cpu_workers`` processes), so a hang or a crash is an error row, not a dead actor. Without NVDEC the CPU
@@ -67,10 +67,9 @@ def _nvdec(data: bytes, cfg, uri: str) -> Decoded:
 
 
 def nvdec_to_host(data: bytes, cfg, uri: str) -> dict:
-    """In an NVDEC session process: row fields with the frames as a host array. NVDEC writes each frame to host
-    memory and the targets are converted on this process's CPU (``nvdec_host``): the process runs no GPU kernels, so
-    the GPU does not switch away from the model's CUDA context to its own. Any failure is raised (pebble sends it
-    back): the caller gives the video to the CPUs."""
+    """In an NVDEC session process: row fields with the frames as a host array, the targets converted on this
+    process's CPU (``nvdec_host``: the module docstring says why). Any failure is raised (pebble sends it back): the
+    caller gives the video to the CPUs."""
     import torch
 
     torch.set_num_threads(1)  # one video per process at a time; the actor's other CPUs decode too
@@ -84,7 +83,7 @@ def warm_session() -> None:
     decoder made and dropped), so the first call's videos do not wait for it."""
     from pipeline.nvdec import open_decoder
 
-    open_decoder("h264", device_memory=False)
+    open_decoder("h264")
 
 
 def _warm(pool, fn: Callable, n: int, what: str) -> None:

@@ -210,8 +210,8 @@ _BACKENDS = {"decord": decord_frames, "pyav": pyav_frames, "pyav_sequential": py
 
 def backend(name: str):
     """The frames function of a backend name (``nvdec`` is imported on first use: GPU hosts only)."""
-    if name in ("nvdec", "nvdec_host"):  # nvdec_host: frames through host memory (not a decode.backend value)
+    if name in ("nvdec", "nvdec_host"):  # nvdec_host: a host array of the CPU backends' pixels (not a decode.backend)
         from pipeline.nvdec import nvdec_frames
 
-        return nvdec_frames if name == "nvdec" else functools.partial(nvdec_frames, device_memory=False)
+        return nvdec_frames if name == "nvdec" else functools.partial(nvdec_frames, host=True)
     return _BACKENDS[name]

@@ -3,7 +3,7 @@
 Contract::
 
     frames = nvdec_frames(source, index, indices, size)   # torch uint8 [F, size, size, 3] on the current CUDA device
-    frames = nvdec_frames(..., device_memory=False)       # numpy uint8 [F, size, size, 3] (backend "nvdec_host")
+    frames = nvdec_frames(..., host=True)                 # numpy uint8 [F, size, size, 3] (backend "nvdec_host")
     rgb = yuv_to_rgb(y, u, v, size, colorspace, full_range)   # any device; NVDEC's frames in device memory
 
 * Packets come from PyAV (the numbering every backend shares), in Annex B for H.264 / HEVC, fed with their pts,
@@ -11,7 +11,7 @@ Contract::
   are fed (:mod:`pipeline.nvdec_feed`: from the keyframe before each group of targets until the group is out, less
   the non-reference pictures that are no target; the same frames as feeding every packet), without seeking: faster
   than NVDEC's random access (issue 13).
-* NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target is kept. With frames in host memory, 8-bit 4:2:0
+* NVDEC's native surface (NV12, P016, 4:2:2, 4:4:4) of each target is kept. With ``host=True``, 8-bit 4:2:0
   targets are converted by swscale exactly as the CPU backends convert (:func:`swscale_rgb`). Otherwise all go
   through :func:`yuv_to_rgb` at once: planes resized
   (bilinear, antialiased), then RGB with the stream's matrix and range as swscale does for PyAV (BT.709, BT.2020,
@@ -99,9 +99,9 @@ def _planes(surface, fmt: str):
     return x[:h], uv[..., 0], uv[..., 1]
 
 
-def open_decoder(codec: str, device_memory: bool = True):
+def open_decoder(codec: str):
     """``(PyNvVideoCodec, torch, decoder)``: an NVDEC decoder for PyAV's ``codec`` name, its frames in device memory
-    (on the current CUDA device and stream) or host memory; :class:`CannotOpen` when there is none."""
+    (on the current CUDA device and stream); :class:`CannotOpen` when there is none."""
     try:
         import PyNvVideoCodec as nvc
         import torch
@@ -113,10 +113,9 @@ def open_decoder(codec: str, device_memory: bool = True):
     if member is None:
         raise CannotOpen(f"NVDEC has no {codec} decoder", no_decoder=True)
     try:
-        stream = torch.cuda.current_stream().cuda_stream if device_memory else 0  # host frames: torch needs no CUDA
-        decoder = nvc.CreateDecoder(gpuid=torch.cuda.current_device() if device_memory else 0,
-                                    codec=getattr(nvc.cudaVideoCodec, member), cudacontext=0, cudastream=stream,
-                                    usedevicememory=device_memory, outputColorType=nvc.OutputColorType.NATIVE)
+        decoder = nvc.CreateDecoder(gpuid=torch.cuda.current_device(), codec=getattr(nvc.cudaVideoCodec, member),
+                                    cudacontext=0, cudastream=torch.cuda.current_stream().cuda_stream,
+                                    usedevicememory=True, outputColorType=nvc.OutputColorType.NATIVE)
     except Exception as exc:  # PyNvVCException* (their names differ between releases)
         raise CannotOpen(f"NVDEC decoder not created: {clean_message(str(exc))}") from exc
     return nvc, torch, decoder
@@ -162,29 +161,20 @@ def swscale_rgb(planes: list[tuple], template, size: int) -> np.ndarray | None:
     return np.stack(out)
 
 
-def _surface(frame, torch, width: int):
-    """A decoded frame's surface as a tensor on its device: DLPack, or (host memory, where a release exports none)
-    its bytes as rows of ``width``."""
-    try:
-        return torch.from_dlpack(frame)
-    except (TypeError, RuntimeError, AttributeError, BufferError):
-        buf = (ctypes.c_uint8 * frame.framesize()).from_address(frame.GetPtrToPlane(0))
-        return torch.frombuffer(buf, dtype=torch.uint8).view(-1, width)
-
-
 def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_threads: int = 1,
-                 stats: dict | None = None, device_memory: bool = True):
+                 stats: dict | None = None, host: bool = False):
     """``uint8 [F, size, size, 3]`` on the current CUDA device; see the module docstring. ``stats``, if given, gets
-    ``packets_fed`` (to NVDEC) and ``packets`` (in the stream). ``device_memory=False``: NVDEC copies each decoded
-    frame to host memory (by DMA) and the targets are converted on the CPU, by :func:`swscale_rgb` (the CPU
-    backends' pixels) where the surface allows, and the result is a host array: a process doing this runs no kernels
-    and no device-to-device copies, so the GPU never switches to its CUDA context (``nvdec_host``, the actor's NVDEC
-    processes: :mod:`pipeline.actor_decode`)."""
-    nvc, torch, decoder = open_decoder(index.codec, device_memory)
+    ``packets_fed`` (to NVDEC) and ``packets`` (in the stream). NVDEC always decodes into device memory; each target's
+    surface is kept (one device copy: the decoder reuses its surfaces). ``host=True``: the targets' surfaces come to
+    host memory in one transfer and are converted on the CPU by :func:`swscale_rgb` (the CPU backends' pixels) where
+    the surface allows; the result is a host array (``nvdec_host``, the actor's NVDEC processes:
+    :mod:`pipeline.actor_decode`). Copying every decoded frame to host memory instead (NVDEC's host-memory mode)
+    waits for the GPU once per frame, which a busy GPU serves between its other contexts' work: 2.2 videos/s with
+    7 sessions against 5.2 from device memory (``bench/README.md``)."""
+    nvc, torch, decoder = open_decoder(index.codec)
     targets = set(int(i) for i in indices)
-    got: dict[int, object] = {}
+    got: dict[int, tuple] = {}
     turns, restarts, first = _prepass(source, index)
-    width = first.width if first is not None else 0
     counter = 0
 
     def take(frames) -> None:
@@ -192,9 +182,8 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
         for frame in frames:
             p = index.position(frame.getPTS()) if index.pts_unique else counter
             counter += 1
-            if p in targets and p not in got:  # the decoder reuses its surfaces: keep a copy of the planes
-                planes = _planes(_surface(frame, torch, width), str(getattr(frame, "format", "NV12")))
-                got[p] = tuple(t.clone() for t in planes)
+            if p in targets and p not in got:  # the decoder reuses its surfaces: keep a copy
+                got[p] = (torch.from_dlpack(frame).clone(), str(getattr(frame, "format", "NV12")))
 
     packets = feed_packets(source, index, indices, got, restarts, stats)
     try:
@@ -218,8 +207,19 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
     missing = sorted(targets - set(got))
     if missing:
         raise VideoError("corrupt_video", f"the stream ends before frame {missing[0]} of {index.n} (NVDEC)")
-    planes = [got[int(i)] for i in indices]
-    if device_memory:
-        return _to_rgb(planes, size, index, turns)
+    surfaces = [got[int(i)] for i in indices]
+    if not host:
+        return _to_rgb([_planes(t, fmt) for t, fmt in surfaces], size, index, turns)
+    on_host = _to_host([t for t, _ in surfaces])
+    planes = [_planes(t, fmt) for t, (_, fmt) in zip(on_host, surfaces)]
     rgb = swscale_rgb(planes, first, size)
     return rgb if rgb is not None else _to_rgb(planes, size, index, turns).numpy()
+
+
+def _to_host(surfaces: list) -> list:
+    """Device tensors -> host tensors, in one transfer when they share a shape (one wait for the GPU per video)."""
+    import torch
+
+    if len({tuple(t.shape) for t in surfaces}) == 1:
+        return list(torch.stack(surfaces).cpu())
+    return [t.cpu() for t in surfaces]
