@@ -38,6 +38,9 @@ class VideoError(Exception):
         self.error_type = error_type
         self.message = message
 
+    def __reduce__(self):  # crosses process boundaries (decoder processes): rebuilt with both arguments
+        return type(self), (self.error_type, self.message)
+
 
 # decord prefixes messages with a time and its build's source path ("[00:28:40] /src/x.cc:61: "); its C++
 # assertions read "Check failed: <expression> (-22 vs. 0) <text>"; FFmpeg/PyAV name file objects "[BytesIO]".

@@ -21,8 +21,9 @@ import pytest
 
 from pipeline.backends import SKIP_NONREF_CODECS, decode_frames, pyav_frames, pyav_sequential_frames
 from pipeline.frames import sample_indices
-from pipeline.media import probe
+from pipeline.media import VideoError, probe
 from pipeline.samples import frame_image
+from pipeline.schema import ERROR_TYPES
 from tests.pipeline.oddities import encode
 from tests.pipeline.videos import make_video
 
@@ -397,3 +398,22 @@ def test_model_actor_nvdec_session_that_fails_hands_its_video_to_the_cpus(clips,
         index = probe(io.BytesIO(clips[name]))
         want = pyav_sequential_frames(io.BytesIO(clips[name]), index, sample_indices(index.n, 8), S)
         assert row["status"] == "ok" and np.array_equal(frames_from_row(row), want), name
+
+
+def test_an_nvdec_session_s_failure_reaches_the_actor_typed():
+    """A session process's failure crosses to the actor by pickle, as the same typed error with its reason. A
+    ``VideoError`` did not unpickle (rebuilt with one argument of two): pebble reported 'Unpicklable object from
+    worker', and on the GPU concurrent videos of the other sessions fell to the CPUs with it."""
+    from pipeline.actor_decode import nvdec_to_host
+    from pipeline.config import DecodeConfig
+    from pipeline.decode import process_pool
+
+    pool = process_pool(1)
+    try:
+        future = pool.schedule(nvdec_to_host, args=(b"\0" * 64, DecodeConfig(frame_size=S), "<bytes>"))
+        with pytest.raises(VideoError) as raised:
+            future.result(timeout=120)
+    finally:
+        pool.stop()
+        pool.join()
+    assert raised.value.error_type in ERROR_TYPES and raised.value.message and "<bytes>" in raised.value.message
