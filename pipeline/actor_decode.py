@@ -15,12 +15,12 @@ the CPUs. A video NVDEC cannot decode goes to the CPUs.
 
 Each NVDEC session is a process of its own (a pebble pool, spawned, isolated like the CPU workers). As threads of
 the actor the sessions stopped scaling at 4 (2.6 videos/s at 4, 2.3 at 7 on 60 s 720p H.264): PyNvVideoCodec holds
-the GIL while it decodes; as processes they reach 5.1 at 7 and 6.5 at 10 (``bench/README.md``). A process has its
-own CUDA context, and the GPU time-slices between contexts, so each session does little on the GPU: NVDEC decodes
-into device memory, each target's surface is copied once, the targets come to host memory in one transfer per video
-and are converted on the session's CPU (``nvdec_host``: with swscale, as the CPU backends, so 8-bit 4:2:0 videos get
-the CPU backends' pixels); a host array goes back (14 MB per video). NVDEC's own host-memory mode waits for the GPU
-once per decoded frame and ran at 2.2 videos/s with 7 sessions beside a busy GPU. ``threads=True`` keeps the
+the GIL while it decodes. A process has its own CUDA context, and the GPU time-slices between contexts, so each
+session does little on the GPU: NVDEC decodes into device memory, each target's surface is copied once, the targets
+come to host memory in one transfer per video and are converted on the session's CPU (``nvdec_host``: with swscale,
+as the CPU backends, so 8-bit 4:2:0 videos get the CPU backends' pixels); a host array goes back (14 MB per video).
+Beside a GPU-bound thread of the actor, 7 / 10 such sessions decoded 3.2 / 3.6 videos/s; NVDEC's own host-memory
+mode, which waits for the GPU once per decoded frame, 2.2 / 2.3 (``bench/README.md``). ``threads=True`` keeps the
 in-process sessions (frames stay on the GPU), for the benchmark's comparison.
 
 CPU decoding is isolated as in the decode stage (``decode.isolation``: the pool of :mod:`pipeline.decode`, here with
