@@ -57,37 +57,6 @@ class Stage:
         raise NotImplementedError
 
 
-def ensure_local_model(source: str, cache_dir: str, cfg=None) -> str:
-    """A local path (or hub id) for ``source``; an ``s3://`` prefix is copied once per node to ``cache_dir``
-    (``pyarrow.fs.copy_files``, streamed; actors of one node serialise on a file lock, the first copies into a
-    temp folder renamed into place, the others find the folder)."""
-    import hashlib
-    import os
-    import shutil
-    import uuid
-
-    from pyarrow import fs
-
-    if not storage.is_s3(source):
-        return source
-    src = storage.resolve(source, cfg)
-    digest = hashlib.sha256(src.uri.encode()).hexdigest()[:16]
-    dest = os.path.join(os.path.expanduser(str(cache_dir)), f"{src.uri.rsplit('/', 1)[-1] or 'model'}-{digest}")
-    with storage.local_mutex(dest):
-        if not os.path.isdir(dest):
-            tmp = f"{dest}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                os.makedirs(tmp)
-                fs.copy_files(src.path, tmp, source_filesystem=src.filesystem, destination_filesystem=fs.LocalFileSystem())
-                if not os.path.isdir(tmp) or not os.listdir(tmp):
-                    raise FileNotFoundError(f"no objects under model prefix {source}")
-                os.rename(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            log.info("copied the model files of %s to %s", source, dest)
-    return dest
-
-
 def load_llm(cfg, section=None):
     """Load ``cfg.model`` (copying an s3:// prefix to the node cache first). On CPU, torch uses as many threads as
     the stage ``section`` reserves CPUs."""
@@ -100,7 +69,7 @@ def load_llm(cfg, section=None):
         torch.set_num_threads(max(1, int(section.num_cpus)))
     device = "cuda" if m.device == "auto" and torch.cuda.is_available() else "cpu" if m.device == "auto" else m.device
     dtype = ("bfloat16" if device == "cuda" else "float32") if m.dtype == "auto" else m.dtype
-    path = ensure_local_model(m.source, m.cache_dir, cfg.s3)
+    path = storage.local_copy(m.source, m.cache_dir, cfg.s3)
     t0 = time.perf_counter()
     llm = VideoLLM.load(path, dtype=dtype, device=device, attn_implementation=m.attn_implementation,
                         trust_remote_code=m.trust_remote_code)

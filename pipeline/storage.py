@@ -13,6 +13,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import urllib.parse
@@ -26,6 +27,8 @@ SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 MISSING = ("NoSuchKey", "404", "NotFound")
 DENIED = ("403", "AccessDenied", "Forbidden")
 _CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") + MISSING
+
+log = logging.getLogger(__name__)
 
 
 def is_s3(uri: str) -> bool:
@@ -309,3 +312,32 @@ def delete(loc: Location, names: list[str]) -> None:
     for name in names:
         with contextlib.suppress(FileNotFoundError):
             loc.filesystem.delete_file(f"{loc.path}/{name}")
+
+
+def local_copy(source: str, cache_dir: str, cfg=None) -> str:
+    """A local path for ``source``: an ``s3://`` prefix (a model checkpoint) is copied once per node to a folder of
+    ``cache_dir`` (``pyarrow.fs.copy_files``, streamed; processes of one node serialise on :func:`local_mutex`, the
+    first copies into a temp folder renamed into place, the others find the folder); anything else is returned as
+    it is (a local path or a hub id)."""
+    import shutil
+
+    from pyarrow import fs
+
+    if not is_s3(source):
+        return source
+    src = resolve(source, cfg)
+    digest = hashlib.sha256(src.uri.encode()).hexdigest()[:16]
+    dest = os.path.join(os.path.expanduser(str(cache_dir)), f"{src.uri.rsplit('/', 1)[-1] or 'model'}-{digest}")
+    with local_mutex(dest):
+        if not os.path.isdir(dest):
+            tmp = f"{dest}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                os.makedirs(tmp)
+                fs.copy_files(src.path, tmp, source_filesystem=src.filesystem, destination_filesystem=fs.LocalFileSystem())
+                if not os.path.isdir(tmp) or not os.listdir(tmp):
+                    raise FileNotFoundError(f"no objects under model prefix {source}")
+                os.rename(tmp, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("copied the files of %s to %s", source, dest)
+    return dest

@@ -7,7 +7,7 @@ import os
 
 import pyarrow.parquet as pq
 
-from pipeline import sink, stages, storage
+from pipeline import sink, storage
 from pipeline.config import OutputConfig, S3Config
 from pipeline.schema import OUTPUT_SCHEMA, output_row, rows_to_table
 from pipeline.summary import SUMMARY_COLUMNS, summarize
@@ -132,7 +132,7 @@ def test_model_cache_copies_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fs, "copy_files", fake_copy)
     cfg = S3Config(endpoint_url="http://127.0.0.1:9")
-    a = stages.ensure_local_model("s3://bkt/models/m/", tmp_path, cfg)
-    b = stages.ensure_local_model("s3://bkt/models/m/", tmp_path, cfg)
+    a = storage.local_copy("s3://bkt/models/m/", tmp_path, cfg)
+    b = storage.local_copy("s3://bkt/models/m/", tmp_path, cfg)
     assert a == b and calls == ["bkt/models/m"] and os.path.exists(os.path.join(a, "config.json"))
-    assert stages.ensure_local_model("org/model", tmp_path, cfg) == "org/model"
+    assert storage.local_copy("org/model", tmp_path, cfg) == "org/model"
