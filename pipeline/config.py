@@ -39,7 +39,8 @@ from pipeline.sections import (  # noqa: F401 - the sections are part of this mo
 #: Decode fields that change how decoding runs, not its rows (every backend gives the same frames), and the
 #: stage's resources: left out of the default run_id, so changing them resumes the same run.
 OPERATIONAL_DECODE_FIELDS = ("num_threads", "spool_dir", "in_memory_bytes", "timeout_s", "isolation", "backend",
-                             "where", "actor_threads", "actor_cpu_workers", "batch_size", "concurrency", "num_cpus", "num_gpus", "memory")
+                             "where", "actor_threads", "actor_cpu_workers", "actor_share",
+                             "batch_size", "concurrency", "num_cpus", "num_gpus", "memory")
 #: Error types retried when a run is resumed (``output.retry_error_types``): they may not recur.
 TRANSIENT_ERROR_TYPES = ("fetch_failed", "decode_timeout", "decoder_crashed", "encode_failed", "generate_failed",
                          "internal")
@@ -147,6 +148,10 @@ class DecodeConfig(StageConfig):
                                    "actor, next to its NVDEC sessions (a video goes to a free session first); without "
                                    "NVDEC they decode everything (at least one). Not reserved from Ray: raise the model "
                                    "stage's num_cpus where CPUs are shared.")
+    actor_share: float = Field(1.0, ge=0.0, le=1.0, description="With where: actor, the share of the videos the model "
+                               "actor decodes (chosen by a hash of video_id, the same on every run); the decode stage "
+                               "decodes the others on its CPUs, as with where: stage, so both kinds of decoder work "
+                               "at once. 1: the actor decodes every video.")
 
 
 class S3Config(Section):

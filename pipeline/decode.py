@@ -16,7 +16,9 @@ Where decoding runs (``decode.where``; :func:`place` resolves ``auto`` once, on 
   video stream, too few frames are error rows there) and ships the bytes (:data:`FETCHED_SCHEMA`); the model actor
   (fused, or encode) decodes them with :class:`pipeline.actor_decode.ActorDecoder`: ``decode.actor_threads`` NVDEC
   session processes and ``decode.actor_cpu_workers`` CPU decoder processes, isolated as in the stage, take the videos
-  from one queue. Videos larger than ``decode.in_memory_bytes`` are decoded by the stage.
+  from one queue. Videos larger than ``decode.in_memory_bytes`` are decoded by the stage, and so are all but
+  ``decode.actor_share`` of the others (:func:`in_actor_share`): then the stage's CPUs and the actor's decoders
+  (NVDEC) work at once, each on its share.
 * ``auto``: ``actor`` when the model stage reserves GPUs and ``decode.backend`` is ``nvdec`` (NVDEC is opt-in: in the
   whole-job runs so far, decoding in the actor did not beat the stage's CPU decoding, see ``bench/README.md``);
   else ``stage``. Both give the same rows.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import hashlib
 import io
 import logging
 import multiprocessing
@@ -54,7 +57,7 @@ from pipeline.media import VideoError
 from pipeline.schema import DECODED_SCHEMA, STATUS_ERROR, STATUS_OK, require_columns
 
 __all__ = ["FETCHED_SCHEMA", "DecodeStage", "close_pool", "decode_batch", "decode_row", "frames_from_row", "isolated",
-           "decoder_pool", "place", "pool_workers", "process_pool", "rows_of", "stage_kwargs"]
+           "decoder_pool", "in_actor_share", "place", "pool_workers", "process_pool", "rows_of", "stage_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,15 @@ def _request(row: Mapping[str, Any]) -> dict:
             "questions": None if questions is None else [str(q) for q in questions]}
 
 
+def in_actor_share(video_id, share: float) -> bool:
+    """Whether ``video_id`` is one of the ``share`` of the videos the model actor decodes (``decode.actor_share``):
+    a hash of the id (not Python's ``hash``, which differs between processes) as a fraction in ``[0, 1)``."""
+    if share >= 1.0:
+        return True
+    digest = hashlib.blake2b(str(video_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
+
+
 def decode_row(row: Mapping[str, Any], cfg, s3_cfg=None, decoder: Callable = decode_video) -> dict:
     """Fetch and decode (or, with ``where: actor``, fetch and check) one video in this process; always a row.
 
@@ -108,7 +120,7 @@ def decode_row(row: Mapping[str, Any], cfg, s3_cfg=None, decoder: Callable = dec
     try:
         fetched = fetch(row["video_uri"], cfg, s3_cfg, etag=row.get("video_etag"))
         out.update(video_bytes=fetched.size, video_etag=fetched.etag, fetch_s=time.perf_counter() - t0)
-        if cfg.where == "actor" and fetched.data is not None:
+        if cfg.where == "actor" and fetched.data is not None and in_actor_share(row["video_id"], cfg.actor_share):
             plan(fetched.source(), cfg, row["video_uri"], fetched.head())  # decoded by the model actor
             out.update(data=fetched.data, status=STATUS_OK)
         else:

@@ -82,6 +82,34 @@ def test_decoding_in_the_model_actor_gives_the_same_rows(bad_dir, bad_inputs):
     assert row["status"] == "ok" and "data" not in row and actor([row]) == [row]
 
 
+def test_the_stage_decodes_all_but_the_actor_s_share(bad_dir, bad_inputs):
+    """``decode.actor_share``: the stage still decodes the videos outside the actor's share, so its CPUs and the
+    actor's decoders work at once; the share is chosen by video id, the same on every run, and the rows after the
+    actor are the rows of the stage path."""
+    from pipeline.actor_decode import ActorDecoder
+    from pipeline.decode import in_actor_share
+
+    names = sorted(n for n, (_, expected) in bad_inputs.items() if expected == "ok")
+    rows = [{"video_id": n, "video_uri": str(bad_dir / n), "questions": None} for n in names]
+    ids = [f"video-{i}" for i in range(2000)]
+    assert sum(in_actor_share(i, 0.3) for i in ids) == pytest.approx(600, abs=60)
+    assert all(in_actor_share(i, 1.0) for i in ids) and not any(in_actor_share(i, 0.0) for i in ids)
+    assert [in_actor_share(i, 0.3) for i in ids] == [in_actor_share(i, 0.3) for i in ids]
+    for share in (0.0, 0.5, 1.0):
+        cfg = DecodeConfig(num_frames=F, frame_size=S, isolation="none", where="actor", actor_share=share)
+        fetched = DecodeStage(cfg)(rows).to_pylist()
+        shipped = [r["video_id"] for r in fetched if r["data"] is not None]
+        assert shipped == [n for n in names if in_actor_share(n, share)]
+        assert all(r["frames"] is not None for r in fetched if r["data"] is None)
+        actor = ActorDecoder(cfg, S)
+        decoded = actor(fetched)
+        actor.close()
+        for name, got in zip(names, decoded):
+            want = _decode(bad_dir / name)
+            assert got["status"] == "ok" and np.array_equal(frames_from_row(got), frames_from_row(want)), name
+    assert 0 < len([n for n in names if in_actor_share(n, 0.5)]) < len(names)  # both kinds ran at 0.5
+
+
 @pytest.mark.parametrize("n, stamps", [(1, [0] * 8), (3, [0, 0, 0, 0, 1, 1, 1, 2]), (5, [0, 0, 1, 1, 2, 2, 3, 4])])
 def test_fewer_frames_than_requested_repeat_frames(bad_dir, n, stamps):
     """F is kept (TTM windows and batch shapes stay uniform); linspace repeats frames and the timestamps say so."""
