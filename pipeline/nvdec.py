@@ -170,7 +170,7 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
     the surface allows; the result is a host array (``nvdec_host``, the actor's NVDEC processes:
     :mod:`pipeline.actor_decode`). Copying every decoded frame to host memory instead (NVDEC's host-memory mode)
     waits for the GPU once per frame, which a busy GPU serves between its other contexts' work: 2.2 videos/s with
-    7 sessions against 5.2 from device memory (``bench/README.md``)."""
+    7 session processes beside a GPU-bound thread, against 3.2 this way (``bench/README.md``)."""
     nvc, torch, decoder = open_decoder(index.codec)
     targets = set(int(i) for i in indices)
     got: dict[int, tuple] = {}
