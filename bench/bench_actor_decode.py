@@ -14,8 +14,10 @@ GPU's switching between their CUDA contexts and the actor's) costs the model. Va
 * ``cpuM``: M CPU decoder processes (``backend: pyav``, isolated as in the job);
 * ``nvdecN+cpuM``: both, from one queue (the job's default with ``backend: nvdec`` is ``nvdec4+cpu8``).
 
-Reported per variant: videos/s, seconds to the first call's last video, videos by kind, the launcher's relative rate
-(without a GPU it runs plain Python work instead),
+Reported per variant: videos/s over the whole run and in its steady window (from the 10% to the 90% video done;
+every decoder process has decoded a warm-up video before the timing starts), seconds to the first call's last video,
+videos by kind, the launcher's relative rate over the whole run and in the steady window (without a GPU it runs plain
+Python work instead),
 this process's CPU seconds per video without the launcher's (the CPU workers' processes are not counted). Prints a table, writes ``$OUT/bench_actor_decode.json``.
 
     python bench/bench_job.py make-videos --kbps 4000 --only 720p_60s --gop-s 2 --out v2     # a clip (PyAV)
@@ -95,13 +97,23 @@ def run_variant(row: dict, variant: str, args, launcher: Launcher, alone: float)
                        backend="nvdec" if sessions else "pyav", actor_threads=max(1, sessions),
                        actor_cpu_workers=workers)
     actor = ActorDecoder(cfg, args.size, threads=threads)
-    actor([dict(row, video_id="warm")])  # start the CPU workers / NVDEC before timing
+    # one video per session and worker, so every decoder process has started (imports, CUDA context) before timing
+    actor([dict(row, video_id=f"warm{i}") for i in range(max(1, sessions) + workers)])
     actor.counts.update(nvdec=0, cpu=0)
     calls = [[dict(row, video_id=f"v{c}-{i}") for i in range(args.per_call)]
              for c in range(-(-args.videos // args.per_call))]
     done: list[float] = []
+    finished: list[tuple[float, int]] = []  # (seconds, launcher steps) as each video is done
     cpu0, t0 = time.process_time() - launcher.cpu_s, time.perf_counter()
     s0 = launcher.steps
+    decode_one = actor.decode_one
+
+    def timed(r):
+        out = decode_one(r)
+        finished.append((time.perf_counter() - t0, launcher.steps))
+        return out
+
+    actor.decode_one = timed
 
     def one(call):
         out = actor(call)
@@ -115,9 +127,15 @@ def run_variant(row: dict, variant: str, args, launcher: Launcher, alone: float)
     cpu = time.process_time() - launcher.cpu_s - cpu0
     actor.close()
     bad = [r.get("error_message") for r in rows if r["status"] != "ok"]
+    finished.sort()
+    lo, hi = finished[len(finished) // 10], finished[len(finished) * 9 // 10]  # the steady window: 10%-90% done
+    span = hi[0] - lo[0]
+    steady = (len(finished) * 9 // 10 - len(finished) // 10) / span if span > 0 else None
     return {"variant": variant, "videos": len(rows), "errors": len(bad), "first_error": bad[:1],
-            "videos_per_s": len(rows) / wall, "first_call_s": min(done), "by_kind": dict(actor.counts),
-            "launcher_relative": during / alone if alone else None, "cpu_s_per_video": cpu / len(rows)}
+            "videos_per_s": len(rows) / wall, "steady_videos_per_s": steady, "first_call_s": min(done),
+            "by_kind": dict(actor.counts), "launcher_relative": during / alone if alone else None,
+            "launcher_relative_steady": (hi[1] - lo[1]) / span / alone if alone and span > 0 else None,
+            "cpu_s_per_video": cpu / len(rows)}
 
 
 def main() -> int:
@@ -155,11 +173,13 @@ def main() -> int:
         decode.close_pool()
     out = Path(os.environ.get("OUT", ".")) / f"bench_actor_decode_{args.probe}.json"
     out.write_text(json.dumps({"clip": args.clip, "args": vars(args), "results": results}, indent=2))
-    print(f"\n{'variant':16} {'videos/s':>9} {'1st call s':>10} {'nvdec/cpu':>10} {'launcher':>9} {'CPU s/video':>11}")
+    print(f"\n{'variant':16} {'videos/s':>9} {'steady':>7} {'1st call s':>10} {'nvdec/cpu':>10} {'launcher':>9} "
+          f"{'steady':>7} {'CPU s/video':>11}")
     for r in results:
         kinds = f"{r['by_kind']['nvdec']}/{r['by_kind']['cpu']}"
-        print(f"{r['variant']:16} {r['videos_per_s']:9.2f} {r['first_call_s']:10.1f} {kinds:>10} "
-              f"{r['launcher_relative']:9.2f} {r['cpu_s_per_video']:11.2f}")
+        print(f"{r['variant']:16} {r['videos_per_s']:9.2f} {r['steady_videos_per_s'] or 0:7.2f} {r['first_call_s']:10.1f} "
+              f"{kinds:>10} {r['launcher_relative']:9.2f} {r['launcher_relative_steady'] or 0:7.2f} "
+              f"{r['cpu_s_per_video']:11.2f}")
     return 0
 
 
