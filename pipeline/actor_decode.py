@@ -20,8 +20,9 @@ session does little on the GPU: NVDEC decodes into device memory, each target's 
 come to host memory in one transfer per video and are converted on the session's CPU (``nvdec_host``: with swscale,
 as the CPU backends, so 8-bit 4:2:0 videos get the CPU backends' pixels); a host array goes back (14 MB per video).
 Beside a GPU-bound thread of the actor, 7 / 10 such sessions decoded 3.2 / 3.6 videos/s; NVDEC's own host-memory
-mode, which waits for the GPU once per decoded frame, 2.2 / 2.3 (``bench/README.md``). ``threads=True`` keeps the
-in-process sessions (frames stay on the GPU), for the benchmark's comparison.
+mode, which copies every decoded frame to the host, 2.2 / 2.3 (whole benchmark runs, start-up included:
+``bench/README.md``). ``threads=True`` keeps the in-process sessions (frames stay on the GPU), for the benchmark's
+comparison.
 
 CPU decoding is isolated as in the decode stage (``decode.isolation``: the pool of :mod:`pipeline.decode`, here with
 ``actor_cpu_workers`` processes), so a hang or a crash is an error row, not a dead actor. Without NVDEC the CPU

@@ -168,9 +168,10 @@ def nvdec_frames(source, index: VideoIndex, indices: np.ndarray, size: int, num_
     surface is kept (one device copy: the decoder reuses its surfaces). ``host=True``: the targets' surfaces come to
     host memory in one transfer and are converted on the CPU by :func:`swscale_rgb` (the CPU backends' pixels) where
     the surface allows; the result is a host array (``nvdec_host``, the actor's NVDEC processes:
-    :mod:`pipeline.actor_decode`). Copying every decoded frame to host memory instead (NVDEC's host-memory mode)
-    waits for the GPU once per frame, which a busy GPU serves between its other contexts' work: 2.2 videos/s with
-    7 session processes beside a GPU-bound thread, against 3.2 this way (``bench/README.md``)."""
+    :mod:`pipeline.actor_decode`). Copying every decoded frame to host memory instead (NVDEC's host-memory mode,
+    606 copies per video of 60 s 720p with a keyframe every 2 s, against one) gave 2.2 videos/s with 7 session
+    processes beside a GPU-bound thread, against 3.2 this way (whole benchmark runs, start-up included:
+    ``bench/README.md``)."""
     nvc, torch, decoder = open_decoder(index.codec)
     targets = set(int(i) for i in indices)
     got: dict[int, tuple] = {}
