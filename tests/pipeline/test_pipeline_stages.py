@@ -162,13 +162,18 @@ def test_fused_stage_keeps_visual_tokens_in_the_actor(tiny_model, llm, decoded, 
     assert {r["video_id"] for r in good} == set(NAMES) - {"not_a_video.mp4"} and {r["status"] for r in good} == {"ok"}
 
 
-def test_model_actors_decode_what_the_stage_only_fetched(tiny_model, llm, decoded, video_dir):
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_model_actors_decode_what_the_stage_only_fetched(tiny_model, llm, decoded, video_dir, share):
     """``decode.where: actor``: the decode stage ships bytes and the encode / fused actor decodes them (PyAV here; the
-    same path takes NVDEC on a GPU node): the same rows as when the decode stage ships frames."""
-    decode = DecodeConfig(num_frames=8, frame_size=56, isolation="none", where="actor")
+    same path takes NVDEC on a GPU node): the same rows as when the decode stage ships frames. With
+    ``decode.actor_share: 0.5`` the stage decodes the videos outside the share itself (here 1 of the 3 videos is in
+    it), and the batch mixes both kinds of row."""
+    decode = DecodeConfig(num_frames=8, frame_size=56, isolation="none", where="actor", actor_share=share)
     fetched = DecodeStage(decode)([{"video_id": n, "video_uri": str(video_dir / n), "questions": ["Why?"] if i == 0 else None}
                                    for i, n in enumerate(NAMES)])
-    assert fetched.column("frames").null_count == len(NAMES) and fetched.column("data").null_count == 1
+    shipped = 3 if share == 1.0 else 1  # not_a_video.mp4 is an error row either way
+    assert fetched.column("data").null_count == len(NAMES) - shipped
+    assert fetched.column("frames").null_count == shipped + 1
     cfg = _job(tiny_model)
     in_actor = cfg.model_copy(update={"decode": decode})
     want, got = (EncodeStage(c, llm=llm)(b).to_pylist() for c, b in ((cfg, decoded), (in_actor, fetched)))
