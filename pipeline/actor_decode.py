@@ -51,6 +51,7 @@ from pipeline.decode import (
     quiet_decord,
 )
 from pipeline.frames import Decoded, decode_video
+from pipeline.media import VideoError
 from pipeline.schema import STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,13 @@ def nvdec_to_host(data: bytes, cfg, uri: str) -> dict:
 
     torch.set_num_threads(1)  # one video per process at a time; the actor's other CPUs decode too
     t0 = time.perf_counter()
-    dec = decode_video(io.BytesIO(data), cfg, uri, data[:4096], backends=("nvdec_host",))
+    try:
+        dec = decode_video(io.BytesIO(data), cfg, uri, data[:4096], backends=("nvdec_host",))
+    except VideoError:
+        raise  # it pickles: the actor logs its type and reason
+    except Exception as exc:  # noqa: BLE001 - anything else crosses as a plain error: an exception that does not
+        # unpickle (a library's own type) breaks the whole session pool, and every video in it falls to the CPUs
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
     return {**decoded_fields(dec, host=False), "decode_s": time.perf_counter() - t0}
 
 

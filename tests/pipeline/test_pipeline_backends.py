@@ -417,3 +417,25 @@ def test_an_nvdec_session_s_failure_reaches_the_actor_typed():
         pool.stop()
         pool.join()
     assert raised.value.error_type in ERROR_TYPES and raised.value.message and "<bytes>" in raised.value.message
+
+
+def test_an_nvdec_session_s_unexpected_error_crosses_as_a_plain_one(monkeypatch):
+    """Any other exception of a session (a library's own type, which may not unpickle in the actor and would break
+    the whole session pool) is re-raised as a plain error that pickles, carrying its type's name and its reason."""
+    import pickle
+
+    from pipeline import actor_decode
+    from pipeline.config import DecodeConfig
+
+    class LibraryError(Exception):
+        def __reduce__(self):
+            raise TypeError("cannot pickle this library's exception")
+
+    def fail(*_args, **_kwargs):
+        raise LibraryError("the decoder's surface pool is exhausted")
+
+    monkeypatch.setattr(actor_decode, "decode_video", fail)
+    with pytest.raises(RuntimeError) as raised:
+        actor_decode.nvdec_to_host(b"\0" * 16, DecodeConfig(frame_size=S), "<bytes>")
+    back = pickle.loads(pickle.dumps(raised.value))
+    assert "LibraryError" in str(back) and "surface pool is exhausted" in str(back)
