@@ -162,6 +162,10 @@ def print_table(rep: dict) -> None:
     ]
     if r.get("decode_limit"):
         rows.append(("decode vs stage", r["decode_limit"]))
+    if a := r.get("actor_decode"):
+        rows.append(("decoded in the actor: NVDEC / its CPUs", f"{a['nvdec']} / {a['cpu']}"))
+        rows.append(("  after its first call: videos/s (NVDEC share)", f"{_f(a['after_first_call_videos_per_s'])} "
+                                                                          f"({_f(a['after_first_call_nvdec_share'])})"))
     for name, value in rows:
         print(f"{name:44} {value}")
 

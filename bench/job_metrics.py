@@ -30,6 +30,8 @@ EVENTS = {  # name: pattern of the job's log line that marks it (first match win
     "sink_done": r"Data sink \S+ finished",
 }
 PROGRESS = {"decode": r"MapBatches\(decode_batch\): (\d+)/", "model": r"MapBatches\((?:FusedStage|GenerateStage)\): (\d+)/"}
+#: a model actor's decoder (decode.where: actor) after each call: its videos so far by kind (pipeline.actor_decode)
+ACTOR_DECODE = r"decoded a call of \d+ rows in [\d.]+s \(videos so far: (\d+) by NVDEC, (\d+) on the CPUs\)"
 
 
 class Samplers:
@@ -81,8 +83,13 @@ class Samplers:
 def parse_events(lines: list[tuple[float, str]], t0: float) -> dict:
     """Seconds from the job's start to each :data:`EVENTS` line, the logged load time, the Ray CPU count, and
     ``progress``: {stage: [(s, rows out)]} from Ray Data's progress lines (:data:`PROGRESS`)."""
-    out: dict = {"progress": {k: [] for k in PROGRESS}}
+    out: dict = {"progress": {k: [] for k in PROGRESS}, "actor_decode": []}
     for t_read, line in lines:
+        m = re.search(ACTOR_DECODE, line)
+        if m:  # (s, actor, videos by NVDEC so far, on its CPUs so far)
+            actor, ns = re.search(r"actor_id=(\w+)", line), re.search(r"timestamp_ns=(\d+)", line)
+            out["actor_decode"].append(((int(ns.group(1)) / 1e9 if ns else t_read) - t0, actor.group(1) if actor else "",
+                                        int(m.group(1)), int(m.group(2))))
         for stage, pattern in PROGRESS.items():
             m = re.search(pattern, line)
             if m:
@@ -197,6 +204,23 @@ def startup_figures(events: dict, first_done: float | None) -> dict:
             "first_video_done_s": first_done, "dataset_done_s": ev("dataset_done"), "sink_done_s": ev("sink_done")}
 
 
+def actor_decode_figures(calls: list[tuple[float, str, int, int]]) -> dict | None:
+    """Videos the model actors decoded (``decode.where: actor``), by kind, and their rate from each actor's first
+    logged call to the last call logged (the first calls carry the decoder processes' start-up)."""
+    if not calls:
+        return None
+    last: dict[str, tuple] = {}
+    first: dict[str, tuple] = {}
+    for c in calls:
+        first.setdefault(c[1], c)
+        last[c[1]] = c
+    nvdec, cpu = sum(c[2] for c in last.values()), sum(c[3] for c in last.values())
+    after = sum(last[a][2] + last[a][3] - first[a][2] - first[a][3] for a in last)
+    span = max(c[0] for c in last.values()) - min(c[0] for c in first.values())
+    return {"nvdec": nvdec, "cpu": cpu, "after_first_call_videos_per_s": after / span if span > 0 else None,
+            "after_first_call_nvdec_share": (sum(last[a][2] - first[a][2] for a in last) / after) if after else None}
+
+
 def analyse(rows: list[dict], job: dict, events: dict, kinds: dict, lay: dict, samplers: Samplers, *, n_inputs: int,
             tasks_per_video: int, q_lo: float, q_hi: float, stage_videos_per_s: float | None) -> dict:
     """Every figure of the report (see the module docstring and ``bench/bench_job.py``)."""
@@ -226,7 +250,8 @@ def analyse(rows: list[dict], job: dict, events: dict, kinds: dict, lay: dict, s
            "decode": decode_figures({v: rs[0] for v, rs in by_video.items()}, kinds, events, lay, wall, window, n_inputs),
            "output_tokens_per_video": float(np.mean([sum(r["output_tokens"] or 0 for r in rs)
                                                      for rs in by_video.values()])) if rows else None,
-           "visual_tokens_prefill": rows[0]["visual_tokens_prefill"] if rows else None}
+           "visual_tokens_prefill": rows[0]["visual_tokens_prefill"] if rows else None,
+           "actor_decode": actor_decode_figures(events.get("actor_decode", []))}
     if len(done) and done.max() > first:
         res["after_first_videos_per_s"] = int(np.sum(done > first)) / (float(done.max()) - first)
     ready = res["startup"].get("engine_ready_s")
