@@ -11,6 +11,7 @@ GPU's switching between their CUDA contexts and the actor's) costs the model. Va
 
 * ``nvdecN``: N NVDEC sessions, each a process (the actor's way), no CPU workers (``backend: nvdec``); skipped
   without NVDEC; ``nvdectN``: the same as threads of this process (the way before, frames stay on the GPU);
+  ``nvdecgN``: processes that convert the targets on the GPU and send the RGB frames (the way two sessions ago);
 * ``cpuM``: M CPU decoder processes (``backend: pyav``, isolated as in the job);
 * ``nvdecN+cpuM``: both, from one queue (the job's default with ``backend: nvdec`` is ``nvdec4+cpu8``).
 
@@ -84,19 +85,21 @@ class Launcher:
         self.thread.join()
 
 
-def parse(variant: str) -> tuple[int, int, bool]:
-    m = re.fullmatch(r"(?:nvdec(t?)(\d+))?\+?(?:cpu(\d+))?", variant)
+def parse(variant: str) -> tuple[int, int, str]:
+    """``(sessions, CPU workers, session kind)``: kind ``p`` processes, ``t`` threads, ``g`` processes converting on
+    the GPU."""
+    m = re.fullmatch(r"(?:nvdec([tg]?)(\d+))?\+?(?:cpu(\d+))?", variant)
     if not m or not (m.group(2) or m.group(3)):
-        raise SystemExit(f"bad variant {variant!r}: nvdecN, nvdectN, cpuM or nvdecN+cpuM")
-    return int(m.group(2) or 0), int(m.group(3) or 0), bool(m.group(1))
+        raise SystemExit(f"bad variant {variant!r}: nvdecN, nvdectN, nvdecgN, cpuM or nvdecN+cpuM")
+    return int(m.group(2) or 0), int(m.group(3) or 0), m.group(1) or "p"
 
 
 def run_variant(row: dict, variant: str, args, launcher: Launcher, alone: float) -> dict:
-    sessions, workers, threads = parse(variant)
+    sessions, workers, kind = parse(variant)
     cfg = DecodeConfig(num_frames=args.frames, frame_size=args.size, where="actor",
                        backend="nvdec" if sessions else "pyav", actor_threads=max(1, sessions),
                        actor_cpu_workers=workers)
-    actor = ActorDecoder(cfg, args.size, threads=threads)
+    actor = ActorDecoder(cfg, args.size, threads=kind == "t", session_backend="nvdec" if kind == "g" else "nvdec_host")
     # one video per session and worker, so every decoder process has started (imports, CUDA context) before timing
     actor([dict(row, video_id=f"warm{i}") for i in range(max(1, sessions) + workers)])
     actor.counts.update(nvdec=0, cpu=0)

@@ -35,11 +35,14 @@ The CPU workers are not Ray resources of the actor: reserve them with the model 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import io
 import logging
 import threading
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 from pipeline.decode import (
     decode_bytes,
@@ -68,16 +71,18 @@ def _nvdec(data: bytes, cfg, uri: str) -> Decoded:
     return dec
 
 
-def nvdec_to_host(data: bytes, cfg, uri: str) -> dict:
+def nvdec_to_host(data: bytes, cfg, uri: str, backend: str = "nvdec_host") -> dict:
     """In an NVDEC session process: row fields with the frames as a host array, the targets converted on this
-    process's CPU (``nvdec_host``: the module docstring says why). Any failure is raised (pebble sends it back): the
-    caller gives the video to the CPUs."""
+    process's CPU (``nvdec_host``: the module docstring says why; ``nvdec``: converted on the GPU, then copied, for the
+    benchmark's comparison). Any failure is raised (pebble sends it back): the caller gives the video to the CPUs."""
     import torch
 
     torch.set_num_threads(1)  # one video per process at a time; the actor's other CPUs decode too
     t0 = time.perf_counter()
     try:
-        dec = decode_video(io.BytesIO(data), cfg, uri, data[:4096], backends=("nvdec_host",))
+        dec = decode_video(io.BytesIO(data), cfg, uri, data[:4096], backends=(backend,))
+        if not isinstance(dec.frames, np.ndarray):  # a CUDA tensor (``nvdec``): the actor gets host arrays only
+            dec = dataclasses.replace(dec, frames=dec.frames.cpu().numpy())
     except VideoError:
         raise  # it pickles: the actor logs its type and reason
     except Exception as exc:  # noqa: BLE001 - anything else crosses as a plain error: an exception that does not
@@ -109,7 +114,8 @@ class ActorDecoder:
     """See the module docstring. ``frame_size``: the model's, when ``decode.frame_size`` is unset; ``decoder``:
     :func:`pipeline.frames.decode_video`'s signature, for the CPU path (a test hook, as in the decode stage)."""
 
-    def __init__(self, decode, frame_size: int, decoder: Callable = decode_video, threads: bool = False):
+    def __init__(self, decode, frame_size: int, decoder: Callable = decode_video, threads: bool = False,
+                 session_backend: str = "nvdec_host"):
         from pipeline import nvdec
 
         self.cfg = decode.model_copy(update={"frame_size": int(decode.frame_size or frame_size)})
@@ -123,6 +129,7 @@ class ActorDecoder:
         self.cpu_workers = decode.actor_cpu_workers if gpu else max(1, decode.actor_cpu_workers)
         self.sessions = threading.BoundedSemaphore(sessions) if sessions else None
         self.n_sessions, self.in_threads, self._nvdec_pool = sessions, threads, None
+        self.session_backend = session_backend  # nvdec: the sessions convert on the GPU (benchmark comparison)
         self.threads = concurrent.futures.ThreadPoolExecutor(sessions + max(1, self.cpu_workers),
                                                              thread_name_prefix="decode")
         self.counts = {"nvdec": 0, "cpu": 0}  # videos decoded by each kind (logs, benchmarks)
@@ -155,7 +162,7 @@ class ActorDecoder:
         """Row fields decoded by an NVDEC session; raises when NVDEC did not decode the video."""
         if self.in_threads:
             return decoded_fields(_nvdec(data, self.cfg, uri), host=False)
-        return self._session_pool().schedule(nvdec_to_host, args=(data, self.cfg, uri),
+        return self._session_pool().schedule(nvdec_to_host, args=(data, self.cfg, uri, self.session_backend),
                                              timeout=self.cfg.timeout_s).result()
 
     def _session_pool(self):
